@@ -1,0 +1,320 @@
+"""The coordinator: owns one run. It plans the layer split, creates the stage workers through
+an executor, streams micro-batches through the pipeline (several in flight, so stages work at
+the same time), and writes the lens chunks the stages return into the Zarr store.
+
+A plain class: the driver calls it in-process (`executor=local`) or creates it as a Ray actor
+(`executor=ray`), and it then drives stage actors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from actors.executor import LocalExecutor, RayExecutor
+from actors.sampling import SamplingSpec
+from actors.slicing import plan_stages
+from actors.stage import COMPONENTS, LENS_FIELDS, CaptureSpec, StageSpec
+from actors.store import LensStore, StoreError, StoreLayout
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    model_path: str
+    store_path: str
+    num_stages: int = 2
+    tp_size: int = 1
+    executor: str = "local"
+    dtype: str = "float32"
+    device: str = "cpu"
+    layers: tuple[int, ...] | None = None  # None = every layer
+    components: tuple[str, ...] = ("resid_post",)
+    k: int = 10
+    lens_window: int = 64
+    activations: str | None = None
+    positions: str | tuple[int, ...] = "all"
+    sampling: SamplingSpec = field(default_factory=SamplingSpec)
+    max_new_tokens: int = 16
+    micro_batch_size: int = 4
+    micro_batches_in_flight: int = 2
+    cpus_per_stage: float = 1.0
+    gpus_per_stage: float = 0.0
+    existing: str = "refuse"  # what to do with a store already at store_path: refuse | resume | overwrite
+    attrs: dict = field(default_factory=dict)  # recorded in the store (config, model id, versions)
+    progress: bool = True
+
+
+def fingerprint(config: dict) -> str:
+    """A stable hash of what determines a run's results (used to refuse mixing runs)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class _MicroBatch:
+    index: int
+    rows: slice
+    input_ids: np.ndarray  # [batch, prompt_cols], left-padded
+    attention_mask: np.ndarray  # [batch, prompt_cols]
+    steps: int = 0
+    generated: list = field(default_factory=list)  # [batch] arrays, one per step
+    last: object = None  # handle of the last stage's latest step output
+    handles: list = field(default_factory=list)  # lens-chunk handles (and start acks)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    try:
+        import ray
+
+        in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    except Exception:
+        in_actor = False
+    if in_actor:  # Ray forwards whole lines only; tqdm_ray renders a live bar on the driver
+        from ray.experimental.tqdm_ray import tqdm
+    else:
+        from tqdm import tqdm
+    return (
+        tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr)
+        if not in_actor
+        else tqdm(total=total, desc=desc)
+    )
+
+
+class Coordinator:
+    def __init__(self, spec: RunSpec):
+        self.spec = spec
+
+    def run(self, prompts: list[list[int]], prompt_texts: list[str] | None = None) -> dict:
+        """Generate from `prompts` (token ids) and write the lens store; returns a summary."""
+        from transformers import AutoConfig
+
+        spec = self.spec
+        if not prompts:
+            raise ValueError("prompts is empty: give at least one prompt")
+        config = AutoConfig.from_pretrained(spec.model_path)
+        n_layers = config.num_hidden_layers
+        layers = tuple(range(n_layers)) if spec.layers is None else tuple(sorted(spec.layers))
+        bad = [i for i in layers if not 0 <= i < n_layers]
+        if bad:
+            raise ValueError(f"layers {bad} out of range: valid is 0..{n_layers - 1}")
+        bad = [c for c in spec.components if c not in COMPONENTS]
+        if bad:
+            raise ValueError(f"unknown component {bad[0]!r}: choose from {list(COMPONENTS)}")
+        context = getattr(config, "max_position_embeddings", None)
+        longest = max(len(p) for p in prompts)
+        if context and longest + spec.max_new_tokens > context:
+            raise ValueError(
+                f"prompt of {longest} tokens + max_new_tokens={spec.max_new_tokens} exceeds the "
+                f"model's context of {context} positions"
+            )
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("a prompt has no tokens: every prompt needs at least one")
+        bounds = plan_stages(config, spec.num_stages)
+        n_positions = longest + spec.max_new_tokens
+        layout = StoreLayout(
+            n_prompts=len(prompts),
+            n_positions=n_positions,
+            layers=layers,
+            components=tuple(spec.components),
+            k=spec.k,
+            batch_rows=spec.micro_batch_size,
+            hidden=config.hidden_size,
+            activations=spec.activations,
+        )
+        store = self._open_store(layout, bounds)
+        mbs = self._micro_batches(prompts, spec.sampling.pad_token_id)
+        todo = [mb for mb in mbs if mb.index not in store.done_batches()]
+        capture = CaptureSpec(layers, tuple(spec.components), spec.k, spec.lens_window, spec.activations)
+        specs = [
+            StageSpec(
+                s, len(bounds), a, b, spec.model_path, spec.dtype, spec.device, r, spec.tp_size, capture, spec.sampling
+            )
+            for s, (a, b) in enumerate(bounds)
+            for r in range(spec.tp_size)
+        ]
+        executor = (
+            LocalExecutor() if spec.executor == "local" else RayExecutor(spec.cpus_per_stage, spec.gpus_per_stage)
+        )
+        t0 = time.perf_counter()
+        try:
+            workers = executor.create(specs)
+            self._ex, self._ranks = (
+                executor,
+                [workers[s * spec.tp_size : (s + 1) * spec.tp_size] for s in range(len(bounds))],
+            )
+            stage_info = self._setup()
+            t_loaded = time.perf_counter()
+            generated = self._generate(todo, store, prompt_texts)
+            t_done = time.perf_counter()
+            stage_info = [executor.get(executor.call(w, "info")) for w in workers]
+        finally:
+            executor.shutdown()
+        n_new = int(sum(len(g) for g in generated.values()))
+        n_pos = int(sum(int(store.group["lengths"][mb.rows].sum()) for mb in todo))
+        decode_s = t_done - t_loaded
+        summary = {
+            "store": str(store.path),
+            "stages": [list(b) for b in bounds],
+            "batches_run": [mb.index for mb in todo],
+            "generated_tokens": n_new,
+            "positions": n_pos,
+            "load_s": round(t_loaded - t0, 3),
+            "generate_s": round(decode_s, 3),
+            "tokens_per_s": round(n_new / decode_s, 3) if decode_s else None,
+            "positions_per_s": round(n_pos / decode_s, 3) if decode_s else None,
+            "stage_info": stage_info,
+        }
+        store.mark_complete(summary)
+        return summary
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def _open_store(self, layout: StoreLayout, bounds) -> LensStore:
+        spec = self.spec
+        path = Path(spec.store_path)
+        attrs = {**spec.attrs, "stages": [list(b) for b in bounds]}
+        if (path / "zarr.json").exists():
+            if spec.existing == "overwrite":
+                shutil.rmtree(path)
+            else:
+                store = LensStore.open(path, mode="r+")
+                same = store.attrs.get("fingerprint") == spec.attrs.get("fingerprint")
+                if spec.existing == "resume" and same:
+                    return store
+                what = "another config" if not same else "this config"
+                raise StoreError(
+                    f"output path {path} already holds a run with {what}: pass resume=true to "
+                    "continue it (same config only), overwrite=true to replace it, or choose another storage.run"
+                )
+        elif path.exists() and any(path.iterdir()):
+            raise StoreError(f"output path {path} exists and is not a lens store: choose another storage.run")
+        return LensStore.create(path, layout, attrs)
+
+    def _micro_batches(self, prompts, pad_id: int) -> list[_MicroBatch]:
+        out = []
+        b = self.spec.micro_batch_size
+        for index, start in enumerate(range(0, len(prompts), b)):
+            group = prompts[start : start + b]
+            cols = max(len(p) for p in group)
+            ids = np.full((len(group), cols), pad_id, np.int64)
+            mask = np.zeros((len(group), cols), np.int64)
+            for i, p in enumerate(group):  # left padding: every row's next token is the last column
+                ids[i, cols - len(p) :] = p
+                mask[i, cols - len(p) :] = 1
+            out.append(_MicroBatch(index, slice(start, start + len(group)), ids, mask))
+        return out
+
+    def _setup(self) -> list[dict]:
+        ex, acks = self._ex, []
+        for ranks in self._ranks:
+            init = None
+            if len(ranks) > 1:  # rendezvous at rank 0's own node, never the head's
+                ip, port = ex.get(ex.call(ranks[0], "address"))
+                init = f"tcp://{ip}:{port}"
+            acks += [ex.call(w, "setup", init) for w in ranks]
+        return [ex.get(a) for a in acks]
+
+    # -- generation -----------------------------------------------------------------------------
+    def _submit(self, mb: _MicroBatch, tokens) -> None:
+        ex, hidden = self._ex, None
+        for ranks in self._ranks:
+            outs = [ex.call(w, "step", mb.index, tokens, hidden, num_returns=2) for w in ranks]
+            hidden = outs[0][0]
+            mb.handles += [o[1] for o in outs]
+        mb.last = hidden
+
+    def _generate(self, todo: list[_MicroBatch], store: LensStore, prompt_texts) -> dict[int, list]:
+        spec, ex = self.spec, self._ex
+        queue, inflight, generated = list(todo), {}, {}
+        bar = _progress(len(todo) * spec.max_new_tokens, "generate (tokens per row)", spec.progress)
+        while queue or inflight:
+            while queue and len(inflight) < spec.micro_batches_in_flight:
+                mb = queue.pop(0)
+                mb.handles += [
+                    ex.call(w, "start", mb.index, mb.attention_mask, spec.positions) for r in self._ranks for w in r
+                ]
+                self._submit(mb, mb.input_ids)
+                inflight[mb.index] = mb
+            keys = list(inflight)
+            mb = inflight[keys[ex.wait_first([inflight[k].last for k in keys])]]
+            out = ex.get(mb.last)
+            mb.generated.append(out["tokens"])
+            mb.steps += 1
+            bar.update(1)
+            if mb.steps < spec.max_new_tokens and not out["finished"].all():
+                self._submit(mb, mb.last)
+                continue
+            bar.update(spec.max_new_tokens - mb.steps)
+            mb.handles += [ex.call(w, "finish", mb.index, mb.last) for r in self._ranks for w in r]
+            chunks = [c for h in mb.handles for c in (ex.get(h) or [])]
+            generated.update(self._write(mb, chunks, store, prompt_texts))
+            del inflight[mb.index]
+        bar.close()
+        return generated
+
+    def _write(self, mb: _MicroBatch, chunks, store: LensStore, prompt_texts) -> dict[int, list]:
+        """Lay one micro-batch out by row position (left pads removed) and write it whole."""
+        spec = self.spec
+        gen = np.stack(mb.generated, axis=1)  # [batch, steps]
+        batch, prompt_cols = mb.input_ids.shape
+        pad = (mb.attention_mask == 0).sum(1)
+        eos = np.isin(gen, spec.sampling.eos_token_ids)
+        gen_len = np.where(eos.any(1), eos.argmax(1) + 1, gen.shape[1])
+        length = prompt_cols - pad + gen_len
+        cols = np.concatenate([mb.input_ids, gen], axis=1)
+        layout = store.attrs["layout"]
+        n_pos, layers = layout["n_positions"], layout["layers"]
+        tokens = np.full((batch, n_pos), -1, np.int32)
+        for i in range(batch):
+            tokens[i, : length[i]] = cols[i, pad[i] : pad[i] + length[i]]
+        data = {
+            "tokens": tokens,
+            "lengths": length.astype(np.int32),
+            "prompt_lengths": (prompt_cols - pad).astype(np.int32),
+        }
+        template = {}
+        for c in chunks:
+            for name, arr in c.arrays.items():
+                if name not in template:
+                    shape = (batch, len(layers), arr.shape[2], n_pos) + arr.shape[4:]
+                    template[name] = np.full(shape, LENS_FIELDS.get(name, 0), arr.dtype)
+        for c in chunks:
+            l0 = layers.index(c.layers[0])
+            for i in range(batch):
+                # lens of row i exists at row positions [0, length - 1): the last token has no target
+                a, b = max(c.col_start, pad[i]), min(c.col_end, pad[i] + length[i] - 1)
+                if a >= b:
+                    continue
+                for name, arr in c.arrays.items():
+                    template[name][i, l0 : l0 + len(c.layers), :, a - pad[i] : b - pad[i]] = arr[
+                        i, :, :, a - c.col_start : b - c.col_start
+                    ]
+        data.update(template)
+        if "topk_ids" in template:
+            data["lens_mask"] = (template["topk_ids"][:, :, :, :, 0] >= 0).any(axis=(1, 2))
+        texts = {}
+        tok = self._tokenizer()
+        if tok is not None:
+            texts["generated_text"] = [tok.decode(gen[i, : gen_len[i]], skip_special_tokens=True) for i in range(batch)]
+            texts["prompt_text"] = (
+                prompt_texts[mb.rows]
+                if prompt_texts
+                else [tok.decode(cols[i, pad[i] : prompt_cols]) for i in range(batch)]
+            )
+        store.write_batch(mb.index, mb.rows, data, texts)
+        return {mb.rows.start + i: gen[i, : gen_len[i]].tolist() for i in range(batch)}
+
+    def _tokenizer(self):
+        if not hasattr(self, "_tok"):
+            try:
+                from transformers import AutoTokenizer
+
+                self._tok = AutoTokenizer.from_pretrained(self.spec.model_path)
+            except Exception:  # tiny test checkpoints may carry no tokenizer
+                self._tok = None
+        return self._tok

@@ -1,0 +1,105 @@
+"""Executors: where stage workers live and how calls reach them. One interface, two backends.
+
+`LocalExecutor` keeps every worker in this process and calls it directly (tests, debugging, a
+single GPU). `RayExecutor` creates each worker as a Ray actor inside one placement group (one
+bundle per stage rank) and returns object refs, so chained calls pipeline across stages.
+"""
+
+from __future__ import annotations
+
+from actors.stage import StageSpec, StageWorker
+
+
+class LocalExecutor:
+    name = "local"
+
+    def create(self, specs: list[StageSpec]) -> list[StageWorker]:
+        for spec in specs:
+            if spec.tp_size > 1:
+                raise ValueError(
+                    f"tp_size={spec.tp_size} needs executor=ray (one process per rank); executor=local runs tp_size=1"
+                )
+        return [StageWorker(spec) for spec in specs]
+
+    def call(self, worker, method: str, *args, num_returns: int = 1):
+        return getattr(worker, method)(*args)
+
+    def get(self, handle):
+        return handle
+
+    def wait_first(self, handles: list) -> int:
+        return 0  # everything local is already done
+
+    def shutdown(self) -> None:
+        pass
+
+
+class RayExecutor:
+    name = "ray"
+
+    def __init__(
+        self,
+        cpus_per_stage: float = 1.0,
+        gpus_per_stage: float = 0.0,
+        placement_timeout_s: float = 60.0,
+        max_restarts: int = 0,
+    ):
+        self.cpus = cpus_per_stage
+        self.gpus = gpus_per_stage
+        self.placement_timeout_s = placement_timeout_s
+        self.max_restarts = max_restarts
+        self._pg = None
+        self._actors = []
+
+    def create(self, specs: list[StageSpec]) -> list:
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundle = {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
+        self._pg = placement_group([dict(bundle) for _ in specs], strategy="PACK")
+        ready, _ = ray.wait([self._pg.ready()], timeout=self.placement_timeout_s)
+        if not ready:
+            remove_placement_group(self._pg)
+            self._pg = None
+            raise RuntimeError(
+                f"the Ray cluster cannot place {len(specs)} stage ranks of {bundle} each within "
+                f"{self.placement_timeout_s:.0f}s; available: {ray.available_resources()}. "
+                "Lower num_stages/tp_size or cluster.cpus_per_stage/gpus_per_stage, or add nodes."
+            )
+        remote_cls = ray.remote(StageWorker)
+        self._actors = [
+            remote_cls.options(
+                num_cpus=self.cpus,
+                num_gpus=self.gpus,
+                max_restarts=self.max_restarts,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
+            ).remote(spec)
+            for i, spec in enumerate(specs)
+        ]
+        return self._actors
+
+    def call(self, worker, method: str, *args, num_returns: int = 1):
+        return getattr(worker, method).options(num_returns=num_returns).remote(*args)
+
+    def get(self, handle):
+        import ray
+
+        return ray.get(handle)
+
+    def wait_first(self, handles: list) -> int:
+        import ray
+
+        ready, _ = ray.wait(handles, num_returns=1)
+        return handles.index(ready[0])
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in self._actors:
+            ray.kill(actor)
+        self._actors = []
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None

@@ -1,0 +1,169 @@
+"""Cut a decoder-only model into contiguous stages and build one stage's modules from only
+its own tensors.
+
+The split balances parameters held per stage. The lens head (final norm + lm_head) sits on
+every stage, so it does not move the balance; the embedding counts on the first stage unless
+it is tied to lm_head (then it costs nothing extra there).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from actors.adapters import ModelAdapter, adapter_for, get_path
+from actors.checkpoint import TensorIndex
+
+
+def meta_model(config):
+    """The full architecture with no storage behind its tensors: free to build at any size."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def plan_stages(config, num_stages: int) -> list[tuple[int, int]]:
+    """Contiguous `[start, end)` layer ranges, one per stage, minimising the largest stage's
+    parameter count (exact dynamic programme over split points)."""
+    n_layers = config.num_hidden_layers
+    if not 1 <= num_stages <= n_layers:
+        raise ValueError(f"num_stages={num_stages} is out of range: valid is 1..{n_layers} (the model's layer count)")
+    adapter = adapter_for(config.model_type)
+    model = meta_model(config)
+    costs = [_numel(layer) for layer in get_path(model, adapter.layers)]
+    embed_cost = 0 if getattr(config, "tie_word_embeddings", False) else _numel(get_path(model, adapter.embed))
+    prefix = [0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+
+    def load(stage: int, a: int, b: int) -> int:
+        return prefix[b] - prefix[a] + (embed_cost if stage == 0 else 0)
+
+    inf = float("inf")
+    # best[s][j]: smallest max-load placing layers [0, j) on stages 0..s-1
+    best = [[inf] * (n_layers + 1) for _ in range(num_stages + 1)]
+    cut = [[0] * (n_layers + 1) for _ in range(num_stages + 1)]
+    best[0][0] = 0
+    for s in range(1, num_stages + 1):
+        for j in range(s, n_layers - (num_stages - s) + 1):
+            for i in range(s - 1, j):
+                cand = max(best[s - 1][i], load(s - 1, i, j))
+                if cand < best[s][j]:
+                    best[s][j], cut[s][j] = cand, i
+    bounds, j = [], n_layers
+    for s in range(num_stages, 0, -1):
+        i = cut[s][j]
+        bounds.append((i, j))
+        j = i
+    return bounds[::-1]
+
+
+class StageModel(nn.Module):
+    """Decoder layers `[start, end)` of one model (plus the embedding on the first stage).
+
+    The class name ends in `Model` and it carries the HF `config` on purpose: DeepSpeed AutoTP
+    picks its sharding policy by matching `...Model` in the module repr and reads head counts
+    (including grouped key/value heads) from `config`. A container without them either fails
+    to match or, given an explicit injection policy, shards key/value heads wrongly.
+    """
+
+    def __init__(self, config, adapter: ModelAdapter, start: int, end: int, embed, layers, rotary):
+        super().__init__()
+        self.config = config
+        self.adapter = adapter
+        self.start, self.end = start, end
+        self.embed_tokens = embed
+        self.layers = layers
+        self.rotary_emb = rotary
+
+    def layer_type(self, index: int) -> str:
+        types = getattr(self.config, "layer_types", None)
+        if types:
+            return types[index]
+        return "sliding_attention" if getattr(self.config, "sliding_window", None) else "full_attention"
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache):
+        """x: token ids [batch, new] on the first stage, else hidden [batch, new, d_model];
+        attention_mask: [batch, past + new] (1 = real token); returns hidden [batch, new, d_model]."""
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        hidden = self.embed_tokens(x) if self.embed_tokens is not None else x
+        builders = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+        masks = {}
+        for index in range(self.start, self.end):
+            kind = self.layer_type(index)
+            if kind not in masks:
+                # Size the mask against this stage's own first layer of that kind: the cache's
+                # other layers live on other stages and stay empty here.
+                masks[kind] = builders[kind](
+                    config=self.config,
+                    inputs_embeds=hidden,
+                    attention_mask=attention_mask,
+                    cache=cache,
+                    position_ids=position_ids,
+                    layer_idx=index,
+                )
+        position_embeddings = self.rotary_emb(hidden, position_ids)
+        for index, layer in zip(range(self.start, self.end), self.layers):
+            hidden = layer(
+                hidden,
+                attention_mask=masks[self.layer_type(index)],
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
+                position_embeddings=position_embeddings,
+            )
+        return hidden
+
+
+def _materialise(module: nn.Module, prefix: str, index: TensorIndex, dtype, device, alias=None) -> None:
+    """Give `module` (built on meta) the checkpoint tensors under `prefix`, and nothing else."""
+    wanted = {name: f"{prefix}.{name}" for name, _ in module.named_parameters()}
+    wanted.update({name: f"{prefix}.{name}" for name, _ in module.named_buffers() if f"{prefix}.{name}" in index})
+    keys = {name: (key if key in index or alias is None else alias(key)) for name, key in wanted.items()}
+    missing = [key for key in keys.values() if key not in index]
+    if missing:
+        raise ValueError(f"checkpoint lacks tensors {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+    tensors = index.load(list(keys.values()), dtype)
+    state = {name: tensors[key].to(device) for name, key in keys.items()}
+    module.load_state_dict(state, strict=False, assign=True)
+    still_meta = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise ValueError(f"tensors {still_meta[:4]} of {prefix} were not in the checkpoint")
+
+
+def build_stage(
+    checkpoint_path, config, start: int, end: int, dtype: torch.dtype, device
+) -> tuple[StageModel, nn.Module, nn.Module]:
+    """Load layers `[start, end)` (and the embedding if `start == 0`) plus the lens head.
+
+    Returns `(stage_model, final_norm, lm_head)`, holding only these tensors in memory.
+    """
+    adapter = adapter_for(config.model_type)
+    index = TensorIndex(checkpoint_path)
+    skeleton = meta_model(config)
+    embed_key = f"{adapter.embed}.weight"
+
+    def tied(key: str) -> str:  # a tied lm_head is stored under the embedding's name
+        return embed_key if key == f"{adapter.lm_head}.weight" else key
+
+    embed = None
+    if start == 0:
+        embed = get_path(skeleton, adapter.embed)
+        _materialise(embed, adapter.embed, index, dtype, device)
+    layers = nn.ModuleList(list(get_path(skeleton, adapter.layers))[start:end])
+    for offset, layer in enumerate(layers):
+        _materialise(layer, f"{adapter.layers}.{start + offset}", index, dtype, device)
+    norm = get_path(skeleton, adapter.final_norm)
+    _materialise(norm, adapter.final_norm, index, dtype, device)
+    lm_head = get_path(skeleton, adapter.lm_head)
+    _materialise(lm_head, adapter.lm_head, index, dtype, device, alias=tied)
+    # Rotary tables are computed, not stored: build them for real on the target device.
+    rotary = type(get_path(skeleton, adapter.rotary))(config=config).to(device)
+    stage = StageModel(config, adapter, start, end, embed, layers, rotary).eval()
+    return stage, norm.eval(), lm_head.eval()

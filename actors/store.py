@@ -1,0 +1,177 @@
+"""The lens store: one Zarr v3 group per run, compressed and chunk-aligned, with named
+dimensions (so `xarray.open_zarr` labels them) and per-batch completion records.
+
+Layout (dimension names in brackets):
+  tokens [prompt, position] int32 (-1 past the end), lengths / prompt_lengths [prompt],
+  prompt_text / generated_text [prompt], layer [layer], component [component],
+  lens_mask [prompt, position]: the lens exists there (every token but the last),
+  topk_ids / topk_logprobs [prompt, layer, component, position, k],
+  entropy / target_logprob / target_rank [prompt, layer, component, position],
+  activations [prompt, layer, component, position, hidden] (optional; bfloat16 as uint16 bits),
+  batch_done [batch]: written after the batch's data, one chunk per batch.
+The group attr `complete` is set last; a store without it never reads as finished.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+SCHEMA_VERSION = 1
+LENS_ARRAYS = ("topk_ids", "topk_logprobs", "entropy", "target_logprob", "target_rank")
+
+
+def _compressor():
+    return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    n_prompts: int
+    n_positions: int
+    layers: tuple[int, ...]
+    components: tuple[str, ...]
+    k: int
+    batch_rows: int  # prompts per micro-batch = rows per chunk
+    hidden: int = 0
+    activations: str | None = None
+    position_chunk: int = 512
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+class LensStore:
+    """Writer and reader of one run's `lens.zarr`."""
+
+    def __init__(self, path: Path, group: zarr.Group):
+        self.path = Path(path)
+        self.group = group
+
+    # -- creation ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path, layout: StoreLayout, attrs: dict) -> LensStore:
+        """All arrays and their metadata up front; data arrives batch by batch."""
+        g = zarr.open_group(str(path), mode="w", zarr_format=3)
+        p, pos, b = layout.n_prompts, layout.n_positions, layout.batch_rows
+        pc = min(layout.position_chunk, pos)
+        n_l, n_c, k = len(layout.layers), len(layout.components), layout.k
+
+        def array(name, shape, chunks, dtype, fill, dims):
+            g.create_array(
+                name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
+                compressors=_compressor(), dimension_names=dims,
+            )  # fmt: skip
+
+        array("tokens", (p, pos), (b, pos), "int32", -1, ["prompt", "position"])
+        array("lens_mask", (p, pos), (b, pos), "bool", False, ["prompt", "position"])
+        array("lengths", (p,), (b,), "int32", 0, ["prompt"])
+        array("prompt_lengths", (p,), (b,), "int32", 0, ["prompt"])
+        for name in ("prompt_text", "generated_text"):
+            g.create_array(name, shape=(p,), chunks=(b,), dtype=str, dimension_names=["prompt"])
+        g.create_array("layer", data=np.asarray(layout.layers, np.int32), dimension_names=["layer"])
+        g.create_array("component", shape=(n_c,), dtype=str, dimension_names=["component"])
+        g["component"][:] = np.asarray(layout.components, dtype=object)
+        dims5 = ["prompt", "layer", "component", "position", "k"]
+        array("topk_ids", (p, n_l, n_c, pos, k), (b, 1, 1, pc, k), "int32", -1, dims5)
+        array("topk_logprobs", (p, n_l, n_c, pos, k), (b, 1, 1, pc, k), "float32", np.nan, dims5)
+        dims4 = dims5[:4]
+        array("entropy", (p, n_l, n_c, pos), (b, 1, 1, pc), "float32", np.nan, dims4)
+        array("target_logprob", (p, n_l, n_c, pos), (b, 1, 1, pc), "float32", np.nan, dims4)
+        array("target_rank", (p, n_l, n_c, pos), (b, 1, 1, pc), "int32", -1, dims4)
+        if layout.activations:
+            storage = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}[layout.activations]
+            dims = ["prompt", "layer", "component", "position", "hidden"]
+            shape = (p, n_l, n_c, pos, layout.hidden)
+            array("activations", shape, (b, 1, 1, pc, layout.hidden), storage, 0, dims)
+            g["activations"].attrs["dtype"] = layout.activations
+        n_batches = -(-p // b)
+        array("batch_done", (n_batches,), (1,), "bool", False, ["batch"])
+        g.attrs.update({**attrs, "schema_version": SCHEMA_VERSION, "layout": _layout_dict(layout), "complete": False})
+        return cls(path, g)
+
+    @classmethod
+    def open(cls, path, mode: str = "r") -> LensStore:
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise StoreError(f"no lens store at {path} (missing zarr.json)")
+        g = zarr.open_group(str(path), mode=mode, zarr_format=3, use_consolidated=False)
+        version = g.attrs.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"store {path} has schema_version={version!r}; this code reads {SCHEMA_VERSION}")
+        return cls(path, g)
+
+    # -- writing ----------------------------------------------------------------------------
+    def write_batch(self, batch: int, rows: slice, data: dict[str, np.ndarray], texts: dict[str, list[str]]) -> None:
+        """Write one micro-batch's rows (every position, so its chunks are written whole and
+        once), then its completion record."""
+        g = self.group
+        for name, value in data.items():
+            g[name][rows] = value
+        for name, values in texts.items():
+            g[name][rows] = np.asarray(values, dtype=object)
+        g["batch_done"][batch] = True
+
+    def done_batches(self) -> set[int]:
+        return set(np.flatnonzero(self.group["batch_done"][:]).tolist())
+
+    def mark_complete(self, summary: dict) -> None:
+        self.group.attrs.update({"complete": True, "summary": summary})
+        zarr.consolidate_metadata(str(self.path), zarr_format=3)
+
+    # -- reading ----------------------------------------------------------------------------
+    @property
+    def attrs(self) -> dict:
+        return dict(self.group.attrs)
+
+    @property
+    def is_complete(self) -> bool:
+        return bool(self.group.attrs.get("complete")) and len(self.done_batches()) == self.group["batch_done"].shape[0]
+
+    @property
+    def layers(self) -> list[int]:
+        return self.group["layer"][:].tolist()
+
+    @property
+    def components(self) -> list[str]:
+        return [str(c) for c in self.group["component"][:]]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.group[name][:]
+
+    def tokens(self, prompt: int) -> np.ndarray:
+        n = int(self.group["lengths"][prompt])
+        return self.group["tokens"][prompt, :n]
+
+    def top1_table(self, prompt: int, component: str = "resid_post") -> tuple[np.ndarray, np.ndarray]:
+        """Top-1 lens token ids and probabilities, `[layer, position]`, for one prompt, over
+        the positions that have a lens (every token but the last). `-1`/NaN where not captured."""
+        ci = self.components.index(component)
+        n = int(self.group["lengths"][prompt]) - 1
+        ids = self.group["topk_ids"][prompt, :, ci, :n, 0]
+        probs = np.exp(self.group["topk_logprobs"][prompt, :, ci, :n, 0])
+        return ids, probs
+
+    def activations(self, prompt: int):
+        """Raw activations `[layer, component, position, hidden]` in their stored dtype
+        (bfloat16 comes back as a torch tensor, since numpy has none)."""
+        arr = self.group["activations"]
+        n = int(self.group["lengths"][prompt])
+        values = arr[prompt, :, :, :n]
+        if arr.attrs.get("dtype") == "bfloat16":
+            import torch
+
+            return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
+        return values
+
+
+def _layout_dict(layout: StoreLayout) -> dict:
+    d = dict(vars(layout))
+    d["layers"], d["components"] = list(layout.layers), list(layout.components)
+    return json.loads(json.dumps(d))

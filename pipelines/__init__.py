@@ -1,0 +1,1 @@
+"""Driver programs users start: Hydra apps that read conf/, start or join Ray and run the coordinator."""

@@ -1,0 +1,21 @@
+"""`distlens <command> [hydra overrides]`: the console entry point (`distlens lens ...`)."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+
+COMMANDS = {"lens": "pipelines.lens"}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(f"usage: distlens {{{','.join(COMMANDS)}}} [hydra overrides]", file=sys.stderr)
+        sys.exit(2)
+    module = COMMANDS[sys.argv.pop(1)]
+    sys.argv[0] = module
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()

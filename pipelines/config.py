@@ -1,0 +1,176 @@
+"""Typed configuration: dataclass schemas registered with Hydra's ConfigStore, validated once
+at the driver with errors that name the field, the bad value and what is valid."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from actors.stage import COMPONENTS, DTYPES
+
+EXECUTORS = ("local", "ray")
+POSITION_WORDS = ("all", "prompt", "generated")
+ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the field, the value and what is valid."""
+
+
+@dataclass
+class ModelConf:
+    name: str = "smollm2-135m-instruct"  # built-in name, local directory, or Hugging Face id
+    revision: str | None = None
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class ClusterConf:
+    executor: str = "ray"  # ray: stage actors in a placement group; local: all stages in-process
+    num_stages: int = 2
+    tp_size: int = 1
+    device: str = "cpu"  # cpu | cuda
+    cpus_per_stage: float = 1.0
+    gpus_per_stage: float = 0.0
+    num_cpus: int | None = None  # CPUs of a local Ray cluster the driver starts (None: all)
+    address: str | None = None  # join this cluster; else $RAY_ADDRESS; else start a local one
+    micro_batch_size: int = 4
+    micro_batches_in_flight: int = 2
+
+
+@dataclass
+class StorageConf:
+    root: str = "outputs"
+    run: str = "run"
+
+
+@dataclass
+class CaptureConf:
+    layers: Any = None  # None = every layer; else a list of indices (negative counts from the end)
+    components: list[str] = field(default_factory=lambda: ["resid_post"])
+    positions: Any = "all"  # all | prompt | generated | list of token positions
+    k: int = 10
+    window: int = 64
+    activations: str | None = None  # store raw activations in this dtype
+
+
+@dataclass
+class GenerationConf:
+    max_new_tokens: int = 24
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    chat_template: bool = True  # use the tokenizer's chat template when it has one
+    stop_at_eos: bool = True  # false: always generate max_new_tokens (fixed-length trajectories)
+
+
+@dataclass
+class PlotConf:
+    max_prompts: int = 4  # heatmaps written (one PNG per prompt)
+    max_positions: int = 32  # the last N positions of each prompt's trajectory
+
+
+@dataclass
+class LensConf:
+    model: ModelConf = field(default_factory=ModelConf)
+    cluster: ClusterConf = field(default_factory=ClusterConf)
+    storage: StorageConf = field(default_factory=StorageConf)
+    capture: CaptureConf = field(default_factory=CaptureConf)
+    generation: GenerationConf = field(default_factory=GenerationConf)
+    plot: PlotConf = field(default_factory=PlotConf)
+    prompts: list[str] = field(default_factory=list)
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="lens_schema", node=LensConf)
+    cs.store(group="model", name="schema", node=ModelConf)
+    cs.store(group="cluster", name="schema", node=ClusterConf)
+    cs.store(group="storage", name="schema", node=StorageConf)
+
+
+def _choice(field_name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{field_name}={value!r} is not valid: choose one of {list(allowed)}")
+
+
+def _at_least(field_name: str, value, low) -> None:
+    if value is None or value < low:
+        raise ConfigError(f"{field_name}={value!r} is out of range: must be >= {low}")
+
+
+def validate(cfg) -> None:
+    """Checks that need no model: enums, ranges, prompts, flags."""
+    c = cfg.cluster
+    _choice("cluster.executor", c.executor, EXECUTORS)
+    _choice("cluster.device", c.device, ("cpu", "cuda"))
+    _choice("model.dtype", cfg.model.dtype, tuple(DTYPES))
+    if c.device == "cpu" and cfg.model.dtype == "float16":
+        raise ConfigError(
+            "model.dtype='float16' is not valid on device cpu (DeepSpeed refuses it): use float32 or bfloat16"
+        )
+    for name in ("num_stages", "tp_size", "micro_batch_size", "micro_batches_in_flight"):
+        _at_least(f"cluster.{name}", getattr(c, name), 1)
+    if c.executor == "local" and c.tp_size > 1:
+        raise ConfigError(f"cluster.tp_size={c.tp_size} needs cluster.executor=ray (one process per rank)")
+    cap = cfg.capture
+    for comp in cap.components:
+        _choice("capture.components", comp, COMPONENTS)
+    if not cap.components:
+        raise ConfigError(f"capture.components=[] is empty: choose from {list(COMPONENTS)}")
+    if isinstance(cap.positions, str):
+        _choice("capture.positions", cap.positions, POSITION_WORDS)
+    elif not all(isinstance(p, int) and p >= 0 for p in cap.positions):
+        raise ConfigError(
+            f"capture.positions={list(cap.positions)!r}: use {list(POSITION_WORDS)} or a list of positions >= 0"
+        )
+    _at_least("capture.k", cap.k, 1)
+    _at_least("capture.window", cap.window, 1)
+    if cap.activations is not None:
+        _choice("capture.activations", cap.activations, ACTIVATION_DTYPES)
+    g = cfg.generation
+    _at_least("generation.max_new_tokens", g.max_new_tokens, 1)
+    _at_least("generation.temperature", g.temperature, 0.0)
+    if not 0.0 < g.top_p <= 1.0:
+        raise ConfigError(f"generation.top_p={g.top_p!r} is out of range: must be in (0, 1]")
+    if not cfg.prompts:
+        raise ConfigError(
+            "prompts=[] is empty: give at least one prompt, e.g. prompts='[\"The capital of France is\"]'"
+        )
+    for i, p in enumerate(cfg.prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ConfigError(f"prompts[{i}]={p!r} is empty: every prompt needs text")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("resume=true and overwrite=true contradict each other: choose one")
+
+
+def validate_against_model(cfg, hf_config) -> list[int]:
+    """Checks that need the model's config; returns the captured layer indices (non-negative)."""
+    n = hf_config.num_hidden_layers
+    c = cfg.cluster
+    if not 1 <= c.num_stages <= n:
+        raise ConfigError(
+            f"cluster.num_stages={c.num_stages} is out of range: valid is 1..{n} (the model's layer count)"
+        )
+    heads = hf_config.num_attention_heads
+    kv = getattr(hf_config, "num_key_value_heads", heads) or heads
+    if heads % c.tp_size or kv % c.tp_size:
+        raise ConfigError(
+            f"cluster.tp_size={c.tp_size} does not divide the model's {heads} attention / {kv} key-value heads"
+        )
+    if cfg.capture.layers is None:
+        return list(range(n))
+    layers = []
+    for i in cfg.capture.layers:
+        if not isinstance(i, int) or not -n <= i < n:
+            raise ConfigError(f"capture.layers contains {i!r}, out of range: valid is 0..{n - 1} (or -{n}..-1)")
+        layers.append(i % n)
+    if not layers:
+        raise ConfigError("capture.layers=[] is empty: give layer indices or null for every layer")
+    return sorted(set(layers))

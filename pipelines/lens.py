@@ -1,0 +1,195 @@
+"""`python -m pipelines.lens`: generate from prompts while recording logit-lens trajectories
+of every layer, through a pipeline of stage actors; writes lens.zarr, heatmaps and a summary.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from pipelines.config import ConfigError, register
+
+register()
+
+
+def _fail(message: str) -> None:
+    print(f"distlens: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def connect_ray(cluster) -> None:
+    """Join cluster.address / $RAY_ADDRESS, or start a local cluster bound to loopback."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    repo = str(Path(__file__).resolve().parent.parent)
+    ray.init(
+        num_cpus=cluster.num_cpus,
+        include_dashboard=False,
+        dashboard_host="127.0.0.1",
+        # Workers import actors/ from this checkout, installed or not.
+        runtime_env={"env_vars": {"PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}},
+    )
+
+
+def run_info() -> dict:
+    """Package versions and the git commit, recorded in every store."""
+    import importlib.metadata as md
+    import subprocess
+
+    versions = {}
+    for pkg in ("torch", "transformers", "deepspeed", "ray", "zarr", "numcodecs", "hydra-core"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {"versions": versions, "git_commit": commit}
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    from actors.checkpoint import resolve_checkpoint
+    from actors.coordinator import Coordinator, RunSpec, fingerprint
+    from actors.prompting import encode_prompt, special_ids
+    from actors.sampling import SamplingSpec
+    from actors.store import LensStore
+    from pipelines.config import validate, validate_against_model
+    from pipelines.heatmap import write_heatmap
+
+    validate(cfg)
+    checkpoint = resolve_checkpoint(cfg.model.name, cfg.model.revision)
+    hf_config = checkpoint.config()
+    from actors.adapters import adapter_for
+
+    adapter_for(hf_config.model_type)
+    layers = validate_against_model(cfg, hf_config)
+    tokenizer = checkpoint.tokenizer()
+    prompts = [encode_prompt(tokenizer, p, cfg.generation.chat_template) for p in cfg.prompts]
+    context = hf_config.max_position_embeddings
+    for i, ids in enumerate(prompts):
+        if len(ids) + cfg.generation.max_new_tokens > context:
+            raise ConfigError(
+                f"prompts[{i}] is {len(ids)} tokens; with generation.max_new_tokens="
+                f"{cfg.generation.max_new_tokens} that exceeds the model's context of {context} positions"
+            )
+    eos, pad = special_ids(tokenizer, hf_config)
+    g, c, cap = cfg.generation, cfg.cluster, cfg.capture
+    results_cfg = OmegaConf.to_container(cfg, resolve=True)
+    # What determines the numbers: not where they are stored or how the stages are spread.
+    fp = fingerprint({k: results_cfg[k] for k in ("model", "capture", "generation", "prompts")})
+    attrs = {
+        "model": {
+            "name": cfg.model.name,
+            "source": checkpoint.source,
+            "revision": cfg.model.revision,
+            "path": str(checkpoint.path),
+        },
+        "config": results_cfg,
+        "fingerprint": fp,
+        **run_info(),
+    }
+    existing = "resume" if cfg.resume else "overwrite" if cfg.overwrite else "refuse"
+    spec = RunSpec(
+        model_path=str(checkpoint.path),
+        store_path=str(out_dir / "lens.zarr"),
+        num_stages=c.num_stages,
+        tp_size=c.tp_size,
+        executor=c.executor,
+        dtype=cfg.model.dtype,
+        device=c.device,
+        layers=tuple(layers),
+        components=tuple(cap.components),
+        k=cap.k,
+        lens_window=cap.window,
+        activations=cap.activations,
+        positions=cap.positions if isinstance(cap.positions, str) else tuple(cap.positions),
+        sampling=SamplingSpec(g.temperature, g.top_p, g.seed, eos if g.stop_at_eos else (), pad),
+        max_new_tokens=g.max_new_tokens,
+        micro_batch_size=c.micro_batch_size,
+        micro_batches_in_flight=c.micro_batches_in_flight,
+        cpus_per_stage=c.cpus_per_stage,
+        gpus_per_stage=c.gpus_per_stage,
+        existing=existing,
+        attrs=attrs,
+        progress=cfg.progress,
+    )
+    texts = list(cfg.prompts)
+    if c.executor == "ray":
+        connect_ray(c)
+        import ray
+
+        coordinator = ray.remote(Coordinator).options(num_cpus=0).remote(spec)
+        summary = ray.get(coordinator.run.remote(prompts, texts))
+    else:
+        summary = Coordinator(spec).run(prompts, texts)
+    store = LensStore.open(out_dir / "lens.zarr")
+    plots = [
+        write_heatmap(store, i, tokenizer, out_dir / f"heatmap_prompt{i}.png", cfg.plot.max_positions)
+        for i in range(min(cfg.plot.max_prompts, len(prompts)))
+    ]
+    summary["plots"] = [str(p) for p in plots]
+    print_summary(store, tokenizer, summary)
+    return summary
+
+
+def print_summary(store, tokenizer, summary: dict, last: int = 4) -> None:
+    from pipelines.heatmap import token_label
+
+    out = sys.stdout
+    n_prompts = store.group["tokens"].shape[0]
+    for i in range(n_prompts):
+        print(f"\n=== prompt {i}: {store.group['prompt_text'][i]!r}", file=out)
+        print(f"generated: {store.group['generated_text'][i]!r}", file=out)
+        ids, probs = store.top1_table(i)
+        toks = store.tokens(i)
+        n = ids.shape[1]
+        cols = list(range(max(0, n - last), n))
+        header = "layer | " + " | ".join(f"after {token_label(tokenizer, toks[j])!r}" for j in cols)
+        print(header, file=out)
+        step = max(1, len(store.layers) // 10)
+        for li in list(range(0, len(store.layers), step)) + (
+            [len(store.layers) - 1] if (len(store.layers) - 1) % step else []
+        ):
+            cells = " | ".join(f"{token_label(tokenizer, ids[li, j])!r} {probs[li, j]:.2f}" for j in cols)
+            print(f"{store.layers[li]:>5} | {cells}", file=out)
+    print(
+        f"\n{summary['generated_tokens']} tokens generated, {summary['positions']} positions captured in "
+        f"{summary['generate_s']} s ({summary['tokens_per_s']} tokens/s, {summary['positions_per_s']} positions/s; "
+        f"stages {summary['stages']})",
+        file=out,
+    )
+    print(f"store:    {summary['store']}", file=out)
+    for p in summary["plots"]:
+        print(f"heatmap:  {p}", file=out)
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="lens")
+def main(cfg: DictConfig) -> dict | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from actors.store import StoreError
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        return run(cfg, out_dir)
+    except (ConfigError, StoreError, ValueError) as err:
+        _fail(str(err))
+
+
+if __name__ == "__main__":
+    main()
