@@ -87,8 +87,11 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 class Coordinator:
-    def __init__(self, spec: RunSpec):
+    """Runs `spec`. `executor`: an executor to use (and leave open) instead of a new one."""
+
+    def __init__(self, spec: RunSpec, executor=None):
         self.spec = spec
+        self._given_executor = executor
 
     def run(self, prompts: list[list[int]], prompt_texts: list[str] | None = None) -> dict:
         """Generate from `prompts` (token ids) and write the lens store; returns a summary."""
@@ -138,7 +141,7 @@ class Coordinator:
             for s, (a, b) in enumerate(bounds)
             for r in range(spec.tp_size)
         ]
-        executor = (
+        executor = self._given_executor or (
             LocalExecutor() if spec.executor == "local" else RayExecutor(spec.cpus_per_stage, spec.gpus_per_stage)
         )
         t0 = time.perf_counter()
@@ -154,7 +157,8 @@ class Coordinator:
             t_done = time.perf_counter()
             stage_info = [executor.get(executor.call(w, "info")) for w in workers]
         finally:
-            executor.shutdown()
+            if self._given_executor is None:
+                executor.shutdown()
         n_new = int(sum(len(g) for g in generated.values()))
         n_pos = int(sum(int(store.group["lengths"][mb.rows].sum()) for mb in todo))
         decode_s = t_done - t_loaded

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import resource
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -101,9 +102,16 @@ class StageWorker:
     """Holds layers `[spec.start, spec.end)` and runs prefill/decode steps for micro-batches."""
 
     def __init__(self, spec: StageSpec):
+        self.configure(spec)
+
+    def configure(self, spec: StageSpec) -> None:
+        """Take a (new) stage spec; `setup` then loads that slice. Lets a pooled worker serve
+        another run or another split without a new process."""
+        if getattr(self, "spec", None) is not None and spec.tp_size > 1:
+            raise ValueError("a pooled worker cannot join a new tensor-parallel group; create fresh workers")
         self.spec = spec
         self.forward_calls = 0
-        self._ready = False
+        self.timeline: list[tuple[int, float, float]] = []  # (micro-batch, start, end) per step
 
     # -- set-up ---------------------------------------------------------------------------
     def address(self) -> tuple[str, int]:
@@ -143,7 +151,6 @@ class StageWorker:
         self._hooks = []
         self._install_capture_hooks()
         self._states: dict[int, _BatchState] = {}
-        self._ready = True
         return self.info()
 
     def info(self) -> dict:
@@ -156,6 +163,7 @@ class StageWorker:
             "device": str(self.device),
             "params": n_params,
             "forward_calls": self.forward_calls,
+            "timeline": list(self.timeline),
             # ru_maxrss is KiB on Linux: this process's peak resident memory so far.
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }
@@ -237,7 +245,9 @@ class StageWorker:
             else torch.as_tensor(upstream).to(self.device, self.lens.weight.dtype)
         )
         self._capture = {}
+        started = time.time()
         hidden = self.engine(x, attention_mask=state.attention_mask, position_ids=position_ids, cache=state.cache)
+        self.timeline.append((mb, started, time.time()))
         captured, self._capture = self._capture, None
         self.forward_calls += 1
         for key in self.captured_keys:

@@ -44,7 +44,7 @@ def save_tiny(family: str, path: Path, seed: int = 0, **overrides) -> Path:
     with torch.no_grad():  # larger weights than the default init make layers disagree visibly
         for p in model.parameters():
             if p.ndim == 2:
-                p.normal_(0, 0.2)
+                p.normal_(0, 0.1)
     model.save_pretrained(path, safe_serialization=True)
     return Path(path)
 

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny checkpoints of real architectures, one Ray cluster per module, and
+the real SmolLM2 checkpoint (fetched and converted once, then cached)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback only, before ray is imported
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import FAMILIES, save_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: save_tiny(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(
+        num_cpus=8,  # logical CPUs: 4 stages plus a coordinator on this 2-core machine
+        include_dashboard=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+        log_to_driver=False,
+    )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from actors.checkpoint import resolve_checkpoint
+
+    return resolve_checkpoint("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(tmp_path_factory, smollm2) -> Path:
+    """A 2-layer random Llama that shares SmolLM2's tokenizer and vocabulary, for fast
+    end-to-end runs of the drivers."""
+    path = tmp_path_factory.mktemp("tiny_tok") / "llama"
+    save_tiny("llama", path, vocab_size=49152, num_hidden_layers=2, hidden_size=32, intermediate_size=64)
+    smollm2.tokenizer().save_pretrained(path)
+    return path

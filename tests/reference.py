@@ -1,0 +1,83 @@
+"""Independent references computed with plain, unsliced Hugging Face models."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from actors.coordinator import Coordinator, RunSpec
+from actors.sampling import SamplingSpec
+from actors.store import LensStore
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]]
+
+
+def left_pad(prompts: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    cols = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), cols), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, cols - len(p) :] = torch.tensor(p)
+        mask[i, cols - len(p) :] = 1
+    return ids, mask
+
+
+def hf_generate(model, prompts, max_new_tokens: int, eos: int | None = None):
+    """Greedy `model.generate` on the left-padded batch, with every step's hidden states."""
+    ids, mask = left_pad(prompts)
+    return model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=0,
+        output_hidden_states=True,
+        return_dict_in_generate=True,
+    ), ids.shape[1] - mask.sum(1)
+
+
+def hf_hidden_by_row(generated, pad: torch.Tensor, row: int, layer: int) -> torch.Tensor:
+    """Hidden states `[position, d_model]` of one row (pads dropped) at HF's `hidden_states[layer]`."""
+    steps = [step[layer][row] for step in generated.hidden_states]
+    return torch.cat(steps, dim=0)[int(pad[row]) :]
+
+
+def run_lens(path, store_path, **overrides) -> tuple[dict, LensStore]:
+    spec = dict(
+        model_path=str(path),
+        store_path=str(store_path),
+        max_new_tokens=6,
+        micro_batch_size=len(PROMPTS),
+        activations="float32",
+        sampling=SamplingSpec(eos_token_ids=(), pad_token_id=0),
+        lens_window=4,
+        progress=False,
+    )
+    spec.update(overrides)
+    prompts = spec.pop("prompts", PROMPTS)
+    executor = spec.pop("executor_pool", None)
+    run_spec = RunSpec(**spec)
+    if executor is not None:  # stage actors from a pool; the coordinator in this process
+        summary = Coordinator(run_spec, executor).run(prompts)
+    elif run_spec.executor == "ray":
+        import ray
+
+        summary = ray.get(ray.remote(Coordinator).options(num_cpus=0).remote(run_spec).run.remote(prompts))
+    else:
+        summary = Coordinator(run_spec).run(prompts)
+    return summary, LensStore.open(store_path)
+
+
+def assert_stores_equal(a: LensStore, b: LensStore, atol: float = 1e-5) -> None:
+    """Integers exactly; floats to fp32 noise (processes with other thread counts sum in
+    another order: seen up to 5e-7 relative on values near 20)."""
+    names = ["tokens", "lengths", "lens_mask", "topk_ids", "target_rank", "topk_logprobs", "entropy", "target_logprob"]
+    if "activations" in a.group:
+        names.append("activations")
+    for name in names:
+        x, y = a[name], b[name]
+        if x.dtype.kind == "f":
+            np.testing.assert_allclose(x, y, atol=atol, rtol=1e-6, equal_nan=True, err_msg=name)
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=name)

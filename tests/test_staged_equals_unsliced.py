@@ -1,0 +1,210 @@
+"""Staged pipelines against a plain unsliced Hugging Face model, in-process (`local`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from reference import PROMPTS, hf_generate, hf_hidden_by_row, left_pad, run_lens
+from tiny_models import FAMILIES, load_reference
+
+NEW = 6
+
+
+@pytest.fixture(scope="module")
+def references(tiny_checkpoints):
+    out = {}
+    for family, path in tiny_checkpoints.items():
+        model = load_reference(path)
+        generated, pad = hf_generate(model, PROMPTS, NEW)
+        out[family] = (model, generated, pad)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("num_stages", [1, 2, 3, 4])
+def test_every_layer_hidden_state_equals_unsliced(family, num_stages, tiny_checkpoints, references, tmp_path):
+    model, generated, pad = references[family]
+    summary, store = run_lens(tiny_checkpoints[family], tmp_path / "s.zarr", num_stages=num_stages)
+    assert len(summary["stages"]) == num_stages
+    n_layers = model.config.num_hidden_layers
+    for row in range(len(PROMPTS)):
+        acts = torch.from_numpy(store.activations(row))[:, 0]  # [layer, position, d]
+        n = acts.shape[1] - 1  # the final token is never fed back
+        for layer in range(n_layers):
+            ref = hf_hidden_by_row(generated, pad, row, layer + 1)[:n]
+            ours = acts[layer, :n]
+            if layer == n_layers - 1:  # HF's last hidden state is already normalised
+                ours = model.model.norm(ours)
+            torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_staged_greedy_decoding_equals_generate(family, tiny_checkpoints, references, tmp_path):
+    _, generated, pad = references[family]
+    _, store = run_lens(tiny_checkpoints[family], tmp_path / "s.zarr", num_stages=2)
+    for row in range(len(PROMPTS)):
+        expected = generated.sequences[row, int(pad[row]) :].tolist()
+        assert store.tokens(row).tolist() == expected
+
+
+def _full_logprobs(model, store, row):
+    tokens = torch.tensor(store.tokens(row).tolist())[None]
+    with torch.no_grad():
+        out = model(tokens, output_hidden_states=True)
+    return torch.log_softmax(out.logits[0].float(), -1), out.hidden_states
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_last_layer_lens_equals_model_logits(family, tiny_checkpoints, references, tmp_path):
+    model = references[family][0]
+    _, store = run_lens(tiny_checkpoints[family], tmp_path / "s.zarr", num_stages=3, k=model.config.vocab_size)
+    last = store.layers.index(model.config.num_hidden_layers - 1)
+    for row in range(len(PROMPTS)):
+        logprobs, _ = _full_logprobs(model, store, row)
+        n = int(store.group["lengths"][row]) - 1
+        ids = torch.from_numpy(store["topk_ids"][row, last, 0, :n]).long()
+        ours = torch.from_numpy(store["topk_logprobs"][row, last, 0, :n])
+        # k = vocab: the lens's whole distribution, which must be the model's own
+        torch.testing.assert_close(ours, logprobs[:n].gather(1, ids), atol=1e-4, rtol=0)
+        assert sorted(ids[0].tolist()) == list(range(model.config.vocab_size))
+
+
+def test_middle_layer_topk_target_and_entropy_are_exact(tiny_checkpoints, references, tmp_path):
+    model = references["llama"][0]
+    k = 7
+    _, store = run_lens(tiny_checkpoints["llama"], tmp_path / "s.zarr", num_stages=2, k=k)
+    mid = 1
+    for row in range(len(PROMPTS)):
+        tokens = store.tokens(row)
+        n = len(tokens) - 1
+        _, hidden = _full_logprobs(model, store, row)
+        with torch.no_grad():
+            lp = torch.log_softmax(model.lm_head(model.model.norm(hidden[mid + 1][0, :n])).float(), -1)
+        top = lp.topk(k, dim=-1)
+        ours_lp = torch.from_numpy(store["topk_logprobs"][row, mid, 0, :n])
+        torch.testing.assert_close(ours_lp, top.values, atol=1e-4, rtol=0)  # not renormalised over k
+        assert (store["topk_ids"][row, mid, 0, :n] == top.indices.numpy()).all()
+        targets = torch.tensor(tokens[1:].tolist())
+        target_lp = lp.gather(1, targets[:, None])[:, 0]
+        torch.testing.assert_close(
+            torch.from_numpy(store["target_logprob"][row, mid, 0, :n]), target_lp, atol=1e-4, rtol=0
+        )
+        rank = (lp > target_lp[:, None]).sum(-1)
+        assert (store["target_rank"][row, mid, 0, :n] == rank.numpy()).all()
+        entropy = -(lp.exp() * lp).sum(-1)
+        torch.testing.assert_close(torch.from_numpy(store["entropy"][row, mid, 0, :n]), entropy, atol=1e-4, rtol=0)
+        # nothing is written past the last fed position
+        assert np.isnan(store["target_logprob"][row, mid, 0, n:]).all()
+
+
+def test_components_equal_hooked_hf_model(tiny_checkpoints, references, tmp_path):
+    model = references["qwen3"][0]
+    comps = ("resid_post", "attn_out", "mlp_out", "resid_mid")
+    _, store = run_lens(tiny_checkpoints["qwen3"], tmp_path / "s.zarr", num_stages=2, components=comps)
+    seen = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        hooks.append(
+            layer.self_attn.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__((i, "attn_out"), o[0]))
+        )
+        hooks.append(layer.mlp.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__((i, "mlp_out"), o)))
+        hooks.append(layer.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__((i, "resid_post"), o)))
+        hooks.append(
+            layer.register_forward_pre_hook(
+                lambda m, a, kw, i=i: seen.__setitem__((i, "resid_pre"), a[0] if a else kw["hidden_states"]),
+                with_kwargs=True,
+            )
+        )
+    row = 1
+    tokens = torch.tensor(store.tokens(row).tolist())[None]
+    with torch.no_grad():
+        model(tokens)
+    for h in hooks:
+        h.remove()
+    acts = torch.from_numpy(store.activations(row))
+    n = tokens.shape[1] - 1
+    for i in range(model.config.num_hidden_layers):
+        expected = {
+            "resid_post": seen[(i, "resid_post")],
+            "attn_out": seen[(i, "attn_out")],
+            "mlp_out": seen[(i, "mlp_out")],
+            "resid_mid": seen[(i, "resid_pre")] + seen[(i, "attn_out")],
+        }
+        for ci, comp in enumerate(comps):
+            torch.testing.assert_close(acts[i, ci, :n], expected[comp][0, :n], atol=1e-4, rtol=0)
+
+
+def test_per_row_eos_stops_only_that_row(tiny_checkpoints, references, tmp_path):
+    model, generated, pad = references["llama"]
+    eos = int(generated.sequences[0, -4])  # a token row 0 produces two steps into generation
+    expected, pad = hf_generate(model, PROMPTS, NEW, eos=eos)
+    _, store = run_lens(
+        tiny_checkpoints["llama"],
+        tmp_path / "s.zarr",
+        num_stages=2,
+        sampling=__import__("actors.sampling", fromlist=["SamplingSpec"]).SamplingSpec(
+            eos_token_ids=(eos,), pad_token_id=0
+        ),
+    )
+    lengths = store["lengths"]
+    for row in range(len(PROMPTS)):
+        hf_row = expected.sequences[row, int(pad[row]) :].tolist()
+        if eos in hf_row[len(PROMPTS[row]) :]:
+            hf_row = hf_row[: len(PROMPTS[row]) + hf_row[len(PROMPTS[row]) :].index(eos) + 1]
+        assert store.tokens(row).tolist() == hf_row
+    assert lengths[0] < len(PROMPTS[0]) + NEW  # row 0 stopped early
+    assert lengths.max() == max(len(p) for p in PROMPTS) + NEW or lengths[1:].max() > lengths[0] - len(PROMPTS[0])
+
+
+def test_sampling_is_seeded_and_top_p_small_is_greedy(tiny_checkpoints, tmp_path):
+    from actors.sampling import SamplingSpec
+
+    path = tiny_checkpoints["mistral"]
+    runs = {}
+    for name, temp, top_p, seed, stages in [
+        ("a", 1.0, 0.9, 3, 1),
+        ("b", 1.0, 0.9, 3, 3),
+        ("c", 1.0, 0.9, 4, 1),
+        ("nucleus_of_one", 1.0, 1e-6, 3, 2),
+        ("greedy", 0.0, 1.0, 0, 2),
+    ]:
+        sampling = SamplingSpec(temperature=temp, top_p=top_p, seed=seed, pad_token_id=0)
+        _, runs[name] = run_lens(
+            path, tmp_path / f"{name}.zarr", num_stages=stages, sampling=sampling, max_new_tokens=12
+        )
+    tokens = {k: v["tokens"] for k, v in runs.items()}
+    assert (tokens["a"] == tokens["b"]).all()  # same seed, any stage split
+    assert (tokens["a"] != tokens["c"]).any()  # another seed
+    assert (tokens["a"] != tokens["greedy"]).any()
+    assert (tokens["nucleus_of_one"] == tokens["greedy"]).all()
+
+
+def test_position_subset_captures_only_those_positions(tiny_checkpoints, tmp_path):
+    _, store = run_lens(tiny_checkpoints["llama"], tmp_path / "s.zarr", positions=(0, 2, 8), activations=None)
+    mask = store["lens_mask"]
+    for row in range(len(PROMPTS)):
+        last = int(store["lengths"][row]) - 1  # the lens exists at positions < length - 1
+        assert np.flatnonzero(mask[row]).tolist() == [p for p in (0, 2, 8) if p < last]
+    assert mask[0, 8] and not mask[1, 8]  # row 1 is too short for position 8
+    _, gen = run_lens(tiny_checkpoints["llama"], tmp_path / "g.zarr", positions="generated", activations=None)
+    for row, p in enumerate(PROMPTS):
+        n = int(gen["lengths"][row])
+        assert np.flatnonzero(gen["lens_mask"][row]).tolist() == list(range(len(p), n - 1))
+
+
+def test_1500_position_trajectory_runs(tiny_checkpoints, tmp_path):
+    summary, store = run_lens(
+        tiny_checkpoints["llama"], tmp_path / "s.zarr", prompts=[[5, 6, 7, 8]], max_new_tokens=1496,
+        activations=None, lens_window=128, micro_batch_size=1,
+    )  # fmt: skip
+    assert int(store["lengths"][0]) == 1500
+    assert store["lens_mask"][0].sum() == 1499
+    assert summary["positions"] == 1500
+    assert (store["topk_ids"][0, :, 0, :1499, 0] >= 0).all()
+
+
+def test_left_pad_matches_reference_layout():
+    ids, mask = left_pad([[1, 2], [3]])
+    assert ids.tolist() == [[1, 2], [0, 3]] and mask.tolist() == [[1, 1], [0, 1]]
