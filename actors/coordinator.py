@@ -133,6 +133,8 @@ class Coordinator:
         store = self._open_store(layout, bounds)
         mbs = self._micro_batches(prompts, spec.sampling.pad_token_id)
         todo = [mb for mb in mbs if mb.index not in store.done_batches()]
+        if not todo and store.is_complete:  # a resumed run that had already finished
+            return dict(store.attrs["summary"], batches_run=[])
         capture = CaptureSpec(layers, tuple(spec.components), spec.k, spec.lens_window, spec.activations)
         specs = [
             StageSpec(

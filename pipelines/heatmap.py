@@ -3,6 +3,7 @@ probability. Built from the store's reader API, so the picture shows exactly wha
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,9 @@ def write_heatmap(store: LensStore, prompt: int, tokenizer, path: Path, max_posi
     model = store.attrs.get("model", {}).get("name", "")
     ax.set_title(f"logit lens, top-1 token per layer — {model}, prompt {prompt}", fontsize=9)
     fig.colorbar(image, ax=ax, label="top-1 probability")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with warnings.catch_warnings():  # tokens in scripts the default font lacks draw as boxes
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)

@@ -153,8 +153,8 @@ def print_summary(store, tokenizer, summary: dict, last: int = 4) -> None:
     out = sys.stdout
     n_prompts = store.group["tokens"].shape[0]
     for i in range(n_prompts):
-        print(f"\n=== prompt {i}: {store.group['prompt_text'][i]!r}", file=out)
-        print(f"generated: {store.group['generated_text'][i]!r}", file=out)
+        print(f"\n=== prompt {i}: {str(store.group['prompt_text'][i])!r}", file=out)
+        print(f"generated: {str(store.group['generated_text'][i])!r}", file=out)
         ids, probs = store.top1_table(i)
         toks = store.tokens(i)
         n = ids.shape[1]

@@ -1,0 +1,83 @@
+"""The Zarr store: named dimensions, chunk-aligned batches, completion records and resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from actors.store import LensStore, StoreError
+from reference import PROMPTS, assert_stores_equal, run_lens
+
+FIVE = [*PROMPTS, [30, 31], [40, 41, 42, 43]]  # micro-batches of 2, 2 and 1 prompts
+
+
+@pytest.fixture
+def finished(tiny_checkpoints, tmp_path):
+    _, store = run_lens(tiny_checkpoints["llama"], tmp_path / "full.zarr", prompts=FIVE, micro_batch_size=2)
+    return store
+
+
+def test_xarray_opens_store_with_named_dimensions(finished):
+    ds = xr.open_zarr(finished.path)
+    assert ds["topk_ids"].dims == ("prompt", "layer", "component", "position", "k")
+    assert ds["entropy"].dims == ("prompt", "layer", "component", "position")
+    assert ds["activations"].dims == ("prompt", "layer", "component", "position", "hidden")
+    assert ds["tokens"].dims == ("prompt", "position")
+    assert ds.sizes["prompt"] == len(FIVE) and ds.sizes["layer"] == 4
+    assert (ds["layer"].values == np.arange(4)).all()
+
+
+def test_arrays_are_compressed_and_chunked_by_micro_batch(finished):
+    arr = finished.group["topk_logprobs"]
+    assert arr.chunks[0] == 2 and arr.chunks[1] == 1  # one micro-batch, one layer per chunk
+    assert any("blosc" in type(c).__name__.lower() for c in arr.compressors)
+    assert finished.attrs["complete"] and finished.is_complete
+    assert finished.done_batches() == {0, 1, 2}
+
+
+def test_resume_recomputes_only_unfinished_batches(finished, tiny_checkpoints, tmp_path):
+    import shutil
+
+    partial = tmp_path / "partial.zarr"
+    shutil.copytree(finished.path, partial)
+    g = zarr.open_group(str(partial), mode="r+")
+    # As if the run died after batch 0: later batches' records and data never landed.
+    g["batch_done"][1:] = False
+    g["topk_ids"][2:] = -1
+    g["tokens"][2:] = -1
+    g.attrs["complete"] = False
+    assert not LensStore.open(partial).is_complete
+    with pytest.raises(StoreError, match="already holds a run"):
+        run_lens(tiny_checkpoints["llama"], partial, prompts=FIVE, micro_batch_size=2)
+    summary, resumed = run_lens(tiny_checkpoints["llama"], partial, prompts=FIVE, micro_batch_size=2, existing="resume")
+    assert summary["batches_run"] == [1, 2]
+    assert resumed.is_complete
+    assert_stores_equal(resumed, finished)
+
+
+def test_refuses_a_store_of_another_config_even_with_resume(finished, tiny_checkpoints):
+    with pytest.raises(StoreError, match="another config"):
+        run_lens(
+            tiny_checkpoints["llama"], finished.path, prompts=FIVE, micro_batch_size=2,
+            existing="resume", attrs={"fingerprint": "something-else"},
+        )  # fmt: skip
+
+
+def test_overwrite_replaces_the_store(finished, tiny_checkpoints):
+    summary, again = run_lens(tiny_checkpoints["llama"], finished.path, prompts=PROMPTS, existing="overwrite")
+    assert again.group["tokens"].shape[0] == len(PROMPTS)
+    assert again.is_complete
+
+
+def test_bfloat16_activations_are_stored_bit_exact(tiny_checkpoints, tmp_path):
+    import torch
+
+    _, f32 = run_lens(tiny_checkpoints["qwen3"], tmp_path / "a.zarr", activations="float32")
+    _, bf16 = run_lens(tiny_checkpoints["qwen3"], tmp_path / "b.zarr", activations="bfloat16")
+    assert bf16.group["activations"].attrs["dtype"] == "bfloat16"
+    stored = bf16.activations(0)
+    assert stored.dtype == torch.bfloat16
+    expected = torch.from_numpy(f32.activations(0)).to(torch.bfloat16)
+    assert torch.equal(stored.view(torch.int16), expected.view(torch.int16))
