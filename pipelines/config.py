@@ -24,7 +24,6 @@ class ModelConf:
     name: str = "smollm2-135m-instruct"  # built-in name, local directory, or Hugging Face id
     revision: str | None = None
     dtype: str = "float32"
-    trust_remote_code: bool = False
 
 
 @dataclass

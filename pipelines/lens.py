@@ -173,6 +173,8 @@ def print_summary(store, tokenizer, summary: dict, last: int = 4) -> None:
         f"stages {summary['stages']})",
         file=out,
     )
+    peaks = [info["peak_rss_bytes"] / 2**20 for info in summary["stage_info"]]
+    print(f"peak RSS per stage process: {', '.join(f'{p:.0f} MiB' for p in peaks)}", file=out)
     print(f"store:    {summary['store']}", file=out)
     for p in summary["plots"]:
         print(f"heatmap:  {p}", file=out)
