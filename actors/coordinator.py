@@ -46,6 +46,9 @@ class RunSpec:
     micro_batches_in_flight: int = 2
     cpus_per_stage: float = 1.0
     gpus_per_stage: float = 0.0
+    steering: tuple = ()  # SteeringEdits; each stage applies those on its own layers
+    coefficients: tuple[float, ...] | None = None  # a sweep: every prompt runs once per coefficient
+    score_ids: tuple[int, ...] = ()  # record these tokens' logits at the first generated step
     existing: str = "refuse"  # what to do with a store already at store_path: refuse | resume | overwrite
     attrs: dict = field(default_factory=dict)  # recorded in the store (config, model id, versions)
     progress: bool = True
@@ -62,9 +65,11 @@ class _MicroBatch:
     rows: slice
     input_ids: np.ndarray  # [batch, prompt_cols], left-padded
     attention_mask: np.ndarray  # [batch, prompt_cols]
+    coefficients: np.ndarray  # [batch] steering multiplier of each row
     steps: int = 0
     generated: list = field(default_factory=list)  # [batch] arrays, one per step
     last: object = None  # handle of the last stage's latest step output
+    scores: np.ndarray | None = None  # [batch, len(score_ids)] at the first generated step
     handles: list = field(default_factory=list)  # lens-chunk handles (and start acks)
 
 
@@ -100,6 +105,12 @@ class Coordinator:
         spec = self.spec
         if not prompts:
             raise ValueError("prompts is empty: give at least one prompt")
+        # A coefficient sweep is a batch dimension: prompt p runs as rows p*M .. p*M + M-1, one
+        # per coefficient, all in the same forward passes.
+        sweep = spec.coefficients or (1.0,)
+        self._sources = np.repeat(np.arange(len(prompts)), len(sweep))
+        row_coefficients = np.tile(np.asarray(sweep, np.float32), len(prompts))
+        prompts = [prompts[p] for p in self._sources]
         config = AutoConfig.from_pretrained(spec.model_path)
         n_layers = config.num_hidden_layers
         layers = tuple(range(n_layers)) if spec.layers is None else tuple(sorted(spec.layers))
@@ -129,17 +140,30 @@ class Coordinator:
             batch_rows=spec.micro_batch_size,
             hidden=config.hidden_size,
             activations=spec.activations,
+            n_scores=len(spec.score_ids),
         )
         store = self._open_store(layout, bounds)
-        mbs = self._micro_batches(prompts, spec.sampling.pad_token_id)
+        mbs = self._micro_batches(prompts, row_coefficients, spec.sampling.pad_token_id)
         todo = [mb for mb in mbs if mb.index not in store.done_batches()]
         if not todo and store.is_complete:  # a resumed run that had already finished
             return dict(store.attrs["summary"], batches_run=[])
         capture = CaptureSpec(layers, tuple(spec.components), spec.k, spec.lens_window, spec.activations)
         specs = [
             StageSpec(
-                s, len(bounds), a, b, spec.model_path, spec.dtype, spec.device, r, spec.tp_size, capture, spec.sampling
-            )
+                s,
+                len(bounds),
+                a,
+                b,
+                spec.model_path,
+                spec.dtype,
+                spec.device,
+                r,
+                spec.tp_size,
+                capture,
+                spec.sampling,
+                tuple(spec.steering),
+                tuple(spec.score_ids),
+            )  # fmt: skip
             for s, (a, b) in enumerate(bounds)
             for r in range(spec.tp_size)
         ]
@@ -201,18 +225,19 @@ class Coordinator:
             raise StoreError(f"output path {path} exists and is not a lens store: choose another storage.run")
         return LensStore.create(path, layout, attrs)
 
-    def _micro_batches(self, prompts, pad_id: int) -> list[_MicroBatch]:
+    def _micro_batches(self, prompts, coefficients, pad_id: int) -> list[_MicroBatch]:
         out = []
         b = self.spec.micro_batch_size
         for index, start in enumerate(range(0, len(prompts), b)):
             group = prompts[start : start + b]
+            coefs = np.asarray(coefficients[start : start + b], np.float32)
             cols = max(len(p) for p in group)
             ids = np.full((len(group), cols), pad_id, np.int64)
             mask = np.zeros((len(group), cols), np.int64)
             for i, p in enumerate(group):  # left padding: every row's next token is the last column
                 ids[i, cols - len(p) :] = p
                 mask[i, cols - len(p) :] = 1
-            out.append(_MicroBatch(index, slice(start, start + len(group)), ids, mask))
+            out.append(_MicroBatch(index, slice(start, start + len(group)), ids, mask, coefs))
         return out
 
     def _setup(self) -> list[dict]:
@@ -242,13 +267,17 @@ class Coordinator:
             while queue and len(inflight) < spec.micro_batches_in_flight:
                 mb = queue.pop(0)
                 mb.handles += [
-                    ex.call(w, "start", mb.index, mb.attention_mask, spec.positions) for r in self._ranks for w in r
+                    ex.call(w, "start", mb.index, mb.attention_mask, spec.positions, mb.coefficients)
+                    for r in self._ranks
+                    for w in r
                 ]
                 self._submit(mb, mb.input_ids)
                 inflight[mb.index] = mb
             keys = list(inflight)
             mb = inflight[keys[ex.wait_first([inflight[k].last for k in keys])]]
             out = ex.get(mb.last)
+            if mb.steps == 0 and "scores" in out:  # logits of score_ids at the answer position
+                mb.scores = out["scores"]
             mb.generated.append(out["tokens"])
             mb.steps += 1
             bar.update(1)
@@ -282,7 +311,10 @@ class Coordinator:
             "tokens": tokens,
             "lengths": length.astype(np.int32),
             "prompt_lengths": (prompt_cols - pad).astype(np.int32),
+            "coefficient": mb.coefficients,
         }
+        if mb.scores is not None:
+            data["scores"] = mb.scores.astype(np.float32)
         template = {}
         for c in chunks:
             for name, arr in c.arrays.items():
@@ -308,7 +340,7 @@ class Coordinator:
         if tok is not None:
             texts["generated_text"] = [tok.decode(gen[i, : gen_len[i]], skip_special_tokens=True) for i in range(batch)]
             texts["prompt_text"] = (
-                prompt_texts[mb.rows]
+                [prompt_texts[r] for r in self._sources[mb.rows]]
                 if prompt_texts
                 else [tok.decode(cols[i, pad[i] : prompt_cols]) for i in range(batch)]
             )

@@ -20,7 +20,12 @@ from actors.adapters import get_path
 from actors.lens import LogitLens
 from actors.sampling import SamplingSpec, choose_tokens
 
-COMPONENTS = ("resid_post", "attn_out", "mlp_out", "resid_mid")
+# Where activations flow through one decoder layer, in order. Any can be captured; the
+# residual stream and the normalised inputs of attention and MLP ("post-LayerNorm") can be steered.
+SITES = ("resid_pre", "attn_in", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
+COMPONENTS = SITES
+STEERING_SITES = ("resid_pre", "resid_post", "attn_in", "mlp_in")
+STEERING_POSITIONS = ("all", "prompt", "generated", "last")
 # Lens fields and the value marking "not captured" in each.
 LENS_FIELDS = {"topk_ids": -1, "topk_logprobs": np.nan, "entropy": np.nan, "target_logprob": np.nan, "target_rank": -1}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,6 +41,26 @@ class CaptureSpec:
 
 
 @dataclass(frozen=True)
+class SteeringEdit:
+    """`h += coefficient * row_coefficient * vector` at `site` of `layer`, on `positions`:
+    all, prompt, generated, last (the last prompt token), or an int i (positions >= i)."""
+
+    layer: int
+    site: str
+    vector: np.ndarray  # [d_model] float32
+    positions: str | int = "all"
+    coefficient: float = 1.0
+
+    def __post_init__(self):
+        if self.site not in STEERING_SITES:
+            raise ValueError(f"unknown steering site {self.site!r}: choose one of {list(STEERING_SITES)}")
+        if not (isinstance(self.positions, int) or self.positions in STEERING_POSITIONS):
+            raise ValueError(
+                f"steering positions={self.positions!r}: choose one of {list(STEERING_POSITIONS)} or an int index"
+            )
+
+
+@dataclass(frozen=True)
 class StageSpec:
     stage: int
     num_stages: int
@@ -48,6 +73,8 @@ class StageSpec:
     tp_size: int = 1
     capture: CaptureSpec = field(default_factory=lambda: CaptureSpec(layers=()))
     sampling: SamplingSpec = field(default_factory=SamplingSpec)
+    steering: tuple[SteeringEdit, ...] = ()  # every edit of the run; a stage applies its own layers'
+    score_ids: tuple[int, ...] = ()  # last stage: report these tokens' logits at every step
 
     @property
     def is_last(self) -> bool:
@@ -81,21 +108,35 @@ class _BatchState:
     cols: int = 0
     finished: torch.Tensor | None = None
     generator: torch.Generator | None = None
+    coefficients: torch.Tensor | None = None  # [batch] per-row steering multipliers
 
 
-def _wanted(state: _BatchState, start: int, end: int) -> torch.Tensor:
-    """[batch, end - start] bool: real tokens at the selected positions."""
+def _wanted(state: _BatchState, start: int, end: int, sel=None) -> torch.Tensor:
+    """[batch, end - start] bool: real tokens at the selected positions (default: the
+    micro-batch's capture positions)."""
     cols = torch.arange(start, end)[None, :]
     row_pos = cols - state.pad[:, None]
     real = row_pos >= 0
-    sel = state.positions
+    sel = state.positions if sel is None else sel
     if sel == "all":
         return real
     if sel == "prompt":
         return real & (cols < state.prompt_cols)
     if sel == "generated":
         return real & (cols >= state.prompt_cols)
+    if sel == "last":
+        return real & (cols == state.prompt_cols - 1)
     return real & torch.isin(row_pos, torch.tensor(sel, dtype=torch.long))
+
+
+def _edit_mask(state: _BatchState, start: int, end: int, positions) -> torch.Tensor:
+    """[batch, end - start] bool: where a steering edit with `positions` applies."""
+    if isinstance(positions, int):
+        cols = torch.arange(start, end)[None, :]
+        return (cols - state.pad[:, None]) >= positions
+    if positions == "all":
+        return torch.ones(len(state.pad), end - start, dtype=torch.bool)
+    return _wanted(state, start, end, positions)
 
 
 class StageWorker:
@@ -105,10 +146,14 @@ class StageWorker:
         self.configure(spec)
 
     def configure(self, spec: StageSpec) -> None:
-        """Take a (new) stage spec; `setup` then loads that slice. Lets a pooled worker serve
-        another run or another split without a new process."""
-        if getattr(self, "spec", None) is not None and spec.tp_size > 1:
+        """Take a (new) stage spec. A pooled worker keeps its loaded weights when the slice is
+        unchanged (only hooks for capture and steering are rebuilt by `setup`), and otherwise
+        loads the new slice: another run or split without a new process."""
+        old = getattr(self, "spec", None)
+        if old is not None and spec.tp_size > 1:
             raise ValueError("a pooled worker cannot join a new tensor-parallel group; create fresh workers")
+        same_slice = old is not None and hasattr(self, "engine") and _slice_key(old) == _slice_key(spec)
+        self._loaded = same_slice
         self.spec = spec
         self.forward_calls = 0
         self.timeline: list[tuple[int, float, float]] = []  # (micro-batch, start, end) per step
@@ -124,8 +169,35 @@ class StageWorker:
 
     def setup(self, init_method: str | None = None) -> dict:
         """Join the stage's TP group (if any), load this stage's weights, wrap with DeepSpeed."""
+        spec = self.spec
+        if not self._loaded:
+            self._load(init_method)
+            self._loaded = True
+        for hook in getattr(self, "_hooks", []):
+            hook.remove()
+        self._hooks = []
+        self._capture: dict | None = None
+        self._step: tuple | None = None  # (state, first column, new columns) while a step runs
+        vectors = {(e.layer, e.site): e for e in spec.steering if spec.start <= e.layer < spec.end}
+        self._edits = {
+            key: (e, torch.as_tensor(np.asarray(e.vector), dtype=self.lens.weight.dtype, device=self.device))
+            for key, e in vectors.items()
+        }
+        for e, v in self._edits.values():
+            if v.shape != (self.config.hidden_size,):
+                raise ValueError(
+                    f"steering vector for layer {e.layer} has shape {tuple(v.shape)}; "
+                    f"this model needs ({self.config.hidden_size},)"
+                )
+        self._install_hooks()
+        self._states: dict[int, _BatchState] = {}
+        return self.info()
+
+    def _load(self, init_method: str | None) -> None:
         import deepspeed
         from transformers import AutoConfig
+
+        from actors.slicing import build_stage
 
         spec = self.spec
         self.device = torch.device(spec.device)
@@ -135,8 +207,6 @@ class StageWorker:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             init_stage_group(init_method, spec.tp_rank, spec.tp_size, backend)
         dtype = DTYPES[spec.dtype]
-        from actors.slicing import build_stage
-
         self.config = AutoConfig.from_pretrained(spec.model_path)
         model, norm, lm_head = build_stage(spec.model_path, self.config, spec.start, spec.end, dtype, self.device)
         self.engine = deepspeed.init_inference(
@@ -147,11 +217,6 @@ class StageWorker:
         )
         self.model = self.engine.module
         self.lens = LogitLens(norm, lm_head, spec.tp_rank, spec.tp_size)
-        self._capture: dict | None = None
-        self._hooks = []
-        self._install_capture_hooks()
-        self._states: dict[int, _BatchState] = {}
-        return self.info()
 
     def info(self) -> dict:
         n_params = sum(p.numel() for p in self.model.parameters()) + sum(p.numel() for p in self.lens.parameters())
@@ -168,32 +233,54 @@ class StageWorker:
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }
 
-    def _install_capture_hooks(self) -> None:
-        spec, adapter = self.spec.capture, self.model.adapter
+    def _site(self, layer, site: str):
+        """(module, how): the tensor at `site` is that module's first input ("pre"), its output
+        ("post") or the first element of its output tuple ("post0")."""
+        a = self.model.adapter
+        return {
+            "resid_pre": (layer, "pre"),
+            "attn_in": (get_path(layer, a.attn_norm), "post"),
+            "attn_out": (get_path(layer, a.attn), "post0"),
+            "resid_mid": (get_path(layer, a.mlp_norm), "pre"),
+            "mlp_in": (get_path(layer, a.mlp_norm), "post"),
+            "mlp_out": (get_path(layer, a.mlp), "post"),
+            "resid_post": (layer, "post"),
+        }[site]
+
+    def _install_hooks(self) -> None:
+        """One hook per (layer, site) that is steered or captured: the edit first, so a capture
+        at the same site records the steered activation that flows on."""
+        capture = self.spec.capture
         for offset, layer in enumerate(self.model.layers):
             index = self.spec.start + offset
-            if index not in spec.layers:
-                continue
-            for comp in spec.components:
-                record = self._recorder(index, comp)
-                if comp == "resid_post":
-                    self._hooks.append(layer.register_forward_hook(lambda m, a, out, r=record: r(out)))
-                elif comp == "attn_out":
-                    attn = get_path(layer, adapter.attn)
-                    self._hooks.append(attn.register_forward_hook(lambda m, a, out, r=record: r(out[0])))
-                elif comp == "mlp_out":
-                    mlp = get_path(layer, adapter.mlp)
-                    self._hooks.append(mlp.register_forward_hook(lambda m, a, out, r=record: r(out)))
-                elif comp == "resid_mid":  # the residual entering the MLP norm = resid_pre + attn_out
-                    norm = get_path(layer, adapter.mlp_norm)
-                    self._hooks.append(norm.register_forward_pre_hook(lambda m, args, r=record: r(args[0])))
+            for site in SITES:
+                edit = self._edits.get((index, site))
+                record = index in capture.layers and site in capture.components
+                if edit is None and not record:
+                    continue
+                transform = self._transform(index, site, edit, record)
+                module, how = self._site(layer, site)
+                if how == "pre":
+                    hook = module.register_forward_pre_hook(lambda m, args, t=transform: (t(args[0]), *args[1:]))
+                elif how == "post0":
+                    hook = module.register_forward_hook(lambda m, a, out, t=transform: (t(out[0]), *out[1:]))
+                else:
+                    hook = module.register_forward_hook(lambda m, a, out, t=transform: t(out))
+                self._hooks.append(hook)
 
-    def _recorder(self, layer: int, comp: str):
-        def record(hidden: torch.Tensor) -> None:
-            if self._capture is not None:
-                self._capture.setdefault((layer, comp), []).append(hidden.detach())
+    def _transform(self, layer: int, site: str, edit, record: bool):
+        def transform(hidden: torch.Tensor) -> torch.Tensor:  # hidden: [batch, new, d_model]
+            if edit is not None and self._step is not None:
+                spec, vector = edit
+                state, start, new = self._step
+                mask = _edit_mask(state, start, start + new, spec.positions).to(hidden.device)
+                scale = mask.to(hidden.dtype) * (spec.coefficient * state.coefficients.to(hidden.device))[:, None]
+                hidden = hidden + scale[:, :, None] * vector
+            if record and self._capture is not None:
+                self._capture.setdefault((layer, site), []).append(hidden.detach())
+            return hidden
 
-        return record
+        return transform
 
     @property
     def captured_keys(self) -> list[tuple[int, str]]:
@@ -201,8 +288,9 @@ class StageWorker:
         return [(i, c) for i in layers for c in self.spec.capture.components]
 
     # -- micro-batch lifecycle --------------------------------------------------------------
-    def start(self, mb: int, attention_mask: np.ndarray, positions="all") -> None:
-        """Open micro-batch `mb`; attention_mask: [batch, prompt_cols] (left-padded prompts)."""
+    def start(self, mb: int, attention_mask: np.ndarray, positions="all", coefficients=None) -> None:
+        """Open micro-batch `mb`; attention_mask: [batch, prompt_cols] (left-padded prompts);
+        coefficients: [batch] per-row multipliers of every steering edit (default 1)."""
         from transformers import DynamicCache
 
         mask = torch.tensor(np.asarray(attention_mask), dtype=torch.long)
@@ -214,6 +302,12 @@ class StageWorker:
             prompt_cols=mask.shape[1],
             positions=positions if isinstance(positions, str) else tuple(positions),
         )
+        rows = mask.shape[0]
+        state.coefficients = (
+            torch.ones(rows) if coefficients is None else torch.tensor(np.asarray(coefficients), dtype=torch.float32)
+        )
+        if state.coefficients.shape != (rows,):
+            raise ValueError(f"coefficients has shape {tuple(state.coefficients.shape)}; expected ({rows},)")
         if self.spec.is_last:
             state.finished = torch.zeros(mask.shape[0], dtype=torch.bool)
             state.generator = torch.Generator().manual_seed(self.spec.sampling.seed * 1_000_003 + mb)
@@ -245,8 +339,12 @@ class StageWorker:
             else torch.as_tensor(upstream).to(self.device, self.lens.weight.dtype)
         )
         self._capture = {}
+        self._step = (state, state.cols, new)
         started = time.time()
-        hidden = self.engine(x, attention_mask=state.attention_mask, position_ids=position_ids, cache=state.cache)
+        try:
+            hidden = self.engine(x, attention_mask=state.attention_mask, position_ids=position_ids, cache=state.cache)
+        finally:
+            self._step = None
         self.timeline.append((mb, started, time.time()))
         captured, self._capture = self._capture, None
         self.forward_calls += 1
@@ -264,7 +362,10 @@ class StageWorker:
         sampling = self.spec.sampling
         chosen = torch.where(state.finished, torch.full_like(chosen, sampling.pad_token_id), chosen)
         state.finished = state.finished | torch.isin(chosen, torch.tensor(sampling.eos_token_ids, dtype=torch.long))
-        return {"tokens": chosen.numpy(), "finished": state.finished.numpy().copy()}, chunks
+        out = {"tokens": chosen.numpy(), "finished": state.finished.numpy().copy()}
+        if self.spec.score_ids:  # a few chosen logits (e.g. answer letters), never the vocabulary
+            out["scores"] = logits[:, list(self.spec.score_ids)].float().cpu().numpy()
+        return out, chunks
 
     @torch.no_grad()
     def finish(self, mb: int, last_tokens) -> list[LensChunk]:
@@ -277,6 +378,8 @@ class StageWorker:
     def _flush(self, mb: int, state: _BatchState, force: bool) -> list[LensChunk]:
         """Run the lens over buffered columns whose next token is known, one window at a time."""
         known_end = sum(t.shape[1] for t in state.tokens) - 1  # columns < this have a target
+        if not self.captured_keys:  # nothing captured on this stage (or in this run)
+            return []
         window = self.spec.capture.window
         chunks = []
         while state.pending_start < known_end and (force or known_end - state.pending_start >= window):
@@ -324,6 +427,10 @@ class StageWorker:
                 if spec.activations:
                     out["activations"][:, li, ci] = _to_storage(window_h, spec.activations)
         return LensChunk(mb, self.spec.stage, layers, start, end, out)
+
+
+def _slice_key(spec: StageSpec) -> tuple:
+    return (spec.model_path, spec.start, spec.end, spec.dtype, spec.device, spec.tp_rank, spec.tp_size)
 
 
 def _as_columns(tokens) -> torch.Tensor:

@@ -41,6 +41,7 @@ class StoreLayout:
     hidden: int = 0
     activations: str | None = None
     position_chunk: int = 512
+    n_scores: int = 0  # logits of chosen tokens (e.g. answer letters) at the first generated step
 
 
 class StoreError(RuntimeError):
@@ -73,6 +74,9 @@ class LensStore:
         array("lens_mask", (p, pos), (b, pos), "bool", False, ["prompt", "position"])
         array("lengths", (p,), (b,), "int32", 0, ["prompt"])
         array("prompt_lengths", (p,), (b,), "int32", 0, ["prompt"])
+        array("coefficient", (p,), (b,), "float32", np.nan, ["prompt"])  # steering multiplier of the row
+        if layout.n_scores:
+            array("scores", (p, layout.n_scores), (b, layout.n_scores), "float32", np.nan, ["prompt", "choice"])
         for name in ("prompt_text", "generated_text"):
             g.create_array(name, shape=(p,), chunks=(b,), dtype=str, dimension_names=["prompt"])
         g.create_array("layer", data=np.asarray(layout.layers, np.int32), dimension_names=["layer"])

@@ -86,9 +86,46 @@ class LensConf:
     progress: bool = True
 
 
+@dataclass
+class DataConf:
+    root: str | None = None  # folder of <name>.jsonl files; default: ../shared/datasets/mwe
+    train_fraction: float = 0.5
+    seed: int = 0
+    max_train: int = 24  # items used to build vectors (and choose the layer)
+    max_test: int = 24  # items swept on the test split
+    skip_malformed: bool = False
+
+
+@dataclass
+class SteeringConf:
+    site: str = "resid_pre"  # resid_pre | resid_post | attn_in | mlp_in
+    layers: list[int] = field(default_factory=lambda: [6, 12, 18])  # candidate layers
+    positions: Any = "all"  # all | prompt | generated | last | an index i (positions >= i)
+    aggregator: str = "mean_diff"  # mean_diff | pca
+    normalise: bool = False
+    coefficients: list[float] = field(default_factory=lambda: [-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5])
+    select_coefficients: list[float] = field(default_factory=lambda: [-1.0, 0.0, 1.0])
+    select_items: int = 12  # train items swept per candidate layer
+
+
+@dataclass
+class SteerConf:
+    model: ModelConf = field(default_factory=ModelConf)
+    cluster: ClusterConf = field(default_factory=ClusterConf)
+    storage: StorageConf = field(default_factory=StorageConf)
+    data: DataConf = field(default_factory=DataConf)
+    steering: SteeringConf = field(default_factory=SteeringConf)
+    dataset: str = "corrigible-neutral-HHH"  # a name in data.root, a .jsonl path, org/repo:file.jsonl, or all
+    layer: int | None = None  # steer at this layer instead of choosing one on train
+    chat_template: bool = True
+    bootstrap: int = 1000
+    progress: bool = True
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="lens_schema", node=LensConf)
+    cs.store(name="steer_schema", node=SteerConf)
     cs.store(group="model", name="schema", node=ModelConf)
     cs.store(group="cluster", name="schema", node=ClusterConf)
     cs.store(group="storage", name="schema", node=StorageConf)
@@ -173,3 +210,35 @@ def validate_against_model(cfg, hf_config) -> list[int]:
     if not layers:
         raise ConfigError("capture.layers=[] is empty: give layer indices or null for every layer")
     return sorted(set(layers))
+
+
+def validate_steer(cfg) -> None:
+    from actors.stage import STEERING_POSITIONS, STEERING_SITES
+    from actors.steering import AGGREGATORS
+
+    c = cfg.cluster
+    _choice("cluster.executor", c.executor, EXECUTORS)
+    _choice("cluster.device", c.device, ("cpu", "cuda"))
+    _choice("model.dtype", cfg.model.dtype, tuple(DTYPES))
+    for name in ("num_stages", "micro_batch_size", "micro_batches_in_flight"):
+        _at_least(f"cluster.{name}", getattr(c, name), 1)
+    if c.tp_size != 1:
+        raise ConfigError(
+            f"cluster.tp_size={c.tp_size}: steering studies run tp_size=1 stages (pooled across datasets)"
+        )
+    s = cfg.steering
+    _choice("steering.site", s.site, STEERING_SITES)
+    if not isinstance(s.positions, int):
+        _choice("steering.positions", s.positions, STEERING_POSITIONS)
+    _choice("steering.aggregator", s.aggregator, tuple(sorted(AGGREGATORS)))
+    if not s.layers:
+        raise ConfigError("steering.layers=[] is empty: give candidate layer indices")
+    if len(s.coefficients) < 2 or len(s.select_coefficients) < 2:
+        raise ConfigError("steering.coefficients and steering.select_coefficients need at least 2 values for a slope")
+    d = cfg.data
+    if not 0.0 < d.train_fraction < 1.0:
+        raise ConfigError(f"data.train_fraction={d.train_fraction} is out of range: must be in (0, 1)")
+    _at_least("data.max_train", d.max_train, 2)
+    _at_least("data.max_test", d.max_test, 2)
+    _at_least("steering.select_items", s.select_items, 2)
+    _at_least("bootstrap", cfg.bootstrap, 1)

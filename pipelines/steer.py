@@ -1,0 +1,270 @@
+"""`python -m pipelines.steer dataset=<name>|all`: CAA steering studies over A/B behaviour
+datasets. Per dataset: build label-position vectors on the train split at candidate layers,
+pick the layer that steers best on train, sweep coefficients on the test split (every
+coefficient in the same forward pass), and write results, plots and a summary table."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from pipelines.config import ConfigError, register
+
+register()
+REPO = Path(__file__).resolve().parent.parent
+_POOLS: dict = {}  # stage actors kept across datasets and multirun jobs: the model loads once
+
+
+def _fail(message: str) -> None:
+    print(f"distlens: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def dataset_root(cfg) -> Path:
+    if cfg.data.root:
+        return Path(cfg.data.root).expanduser()
+    return Path(os.environ.get("DISTLENS_MWE_DIR", REPO.parent / "shared" / "datasets" / "mwe"))
+
+
+def executor_for(cfg):
+    """One executor per cluster shape, reused by every run of this process."""
+    from actors.executor import LocalExecutor, RayExecutor
+
+    c = cfg.cluster
+    key = (c.executor, c.num_stages, c.cpus_per_stage, c.gpus_per_stage)
+    if key not in _POOLS:
+        if c.executor == "ray":
+            from pipelines.lens import connect_ray
+
+            connect_ray(c)
+            _POOLS[key] = RayExecutor(c.cpus_per_stage, c.gpus_per_stage, persistent=True)
+        else:
+            _POOLS[key] = LocalExecutor()  # in-process workers are rebuilt per run (cheap at this size)
+    return _POOLS[key]
+
+
+class Study:
+    """Runs the phases of one dataset through one pool of stages."""
+
+    def __init__(self, cfg, checkpoint, tokenizer, hf_config, executor, out_dir: Path):
+        from actors.coordinator import RunSpec
+
+        self.cfg, self.tokenizer, self.executor, self.out_dir = cfg, tokenizer, executor, out_dir
+        self.model_name = cfg.model.name
+        self.hidden = hf_config.hidden_size
+        c = cfg.cluster
+        self.base = RunSpec(
+            model_path=str(checkpoint.path),
+            store_path="",
+            num_stages=c.num_stages,
+            executor=c.executor,
+            dtype=cfg.model.dtype,
+            device=c.device,
+            layers=(),
+            micro_batch_size=c.micro_batch_size,
+            micro_batches_in_flight=c.micro_batches_in_flight,
+            max_new_tokens=1,
+            existing="overwrite",
+            progress=False,
+        )
+
+    def _run(self, name: str, prompts, **changes):
+        from actors.coordinator import Coordinator
+        from actors.store import LensStore
+
+        spec = replace(self.base, store_path=str(self.out_dir / f"{name}.zarr"), **changes)
+        summary = Coordinator(spec, self.executor).run(prompts)
+        return summary, LensStore.open(spec.store_path)
+
+    def label_activations(self, prompts, layers: list[int], site: str) -> np.ndarray:
+        """Activations at each prompt's last position: [prompts, layers, d_model]."""
+        _, store = self._run(
+            "label_activations", prompts, layers=tuple(layers), components=(site,), positions="last",
+            activations="float32", k=1,
+        )  # fmt: skip
+        acts = store.group["activations"]
+        return np.stack([acts[i, :, 0, len(p) - 1] for i, p in enumerate(prompts)])
+
+    def build_vectors(self, dataset: str, items, ab) -> dict:
+        from actors.steering import SteeringVector
+
+        s = self.cfg.steering
+        layers = list(s.layers)
+        pos = [ab[i].with_answer(item.matching) for i, item in enumerate(items)]
+        neg = [ab[i].with_answer(item.not_matching[0]) for i, item in enumerate(items)]
+        acts = self.label_activations(pos + neg, layers, s.site)
+        vectors = {}
+        for j, layer in enumerate(layers):
+            vec = SteeringVector.build(
+                acts[: len(items), j], acts[len(items) :, j], aggregator=s.aggregator, normalise=s.normalise,
+                model=self.model_name, layer=layer, site=s.site, dataset=dataset,
+            )  # fmt: skip
+            vec.save(self.out_dir / f"vector_layer{layer}.safetensors")
+            vectors[layer] = vec
+        return vectors
+
+    def sweep(self, name: str, items, ab, vector, coefficients) -> tuple[np.ndarray, np.ndarray]:
+        """(propensity, matching probability), each [items, coefficients]."""
+        from actors.stage import SteeringEdit
+
+        letters = sorted({letter for item in items for letter in item.choices})
+        letter_ids = {letter: ab[0].letters.get(letter) for letter in letters}
+        for prompt in ab:
+            letter_ids.update(prompt.letters)
+        score_letters = sorted(letter_ids)
+        edit = SteeringEdit(vector.layer, vector.site, vector.vector, self.cfg.steering.positions, 1.0)
+        _, store = self._run(
+            name, [p.prefix for p in ab], steering=(edit,), coefficients=tuple(coefficients),
+            score_ids=tuple(letter_ids[x] for x in score_letters),
+        )  # fmt: skip
+        scores = store["scores"].reshape(len(items), len(coefficients), len(score_letters))
+        col = {letter: i for i, letter in enumerate(score_letters)}
+        propensity = np.empty((len(items), len(coefficients)))
+        prob = np.empty_like(propensity)
+        for i, item in enumerate(items):
+            m, o = col[item.matching], col[item.not_matching[0]]
+            propensity[i] = scores[i, :, m] - scores[i, :, o]
+            choice = scores[i][:, [col[x] for x in item.choices]]
+            choice = np.exp(choice - choice.max(axis=1, keepdims=True))
+            prob[i] = choice[:, list(item.choices).index(item.matching)] / choice.sum(axis=1)
+        return propensity, prob
+
+
+def run_dataset(study: Study, dataset: str, path: Path, cfg) -> dict:
+    from actors.mwe import load_items, split_items
+    from actors.steerability import steerability
+    from actors.steering import ab_prompt
+    from pipelines.plots import plot_layers, plot_propensity
+
+    d = cfg.data
+    items = load_items(path, skip_malformed=d.skip_malformed)
+    train, test = split_items(items, d.train_fraction, d.seed)
+    train, test = train[: d.max_train], test[: d.max_test]
+    ab_train = [ab_prompt(study.tokenizer, item, cfg.chat_template) for item in train]
+    ab_test = [ab_prompt(study.tokenizer, item, cfg.chat_template) for item in test]
+    t0 = time.perf_counter()
+    vectors = study.build_vectors(dataset, train, ab_train)
+    s = cfg.steering
+    by_layer = {}
+    if cfg.layer is not None:
+        best = int(cfg.layer)
+        if best not in vectors:
+            raise ConfigError(f"layer={best} is not among steering.layers={list(s.layers)}")
+    else:  # choose on train: the steepest mean per-example slope
+        n_sel = min(len(train), s.select_items)
+        for layer, vec in vectors.items():
+            prop, _ = study.sweep(f"select_layer{layer}", train[:n_sel], ab_train[:n_sel], vec, s.select_coefficients)
+            by_layer[layer] = steerability(s.select_coefficients, prop, n_boot=cfg.bootstrap, seed=d.seed)
+        best = max(by_layer, key=lambda layer: by_layer[layer]["mean_of_slopes"])
+    coefficients = list(s.coefficients)
+    prop, prob = study.sweep("test_sweep", test, ab_test, vectors[best], coefficients)
+    result = steerability(coefficients, prop, prob, n_boot=cfg.bootstrap, seed=d.seed)
+    result.update(
+        dataset=dataset, best_layer=best, site=s.site, positions=s.positions, train_items=len(train),
+        vector_norm=vectors[best].norm, selection={str(k): v for k, v in by_layer.items()},
+        wall_s=round(time.perf_counter() - t0, 1),
+    )  # fmt: skip
+    out = study.out_dir
+    with open(out / "sweep.csv", "w") as f:
+        f.write("item,where,coefficient,propensity,matching_prob\n")
+        for i, item in enumerate(test):
+            for j, c in enumerate(coefficients):
+                f.write(f"{i},{item.where},{c},{prop[i, j]:.6f},{prob[i, j]:.6f}\n")
+    (out / "summary.json").write_text(json.dumps(result, indent=2))
+    plot_propensity(result, out / "propensity_vs_coefficient.png")
+    if by_layer:
+        plot_layers(by_layer, best, dataset, out / "steerability_by_layer.png")
+    return result
+
+
+def summary_table(results: list[dict]) -> str:
+    head = (
+        "| dataset | best layer (train) | mean of slopes [95% CI] | slope of mean [95% CI] | anti-steerable "
+        "| unsteered matching rate | items (train/test) |\n|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for r in results:
+        ms, sm = r["mean_of_slopes_ci95"], r["slope_of_mean_ci95"]
+        rows.append(
+            f"| {r['dataset']} | {r['best_layer']} | {r['mean_of_slopes']:.3f} [{ms[0]:.3f}, {ms[1]:.3f}] "
+            f"| {r['slope_of_mean']:.3f} [{sm[0]:.3f}, {sm[1]:.3f}] | {r['anti_steerable_fraction']:.2f} "
+            f"| {r.get('unsteered_matching_rate', float('nan')):.2f} | {r['train_items']}/{r['items']} |"
+        )
+    if results:
+        mean = np.mean([r["mean_of_slopes"] for r in results])
+        slope = np.mean([r["slope_of_mean"] for r in results])
+        rows.append(f"| **mean over {len(results)} datasets** | | {mean:.3f} | {slope:.3f} | | | |")
+    return head + "\n".join(rows) + "\n"
+
+
+def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
+    from actors.adapters import adapter_for
+    from actors.checkpoint import resolve_checkpoint
+    from actors.mwe import resolve_dataset
+    from pipelines.config import validate_steer
+
+    validate_steer(cfg)
+    root = dataset_root(cfg)
+    names = sorted(p.stem for p in root.glob("*.jsonl")) if cfg.dataset == "all" else [cfg.dataset]
+    if not names:
+        raise ConfigError(f"dataset=all found no .jsonl files in {root}")
+    paths = {name: resolve_dataset(name, root) for name in names}
+    checkpoint = resolve_checkpoint(cfg.model.name, cfg.model.revision)
+    hf_config = checkpoint.config()
+    adapter_for(hf_config.model_type)
+    n = hf_config.num_hidden_layers
+    bad = [layer for layer in cfg.steering.layers if not 0 <= layer < n]
+    if bad:
+        raise ConfigError(f"steering.layers contains {bad[0]}, out of range: valid is 0..{n - 1}")
+    if not 1 <= cfg.cluster.num_stages <= n:
+        raise ConfigError(f"cluster.num_stages={cfg.cluster.num_stages} is out of range: valid is 1..{n}")
+    tokenizer = checkpoint.tokenizer()
+    executor = executor_for(cfg)
+    results = []
+    t0 = time.perf_counter()
+    from tqdm import tqdm
+
+    for name in tqdm(names, desc="datasets", disable=not cfg.progress or len(names) == 1, file=sys.stderr):
+        sub = out_dir / name if len(names) > 1 else out_dir
+        sub.mkdir(parents=True, exist_ok=True)
+        study = Study(cfg, checkpoint, tokenizer, hf_config, executor, sub)
+        result = run_dataset(study, name, paths[name], cfg)
+        results.append(result)
+        print(
+            f"{name}: layer {result['best_layer']}, mean of slopes {result['mean_of_slopes']:.3f} "
+            f"{[round(x, 3) for x in result['mean_of_slopes_ci95']]}, slope of mean {result['slope_of_mean']:.3f}, "
+            f"unsteered matching rate {result.get('unsteered_matching_rate', float('nan')):.2f} ({result['wall_s']} s)",
+            flush=True,
+        )
+    table = summary_table(results)
+    (out_dir / "summary.md").write_text(table)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    print("\n" + table)
+    print(f"{len(results)} dataset(s) in {time.perf_counter() - t0:.0f} s; results in {out_dir}")
+    return results
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="steer")
+def main(cfg: DictConfig):
+    from hydra.core.hydra_config import HydraConfig
+
+    from actors.mwe import DatasetError
+    from actors.store import StoreError
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        return run(cfg, out_dir)
+    except (ConfigError, DatasetError, StoreError, ValueError) as err:
+        _fail(str(err))
+
+
+if __name__ == "__main__":
+    main()

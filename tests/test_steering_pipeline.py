@@ -1,0 +1,86 @@
+"""Steering inside the stages: each site against a hooked unsliced HF model, and a coefficient
+sweep as one batched pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from actors.stage import STEERING_SITES, SteeringEdit
+from reference import PROMPTS, hf_generate, hf_hidden_by_row, run_lens
+from tiny_models import load_reference
+
+
+def _hook_hf(model, layer: int, site: str, vector: torch.Tensor, coefficient: float):
+    """The same edit with a plain forward hook on the plain HF model."""
+    block = model.model.layers[layer]
+    add = coefficient * vector
+    if site == "resid_pre":
+        return block.register_forward_pre_hook(lambda m, args: (args[0] + add, *args[1:]))
+    module = {"resid_post": block, "attn_in": block.input_layernorm, "mlp_in": block.post_attention_layernorm}[site]
+    return module.register_forward_hook(lambda m, a, out: out + add)
+
+
+@pytest.mark.parametrize("site", STEERING_SITES)
+def test_steered_pipeline_equals_hooked_hf_model(site, tiny_checkpoints, tmp_path):
+    path = tiny_checkpoints["llama"]
+    model = load_reference(path)
+    torch.manual_seed(1)
+    vectors = {1: torch.randn(64), 3: torch.randn(64)}  # two layers at once, on different stages
+    coefficient = 1.5
+    hooks = [_hook_hf(model, layer, site, v, coefficient) for layer, v in vectors.items()]
+    generated, pad = hf_generate(model, PROMPTS, 5)
+    for h in hooks:
+        h.remove()
+    plain, _ = hf_generate(model, PROMPTS, 5)
+    assert not torch.equal(plain.sequences, generated.sequences)  # the edit changes generation
+    edits = tuple(SteeringEdit(layer, site, v.numpy(), "all", coefficient) for layer, v in vectors.items())
+    _, store = run_lens(path, tmp_path / "s.zarr", num_stages=2, max_new_tokens=5, steering=edits)
+    for row in range(len(PROMPTS)):
+        assert store.tokens(row).tolist() == generated.sequences[row, int(pad[row]) :].tolist()
+        acts = torch.from_numpy(store.activations(row))[:, 0]
+        n = acts.shape[1] - 1
+        for layer in range(3):
+            ref = hf_hidden_by_row(generated, pad, row, layer + 1)[:n]
+            torch.testing.assert_close(acts[layer, :n], ref, atol=1e-5, rtol=0)
+
+
+def test_steering_positions_last_and_from_index(tiny_checkpoints, tmp_path):
+    path = tiny_checkpoints["qwen3"]
+    v = np.random.default_rng(0).standard_normal(64).astype(np.float32)
+    _, base = run_lens(path, tmp_path / "base.zarr", max_new_tokens=1)
+    _, last = run_lens(
+        path, tmp_path / "last.zarr", max_new_tokens=1, steering=(SteeringEdit(1, "resid_pre", v, "last", 3.0),)
+    )
+    for row, prompt in enumerate(PROMPTS):
+        n = len(prompt)
+        a, b = base.activations(row)[:, 0, :n], last.activations(row)[:, 0, :n]
+        np.testing.assert_array_equal(a[:, : n - 1], b[:, : n - 1])  # untouched before the last prompt token
+        assert np.abs(a[1:, n - 1] - b[1:, n - 1]).max() > 1e-2
+    _, tail = run_lens(
+        path, tmp_path / "tail.zarr", max_new_tokens=1, steering=(SteeringEdit(0, "resid_pre", v, 2, 3.0),)
+    )
+    a, b = base.activations(0)[0, 0], tail.activations(0)[0, 0]
+    np.testing.assert_array_equal(a[:2], b[:2])
+    assert np.abs(a[2:7] - b[2:7]).min() > 0
+
+
+def test_sweep_of_seven_coefficients_is_one_pass_equal_to_seven_passes(tiny_checkpoints, tmp_path):
+    path = tiny_checkpoints["mistral"]
+    v = np.random.default_rng(2).standard_normal(64).astype(np.float32)
+    coefficients = (-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5)
+    edit = (SteeringEdit(2, "mlp_in", v, "all", 1.0),)
+    common = dict(max_new_tokens=1, score_ids=(40, 41), activations=None, num_stages=2, steering=edit)
+    summary, swept = run_lens(
+        path, tmp_path / "sweep.zarr", coefficients=coefficients, micro_batch_size=len(PROMPTS) * 7, **common
+    )
+    assert [info["forward_calls"] for info in summary["stage_info"]] == [1, 1]  # one pass through each stage
+    propensity = swept["scores"][:, 0] - swept["scores"][:, 1]  # rows: prompt-major, coefficient-minor
+    assert swept["coefficient"].tolist() == list(coefficients) * len(PROMPTS)
+    for j, c in enumerate(coefficients):
+        _, single = run_lens(path, tmp_path / f"c{j}.zarr", coefficients=(c,), **common)
+        np.testing.assert_allclose(
+            propensity[j :: len(coefficients)], single["scores"][:, 0] - single["scores"][:, 1], atol=1e-5
+        )
+    assert np.ptp(propensity[:7]) > 1e-3  # the coefficient matters
