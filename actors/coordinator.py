@@ -69,7 +69,7 @@ class _MicroBatch:
     steps: int = 0
     generated: list = field(default_factory=list)  # [batch] arrays, one per step
     last: object = None  # handle of the last stage's latest step output
-    scores: np.ndarray | None = None  # [batch, len(score_ids)] at the first generated step
+    scores: list = field(default_factory=list)  # [batch, len(score_ids)] per generated step
     handles: list = field(default_factory=list)  # lens-chunk handles (and start acks)
 
 
@@ -141,6 +141,7 @@ class Coordinator:
             hidden=config.hidden_size,
             activations=spec.activations,
             n_scores=len(spec.score_ids),
+            n_steps=spec.max_new_tokens,
         )
         store = self._open_store(layout, bounds)
         mbs = self._micro_batches(prompts, row_coefficients, spec.sampling.pad_token_id)
@@ -276,8 +277,8 @@ class Coordinator:
             keys = list(inflight)
             mb = inflight[keys[ex.wait_first([inflight[k].last for k in keys])]]
             out = ex.get(mb.last)
-            if mb.steps == 0 and "scores" in out:  # logits of score_ids at the answer position
-                mb.scores = out["scores"]
+            if "scores" in out:  # logits of score_ids; step 0 is the answer position
+                mb.scores.append(out["scores"])
             mb.generated.append(out["tokens"])
             mb.steps += 1
             bar.update(1)
@@ -313,8 +314,12 @@ class Coordinator:
             "prompt_lengths": (prompt_cols - pad).astype(np.int32),
             "coefficient": mb.coefficients,
         }
-        if mb.scores is not None:
-            data["scores"] = mb.scores.astype(np.float32)
+        if mb.scores:
+            scores = np.full((batch, spec.max_new_tokens, len(spec.score_ids)), np.nan, np.float32)
+            steps = np.stack(mb.scores, axis=1)  # [batch, steps, choice]
+            for i in range(batch):  # a row's scores end where its generation ended
+                scores[i, : gen_len[i]] = steps[i, : gen_len[i]]
+            data["scores"] = scores
         template = {}
         for c in chunks:
             for name, arr in c.arrays.items():

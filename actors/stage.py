@@ -200,6 +200,7 @@ class StageWorker:
         from actors.slicing import build_stage
 
         spec = self.spec
+        self.loads = getattr(self, "loads", 0) + 1
         self.device = torch.device(spec.device)
         if spec.tp_size > 1:
             from actors.distributed import init_stage_group
@@ -228,6 +229,7 @@ class StageWorker:
             "device": str(self.device),
             "params": n_params,
             "forward_calls": self.forward_calls,
+            "weight_loads": self.loads,  # times this process loaded a slice (pooled runs reuse it)
             "timeline": list(self.timeline),
             # ru_maxrss is KiB on Linux: this process's peak resident memory so far.
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

@@ -41,7 +41,8 @@ class StoreLayout:
     hidden: int = 0
     activations: str | None = None
     position_chunk: int = 512
-    n_scores: int = 0  # logits of chosen tokens (e.g. answer letters) at the first generated step
+    n_scores: int = 0  # logits of chosen tokens (e.g. answer letters) at every generated step
+    n_steps: int = 1
 
 
 class StoreError(RuntimeError):
@@ -76,7 +77,8 @@ class LensStore:
         array("prompt_lengths", (p,), (b,), "int32", 0, ["prompt"])
         array("coefficient", (p,), (b,), "float32", np.nan, ["prompt"])  # steering multiplier of the row
         if layout.n_scores:
-            array("scores", (p, layout.n_scores), (b, layout.n_scores), "float32", np.nan, ["prompt", "choice"])
+            shape = (p, layout.n_steps, layout.n_scores)
+            array("scores", shape, (b,) + shape[1:], "float32", np.nan, ["prompt", "step", "choice"])
         for name in ("prompt_text", "generated_text"):
             g.create_array(name, shape=(p,), chunks=(b,), dtype=str, dimension_names=["prompt"])
         g.create_array("layer", data=np.asarray(layout.layers, np.int32), dimension_names=["layer"])

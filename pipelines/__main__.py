@@ -5,7 +5,7 @@ from __future__ import annotations
 import runpy
 import sys
 
-COMMANDS = {"lens": "pipelines.lens", "steer": "pipelines.steer"}
+COMMANDS = {"lens": "pipelines.lens", "steer": "pipelines.steer", "demo": "pipelines.demo"}
 
 
 def main() -> None:

@@ -73,6 +73,17 @@ class PlotConf:
 
 
 @dataclass
+class SteerEditConf:
+    """Steered generation: add a saved steering vector while generating (at its own layer and
+    site), with one coefficient or a sweep of them (one batch row per coefficient)."""
+
+    vector: str | None = None  # a .safetensors file written by pipelines.steer or pipelines.demo
+    coefficient: float = 1.0
+    coefficients: list[float] | None = None  # a sweep; overrides coefficient
+    positions: Any = "all"  # all | prompt | generated | last | an index i (positions >= i)
+
+
+@dataclass
 class LensConf:
     model: ModelConf = field(default_factory=ModelConf)
     cluster: ClusterConf = field(default_factory=ClusterConf)
@@ -80,6 +91,7 @@ class LensConf:
     capture: CaptureConf = field(default_factory=CaptureConf)
     generation: GenerationConf = field(default_factory=GenerationConf)
     plot: PlotConf = field(default_factory=PlotConf)
+    steer: SteerEditConf = field(default_factory=SteerEditConf)
     prompts: list[str] = field(default_factory=list)
     resume: bool = False
     overwrite: bool = False
@@ -122,10 +134,28 @@ class SteerConf:
     progress: bool = True
 
 
+@dataclass
+class DemoConf:
+    model: ModelConf = field(default_factory=ModelConf)
+    cluster: ClusterConf = field(default_factory=ClusterConf)
+    storage: StorageConf = field(default_factory=StorageConf)
+    layer: int = 8
+    site: str = "resid_pre"
+    coefficients: list[float] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    max_new_tokens: int = 32
+    positive: list[str] = field(default_factory=list)
+    negative: list[str] = field(default_factory=list)
+    positive_words: list[str] = field(default_factory=list)
+    negative_words: list[str] = field(default_factory=list)
+    progress: bool = True
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="lens_schema", node=LensConf)
     cs.store(name="steer_schema", node=SteerConf)
+    cs.store(name="demo_schema", node=DemoConf)
     cs.store(group="model", name="schema", node=ModelConf)
     cs.store(group="cluster", name="schema", node=ClusterConf)
     cs.store(group="storage", name="schema", node=StorageConf)

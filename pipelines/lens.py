@@ -62,7 +62,24 @@ def run_info() -> dict:
     return {"versions": versions, "git_commit": commit}
 
 
-def run(cfg: DictConfig, out_dir: Path) -> dict:
+def steering_edits(cfg, hf_config) -> tuple[tuple, tuple | None]:
+    """(edits, coefficient sweep) from `steer.*`; the vector's metadata must fit the model."""
+    from actors.stage import SteeringEdit
+    from actors.steering import SteeringVector
+
+    s = cfg.steer
+    if s.vector is None:
+        return (), None
+    vec = SteeringVector.load(s.vector, model=cfg.model.name, hidden_size=hf_config.hidden_size)
+    if not 0 <= vec.layer < hf_config.num_hidden_layers:
+        raise ConfigError(
+            f"steering vector layer {vec.layer} is out of range: valid is 0..{hf_config.num_hidden_layers - 1}"
+        )
+    edit = SteeringEdit(vec.layer, vec.site, vec.vector, s.positions, 1.0)
+    return (edit,), tuple(s.coefficients) if s.coefficients else (float(s.coefficient),)
+
+
+def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict:
     from actors.checkpoint import resolve_checkpoint
     from actors.coordinator import Coordinator, RunSpec, fingerprint
     from actors.prompting import encode_prompt, special_ids
@@ -88,6 +105,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
                 f"{cfg.generation.max_new_tokens} that exceeds the model's context of {context} positions"
             )
     eos, pad = special_ids(tokenizer, hf_config)
+    steering, coefficients = steering_edits(cfg, hf_config)
     g, c, cap = cfg.generation, cfg.cluster, cfg.capture
     results_cfg = OmegaConf.to_container(cfg, resolve=True)
     # What determines the numbers: not where they are stored or how the stages are spread.
@@ -126,6 +144,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         gpus_per_stage=c.gpus_per_stage,
         existing=existing,
         attrs=attrs,
+        steering=steering,
+        coefficients=coefficients,
+        score_ids=tuple(score_ids),
         progress=cfg.progress,
     )
     texts = list(cfg.prompts)
@@ -140,7 +161,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     store = LensStore.open(out_dir / "lens.zarr")
     plots = [
         write_heatmap(store, i, tokenizer, out_dir / f"heatmap_prompt{i}.png", cfg.plot.max_positions)
-        for i in range(min(cfg.plot.max_prompts, len(prompts)))
+        for i in range(min(cfg.plot.max_prompts, store.group["tokens"].shape[0]))
     ]
     summary["plots"] = [str(p) for p in plots]
     print_summary(store, tokenizer, summary)
@@ -152,8 +173,11 @@ def print_summary(store, tokenizer, summary: dict, last: int = 4) -> None:
 
     out = sys.stdout
     n_prompts = store.group["tokens"].shape[0]
+    steered = bool(store.attrs["config"]["steer"]["vector"])
+    coefficients = store["coefficient"]
     for i in range(n_prompts):
-        print(f"\n=== prompt {i}: {str(store.group['prompt_text'][i])!r}", file=out)
+        label = f", steering coefficient {coefficients[i]:g}" if steered else ""
+        print(f"\n=== row {i}{label}: {str(store.group['prompt_text'][i])!r}", file=out)
         print(f"generated: {str(store.group['generated_text'][i])!r}", file=out)
         ids, probs = store.top1_table(i)
         toks = store.tokens(i)

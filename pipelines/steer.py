@@ -125,7 +125,7 @@ class Study:
             name, [p.prefix for p in ab], steering=(edit,), coefficients=tuple(coefficients),
             score_ids=tuple(letter_ids[x] for x in score_letters),
         )  # fmt: skip
-        scores = store["scores"].reshape(len(items), len(coefficients), len(score_letters))
+        scores = store["scores"][:, 0].reshape(len(items), len(coefficients), len(score_letters))
         col = {letter: i for i, letter in enumerate(score_letters)}
         propensity = np.empty((len(items), len(coefficients)))
         prob = np.empty_like(propensity)

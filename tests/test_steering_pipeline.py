@@ -76,11 +76,11 @@ def test_sweep_of_seven_coefficients_is_one_pass_equal_to_seven_passes(tiny_chec
         path, tmp_path / "sweep.zarr", coefficients=coefficients, micro_batch_size=len(PROMPTS) * 7, **common
     )
     assert [info["forward_calls"] for info in summary["stage_info"]] == [1, 1]  # one pass through each stage
-    propensity = swept["scores"][:, 0] - swept["scores"][:, 1]  # rows: prompt-major, coefficient-minor
+    propensity = swept["scores"][:, 0, 0] - swept["scores"][:, 0, 1]  # rows: prompt-major, coefficient-minor
     assert swept["coefficient"].tolist() == list(coefficients) * len(PROMPTS)
     for j, c in enumerate(coefficients):
         _, single = run_lens(path, tmp_path / f"c{j}.zarr", coefficients=(c,), **common)
         np.testing.assert_allclose(
-            propensity[j :: len(coefficients)], single["scores"][:, 0] - single["scores"][:, 1], atol=1e-5
+            propensity[j :: len(coefficients)], single["scores"][:, 0, 0] - single["scores"][:, 0, 1], atol=1e-5
         )
     assert np.ptp(propensity[:7]) > 1e-3  # the coefficient matters

@@ -1,0 +1,145 @@
+"""The steering drivers as users run them: pipelines.steer (one dataset, all datasets in one
+job with the model loaded once, Hydra multirun), steered generation in pipelines.lens, and the
+open-ended demo."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from driver import run_driver
+
+from actors.store import LensStore
+
+MWE = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "mwe"
+SMALL = ["data.max_train=4", "data.max_test=4", "steering.select_items=2", "steering.layers=[0,1]", "bootstrap=50"]
+
+
+@pytest.fixture
+def two_datasets(tmp_path):
+    root = tmp_path / "mwe"
+    root.mkdir()
+    for name in ("survival-instinct", "corrigible-neutral-HHH"):
+        shutil.copy(MWE / f"{name}.jsonl", root)
+    return root
+
+
+def test_dataset_all_runs_every_dataset_and_loads_the_model_once(tiny_with_tokenizer, two_datasets, tmp_path):
+    result = run_driver(
+        "pipelines.steer", f"model.name={tiny_with_tokenizer}", "dataset=all", f"data.root={two_datasets}",
+        f"storage.root={tmp_path}", "storage.run=all", *SMALL, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "steer" / "all"
+    table = (out / "summary.md").read_text()
+    for name in ("survival-instinct", "corrigible-neutral-HHH"):
+        assert f"| {name} |" in table
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert summary["best_layer"] in (0, 1) and summary["items"] == 4
+        assert set(summary) >= {"mean_of_slopes", "mean_of_slopes_ci95", "slope_of_mean", "slope_of_mean_ci95"}
+        assert (out / name / "propensity_vs_coefficient.png").exists()
+        assert (out / name / "steerability_by_layer.png").exists()
+    infos = [info for store in out.glob("*/*.zarr") for info in LensStore.open(store).attrs["summary"]["stage_info"]]
+    assert len(infos) == 2 * 2 * 4  # 2 datasets x (vectors, 2 layer selections, test sweep) x 2 stages
+    assert len({info["pid"] for info in infos}) == 2  # the same two stage actors throughout
+    assert {info["weight_loads"] for info in infos} == {1}  # each loaded its weights once
+
+
+def test_multirun_over_datasets_and_layers(tiny_with_tokenizer, two_datasets, tmp_path):
+    result = run_driver(
+        "pipelines.steer", "-m", "dataset=survival-instinct,corrigible-neutral-HHH", "layer=0,1",
+        f"model.name={tiny_with_tokenizer}", "cluster=inprocess", f"data.root={two_datasets}",
+        f"storage.root={tmp_path}", *SMALL, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "steer-multirun").glob("*/*/summary.json")]
+    assert sorted((s["dataset"], s["best_layer"]) for s in summaries) == [
+        ("corrigible-neutral-HHH", 0), ("corrigible-neutral-HHH", 1), ("survival-instinct", 0), ("survival-instinct", 1),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["steering.layers=[0,7]"], "steering.layers contains 7, out of range: valid is 0..1"),
+        (["steering.site=resid_mid"], "steering.site='resid_mid' is not valid: choose one of"),
+        (["dataset=no-such-set"], "unknown dataset 'no-such-set'"),
+        (["data.max_test=0"], "data.max_test=0 is out of range: must be >= 2"),
+    ],
+)
+def test_steer_bad_input(overrides, message, tiny_with_tokenizer, two_datasets, tmp_path):
+    result = run_driver(
+        "pipelines.steer", f"model.name={tiny_with_tokenizer}", "cluster=inprocess", f"data.root={two_datasets}",
+        f"storage.root={tmp_path}", *SMALL, *overrides, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_malformed_dataset_line_stops_the_study(tiny_with_tokenizer, tmp_path):
+    root = tmp_path / "mwe"
+    root.mkdir()
+    lines = (MWE / "survival-instinct.jsonl").read_text().splitlines()[:20]
+    lines[6] = (
+        lines[6]
+        .replace('"answer_matching_behavior": " (A)"', '"answer_matching_behavior": " (E)"')
+        .replace('"answer_matching_behavior": " (B)"', '"answer_matching_behavior": " (E)"')
+    )
+    (root / "broken.jsonl").write_text("\n".join(lines) + "\n")
+    base = [f"model.name={tiny_with_tokenizer}", "cluster=inprocess", f"data.root={root}", "dataset=broken", *SMALL]
+    result = run_driver("pipelines.steer", *base, f"storage.root={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "broken.jsonl:7: field 'answer_matching_behavior' is (E), not among the choices" in result.stderr
+    skipped = run_driver(
+        "pipelines.steer", *base, "data.skip_malformed=true", f"storage.root={tmp_path}/s", cwd=tmp_path
+    )
+    assert skipped.returncode == 0, skipped.stderr[-2000:]
+
+
+def test_steered_generation_and_vector_checks_in_lens(tiny_with_tokenizer, tmp_path):
+    from actors.steering import SteeringVector
+
+    good = SteeringVector.build(
+        np.ones((2, 32)), np.zeros((2, 32)), model=str(tiny_with_tokenizer), layer=1, site="mlp_in", dataset="t"
+    )
+    good.save(tmp_path / "good.safetensors")
+    other = SteeringVector.build(
+        np.ones((2, 32)), np.zeros((2, 32)), model="another-model", layer=1, site="mlp_in", dataset="t"
+    )
+    other.save(tmp_path / "other.safetensors")
+    base = [
+        f"model.name={tiny_with_tokenizer}",
+        "cluster=inprocess",
+        f"storage.root={tmp_path}",
+        "generation.max_new_tokens=4",
+    ]
+    ok = run_driver(
+        "pipelines.lens", *base, "storage.run=ok", f"steer.vector={tmp_path}/good.safetensors",
+        "steer.coefficients=[-8.0,0.0,8.0]", "prompts=['hello there']", cwd=tmp_path,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    store = LensStore.open(tmp_path / "ok" / "lens.zarr")
+    assert store["coefficient"].tolist() == [-8.0, 0.0, 8.0]
+    assert "steering coefficient -8" in ok.stdout
+    refused = run_driver(
+        "pipelines.lens", *base, "storage.run=no", f"steer.vector={tmp_path}/other.safetensors", cwd=tmp_path
+    )
+    assert refused.returncode == 2
+    assert "was built on model 'another-model'" in refused.stderr
+
+
+def test_demo_runs_end_to_end(tiny_with_tokenizer, tmp_path):
+    result = run_driver(
+        "pipelines.demo", f"model.name={tiny_with_tokenizer}", "cluster=inprocess", "layer=1", "max_new_tokens=6",
+        f"storage.root={tmp_path}", "storage.run=d", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "demo" / "d"
+    rows = json.loads((out / "demo.json").read_text())["rows"]
+    assert [r["coefficient"] for r in rows] == [-4.0, -2.0, -1.0, 0.0, 1.0]
+    assert all(np.isfinite(r["effect"]) and np.isfinite(r["first_token_effect"]) for r in rows)
+    assert (out / "effect_vs_coefficient.png").exists() and (out / "sentiment_vector.safetensors").exists()
+    assert "| coefficient |" in (out / "demo.md").read_text()
