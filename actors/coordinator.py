@@ -151,19 +151,19 @@ class Coordinator:
         capture = CaptureSpec(layers, tuple(spec.components), spec.k, spec.lens_window, spec.activations)
         specs = [
             StageSpec(
-                s,
-                len(bounds),
-                a,
-                b,
-                spec.model_path,
-                spec.dtype,
-                spec.device,
-                r,
-                spec.tp_size,
-                capture,
-                spec.sampling,
-                tuple(spec.steering),
-                tuple(spec.score_ids),
+                stage=s,
+                num_stages=len(bounds),
+                start=a,
+                end=b,
+                model_path=spec.model_path,
+                dtype=spec.dtype,
+                device=spec.device,
+                tp_rank=r,
+                tp_size=spec.tp_size,
+                capture=capture,
+                sampling=spec.sampling,
+                steering=tuple(spec.steering),
+                score_ids=tuple(spec.score_ids),
             )  # fmt: skip
             for s, (a, b) in enumerate(bounds)
             for r in range(spec.tp_size)
@@ -178,7 +178,7 @@ class Coordinator:
                 executor,
                 [workers[s * spec.tp_size : (s + 1) * spec.tp_size] for s in range(len(bounds))],
             )
-            stage_info = self._setup()
+            self._setup()
             t_loaded = time.perf_counter()
             generated = self._generate(todo, store, prompt_texts)
             t_done = time.perf_counter()

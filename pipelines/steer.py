@@ -115,8 +115,7 @@ class Study:
         """(propensity, matching probability), each [items, coefficients]."""
         from actors.stage import SteeringEdit
 
-        letters = sorted({letter for item in items for letter in item.choices})
-        letter_ids = {letter: ab[0].letters.get(letter) for letter in letters}
+        letter_ids = {}  # every choice letter of these items -> its token id (the same in every prompt)
         for prompt in ab:
             letter_ids.update(prompt.letters)
         score_letters = sorted(letter_ids)
