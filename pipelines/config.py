@@ -151,11 +151,31 @@ class DemoConf:
     progress: bool = True
 
 
+@dataclass
+class BenchConf:
+    model: ModelConf = field(default_factory=ModelConf)
+    storage: StorageConf = field(default_factory=StorageConf)
+    prompt: str = "Tell me a story."
+    prompts: int = 1
+    sizes: list[int] = field(default_factory=lambda: [64, 256])
+    long_size: int | None = 1500  # positions of the long trajectory (None: skip)
+    baseline_max: int = 256  # largest T the paper's baseline runs at
+    stages: list[int] = field(default_factory=lambda: [1, 2, 4])
+    ray_stages: list[int] = field(default_factory=lambda: [2])
+    repeats: int = 3
+    sweep_coefficients: list[int] = field(default_factory=lambda: [1, 3, 7])
+    sweep_items: int = 8
+    sweep_dataset: str = "corrigible-neutral-HHH"
+    data_root: str | None = None
+    peers: list[str] = field(default_factory=lambda: ["nnsight", "transformer_lens", "steering_vectors"])
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="lens_schema", node=LensConf)
     cs.store(name="steer_schema", node=SteerConf)
     cs.store(name="demo_schema", node=DemoConf)
+    cs.store(name="bench_schema", node=BenchConf)
     cs.store(group="model", name="schema", node=ModelConf)
     cs.store(group="cluster", name="schema", node=ClusterConf)
     cs.store(group="storage", name="schema", node=StorageConf)

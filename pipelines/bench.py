@@ -1,0 +1,348 @@
+"""`python -m pipelines.bench`: distlens against plain generation, the paper's naive baseline
+and the peers, measured side by side in one invocation on one machine, each measurement in a
+fresh process so its peak memory is its own. Writes results.csv / results.json (one row per
+system x workload x size: median and min/max over repeats), table.md and plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from pipelines.config import register
+
+register()
+REPO = Path(__file__).resolve().parent.parent
+METRICS = ("tokens_per_s", "wall_s", "peak_rss", "largest_process_rss", "bytes_written", "positions")
+
+
+PEER_ENVS = {  # each peer runs from a virtual environment the harness makes; the project's stays as it is
+    "peers": ["transformer-lens==4.3.0", "nnsight==0.8.1"],
+    "steering_vectors": ["steering-vectors==0.12.2"],  # needs transformers<5: shadowed inside its venv only
+}
+PEER_SYSTEMS = {"nnsight": "peers", "transformer_lens": "peers", "steering_vectors": "steering_vectors"}
+
+
+def peer_python(env: str) -> str:
+    """Python of a peer's virtual environment (system site packages visible, pins on top),
+    created on first use under the distlens cache."""
+    from actors.checkpoint import cache_root
+
+    venv = cache_root() / "bench-venvs" / env
+    python = venv / "bin" / "python"
+    if not (venv / ".installed").exists():
+        print(f"[bench] creating {venv} with {PEER_ENVS[env]}", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *PEER_ENVS[env]], check=True)
+        (venv / ".installed").write_text("\n".join(PEER_ENVS[env]))
+    return str(python)
+
+
+def measure(job: dict, python: str = sys.executable) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    proc = subprocess.run(
+        [python, "-m", "pipelines.bench_worker", json.dumps(job)], capture_output=True, text=True, env=env
+    )
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("BENCH_RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        lines = [x for x in proc.stderr.strip().splitlines() if x.strip()] or ["no output"]
+        return {"error": lines[-1][:300]}
+    return json.loads(line[len("BENCH_RESULT ") :])
+
+
+def row(system: str, workload: str, size: int, runs: list[dict], **extra) -> dict:
+    good = [r for r in runs if "error" not in r]
+    out = {"system": system, "workload": workload, "T": size, "repeats": len(good), **extra}
+    if not good:
+        out["error"] = runs[0]["error"] if runs else "not run"
+        return out
+    for key in METRICS:
+        values = [r[key] for r in good if r.get(key) is not None]
+        if values:
+            out[key] = float(np.median(values))
+            out[f"{key}_min"], out[f"{key}_max"] = float(min(values)), float(max(values))
+    return out
+
+
+def like_for_like(peer: dict, ours: dict | None) -> dict:
+    """A peer's lens against ours on every position: the same tokens, top-1 agreement >= 99.9%
+    and top-1 log-prob within 1e-4 where they agree; otherwise the row says it disagrees."""
+    if not ours or "top1" not in peer or "top1" not in ours:
+        return {}
+    if peer.get("tokens") != ours.get("tokens"):
+        return {"like_for_like": "disagrees: generated other tokens"}
+    a, b = np.asarray(peer["top1"]), np.asarray(ours["top1"])
+    n = min(a.shape[1], b.shape[1])
+    same = a[:, :n] == b[:, :n]
+    diff = np.abs(np.asarray(peer["top1_logprob"])[:, :n] - np.asarray(ours["top1_logprob"])[:, :n])[same]
+    out = {"top1_agreement": float(same.mean()), "max_logprob_diff": float(diff.max(initial=0.0))}
+    out["like_for_like"] = "ok" if out["top1_agreement"] >= 0.999 and out["max_logprob_diff"] <= 1e-4 else "disagrees"
+    return out
+
+
+def agreement(ours: dict, baseline: dict, prompt_len: int) -> dict:
+    """Like-for-like: the baseline projects each new position once; compare those positions
+    (top-1 agreement, and the top-1 log-prob difference where they agree)."""
+    if "top1" not in ours or "top1" not in baseline:
+        return {}
+    t = len(baseline["top1"][0])
+    a = np.asarray(ours["top1"])[:, prompt_len - 1 : prompt_len - 1 + t]
+    b = np.asarray(baseline["top1"])
+    la = np.asarray(ours["top1_logprob"])[:, prompt_len - 1 : prompt_len - 1 + t]
+    lb = np.asarray(baseline["top1_logprob"])
+    same = a == b
+    return {"top1_agreement": float(same.mean()), "max_logprob_diff": float(np.abs(la - lb)[same].max(initial=0.0))}
+
+
+def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
+    from actors.checkpoint import resolve_checkpoint
+    from actors.prompting import encode_prompt
+
+    checkpoint = resolve_checkpoint(cfg.model.name, cfg.model.revision)
+    tokenizer = checkpoint.tokenizer()
+    prompt = encode_prompt(tokenizer, cfg.prompt)
+    hf = checkpoint.config()
+    scratch = out_dir / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    base = {"model_path": str(checkpoint.path), "prompt": prompt, "prompts": cfg.prompts, "scratch": str(scratch)}
+    rows = []
+
+    def bench(label, workload, size, repeats=None, **job):
+        python = sys.executable
+        if job["system"] in PEER_SYSTEMS:
+            try:
+                python = peer_python(PEER_SYSTEMS[job["system"]])
+            except subprocess.CalledProcessError as err:
+                runs = [{"error": f"could not install {PEER_ENVS[PEER_SYSTEMS[job['system']]]}: {err}"}]
+                rows.append(row(label, workload, size, runs))
+                return rows[-1], runs[0]
+        runs = [measure({**base, "T": size, **job}, python) for _ in range(repeats or cfg.repeats)]
+        r = row(label, workload, size, runs, **{k: v for k, v in job.items() if k in ("stages", "executor")})
+        rows.append(r)
+        if "error" in r:
+            shown = f"error: {r['error']}"
+        elif workload == "sweep":
+            shown = f"{r['wall_s']:.3f} s"
+        else:
+            shown = f"{r['tokens_per_s']:.2f} tokens/s"
+        print(f"{workload:>12} T={size:<5} {label:<28} {shown}", flush=True)
+        return r, runs[0]
+
+    long_t = cfg.long_size - len(prompt) if cfg.long_size else None
+    for size in [*cfg.sizes, *([long_t] if long_t else [])]:
+        workload = "trajectory" if size in cfg.sizes else f"trajectory_{cfg.long_size}pos"
+        bench("hf_generate", workload, size, system="hf_generate")
+        ours = {}
+        for stages in cfg.stages:
+            _, ours[f"distlens_local_{stages}stage"] = bench(
+                f"distlens_local_{stages}stage", workload, size, system="distlens", executor="local", stages=stages
+            )
+        for stages in cfg.ray_stages:
+            _, ours[f"distlens_ray_{stages}stage"] = bench(
+                f"distlens_ray_{stages}stage", workload, size, system="distlens", executor="ray", stages=stages
+            )
+        for peer in cfg.peers:
+            if peer == "steering_vectors":
+                continue  # a steering peer: measured in the sweep workload
+            peer_row, peer_run = bench(peer, workload, size, system=peer)
+            peer_row.update(like_for_like(peer_run, ours.get("distlens_local_2stage")))
+        nocap, _ = bench(
+            "distlens_local_2stage_nocapture",
+            workload,
+            size,
+            system="distlens",
+            executor="local",
+            stages=2,
+            no_capture=True,
+        )
+        if size <= cfg.baseline_max:
+            reps = 1 if size > min(cfg.sizes) else None  # the baseline's larger sizes take minutes each
+            base_row, base_run = bench("paper_baseline", workload, size, repeats=reps, system="paper_baseline")
+            base_nocap, _ = bench(
+                "paper_baseline_nocapture", workload, size, repeats=reps, system="paper_baseline", no_capture=True
+            )
+            for r in rows:
+                if r["T"] == size and r["system"] in ours:
+                    r.update(agreement(ours[r["system"]], base_run, len(prompt)))
+            if "peak_rss" in base_row and "peak_rss" in base_nocap:
+                base_row["capture_memory"] = base_row["peak_rss"] - base_nocap["peak_rss"]
+        for r in rows:
+            if r["T"] == size and r["system"] == "distlens_local_2stage" and "peak_rss" in r and "peak_rss" in nocap:
+                r["capture_memory"] = r["peak_rss"] - nocap["peak_rss"]
+    if long_t:
+        rows.append(extrapolate_baseline(rows, long_t, cfg.long_size))
+    rows += sweep_rows(cfg, base, tokenizer, hf, bench)
+    write(rows, cfg, out_dir)
+    report(rows, out_dir)
+    return rows
+
+
+def extrapolate_baseline(rows, size: int, positions: int) -> dict:
+    """The baseline re-runs the whole prefix per token, so its wall time grows quadratically in
+    T: fit the measured sizes and say plainly that the long figure is extrapolated."""
+    measured = sorted((r["T"], r["wall_s"]) for r in rows if r["system"] == "paper_baseline" and "wall_s" in r)
+    out = {"system": "paper_baseline", "workload": f"trajectory_{positions}pos", "T": size, "extrapolated": True}
+    if len(measured) < 2:
+        return {**out, "error": "too few measured sizes to extrapolate"}
+    t, w = np.array(measured, float).T
+    wall = float(np.polyval(np.polyfit(t, w, min(2, len(t) - 1)), size))
+    return {**out, "wall_s": wall, "tokens_per_s": size / wall, "note": f"fit to measured T={[int(x) for x in t]}"}
+
+
+def sweep_rows(cfg, base, tokenizer, hf, bench) -> list[dict]:
+    """(e) A steering sweep on one dataset's test items: M coefficients as a batch dimension in
+    one pass, against one unsteered pass, one pass per coefficient, and the steering-vectors
+    library (one pass per coefficient); answer-letter logits are compared like for like."""
+    from actors.mwe import load_items, split_items
+    from actors.steering import ab_prompt
+
+    root = Path(cfg.data_root) if cfg.data_root else dataset_root_default()
+    _, test = split_items(load_items(root / f"{cfg.sweep_dataset}.jsonl"), 0.5, 0)
+    ab = [ab_prompt(tokenizer, item) for item in test[: cfg.sweep_items]]
+    vector = (np.random.default_rng(0).standard_normal(hf.hidden_size) * 4).astype(np.float32).tolist()
+    job = dict(system="distlens", executor="local", stages=2, no_capture=True, prompt_list=[p.prefix for p in ab],
+               vector=vector, steer_layer=hf.num_hidden_layers // 2,
+               score_ids=[ab[0].letters["A"], ab[0].letters["B"]])  # fmt: skip
+    rows = []
+    unsteered, _ = bench("distlens_unsteered_pass", "sweep", 1, **{**job, "vector": None})
+    for m in cfg.sweep_coefficients:
+        coefs = [float(x) for x in np.linspace(-1.5, 1.5, m)] if m > 1 else [1.0]
+        one, one_run = bench("distlens_sweep_one_pass", "sweep", m, coefficients=coefs, **job)
+        if "wall_s" in unsteered and "wall_s" in one:
+            one["cost_vs_unsteered_pass"] = one["wall_s"] / unsteered["wall_s"]
+        if m == max(cfg.sweep_coefficients):
+            per = [bench(f"distlens_pass_coefficient_{c:+.1f}", "sweep", 1, coefficients=[c], **job)[0] for c in coefs]
+            total = sum(r.get("wall_s", np.nan) for r in per)
+            rows_total = {"system": "distlens_one_pass_per_coefficient", "workload": "sweep", "T": m, "wall_s": total,
+                          "cost_vs_unsteered_pass": total / unsteered.get("wall_s", np.nan)}  # fmt: skip
+            rows.append(rows_total)
+            if "steering_vectors" in cfg.peers:
+                sv, sv_run = bench("steering_vectors", "sweep", m, system="steering_vectors", coefficients=coefs,
+                                   **{k: v for k, v in job.items() if k != "system"})  # fmt: skip
+                if "wall_s" in sv and "wall_s" in unsteered:
+                    sv["cost_vs_unsteered_pass"] = sv["wall_s"] / unsteered["wall_s"]
+                if "scores" in sv_run and "scores" in one_run:
+                    diff = float(np.abs(np.asarray(sv_run["scores"]) - np.asarray(one_run["scores"])).max())
+                    sv["max_score_diff_vs_distlens"] = diff
+                    sv["like_for_like"] = "ok" if diff <= 1e-3 else "disagrees"
+    return rows
+
+
+def dataset_root_default() -> Path:
+    return Path(os.environ.get("DISTLENS_MWE_DIR", REPO.parent / "shared" / "datasets" / "mwe"))
+
+
+def write(rows, cfg, out_dir: Path) -> None:
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "cpus": os.cpu_count(), "python": platform.python_version()}  # fmt: skip
+    meta = {"machine": machine, "repeats": cfg.repeats, "model": cfg.model.name, "prompts": cfg.prompts,
+            "warm_up": "each repeat is a fresh process; only generation is timed, after the model is loaded"}  # fmt: skip
+    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out_dir / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"results: {out_dir}/results.csv, results.json")
+
+
+def _mib(x) -> str:
+    return f"{x / 2**20:,.0f}" if isinstance(x, float | int) and np.isfinite(x) else ""
+
+
+def report(rows: list[dict], out_dir: Path) -> None:
+    """table.md (every row) and the three plots."""
+    from pipelines.plots import _pyplot
+
+    lines = [
+        "| workload | T | system | tokens/s (median, min-max) | wall s | peak RSS MiB (sum) | largest process MiB "
+        "| capture memory MiB | like for like | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        tps = (
+            f"{r['tokens_per_s']:.2f} ({r.get('tokens_per_s_min', r['tokens_per_s']):.2f}-{r.get('tokens_per_s_max', r['tokens_per_s']):.2f})"
+            if "tokens_per_s" in r and r["workload"] != "sweep"
+            else ""
+        )
+        agree = r.get("like_for_like") or (
+            f"top-1 {r['top1_agreement']:.4f}, dlogp {r['max_logprob_diff']:.1e}" if "top1_agreement" in r else ""
+        )
+        note = (
+            r.get("error")
+            or r.get("note")
+            or (f"{r['cost_vs_unsteered_pass']:.2f}x one unsteered pass" if "cost_vs_unsteered_pass" in r else "")
+        )
+        if r.get("extrapolated"):
+            note = "EXTRAPOLATED: " + note
+        wall = f"{r['wall_s']:.2f}" if "wall_s" in r else ""
+        lines.append(
+            f"| {r['workload']} | {r['T']} | {r['system']} | {tps} | {wall} | {_mib(r.get('peak_rss'))} "
+            f"| {_mib(r.get('largest_process_rss', r.get('peak_rss')))} | {_mib(r.get('capture_memory'))} | {agree} | {note} |"
+        )
+    (out_dir / "table.md").write_text("\n".join(lines) + "\n")
+    plt = _pyplot()
+    traj = [r for r in rows if r["workload"].startswith("trajectory") and "tokens_per_s" in r]
+    for metric, name, ylabel, log in (
+        ("tokens_per_s", "throughput_vs_T.png", "generated tokens / s", True),
+        ("peak_rss", "memory_vs_T.png", "peak RSS (MiB, all processes)", False),
+    ):
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for system in dict.fromkeys(r["system"] for r in traj):
+            pts = sorted(
+                (r["T"], r[metric] / (2**20 if metric == "peak_rss" else 1))
+                for r in traj
+                if r["system"] == system and metric in r
+            )
+            if pts:
+                ax.plot(
+                    *zip(*pts),
+                    marker="o",
+                    ls="--" if any(r.get("extrapolated") for r in traj if r["system"] == system) else "-",
+                    label=system,
+                )
+        ax.set_xscale("log")
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("generated tokens T")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+    sweep = sorted(
+        (r["T"], r["cost_vs_unsteered_pass"])
+        for r in rows
+        if r["system"] == "distlens_sweep_one_pass" and "cost_vs_unsteered_pass" in r
+    )
+    per = [(r["T"], r["cost_vs_unsteered_pass"]) for r in rows if r["system"] == "distlens_one_pass_per_coefficient"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    if sweep:
+        ax.plot(*zip(*sweep), marker="o", label="distlens: all coefficients in one pass")
+    if per:
+        ax.plot(*zip(*per), marker="s", ls="", label="one pass per coefficient")
+    ax.set_xlabel("coefficients M")
+    ax.set_ylabel("cost / one unsteered pass")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "sweep_cost.png", dpi=110)
+    plt.close(fig)
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="bench")
+def main(cfg: DictConfig):
+    from hydra.core.hydra_config import HydraConfig
+
+    return run(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()

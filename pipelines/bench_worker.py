@@ -1,0 +1,278 @@
+"""One benchmark measurement in a fresh process, so its peak memory is its own.
+
+`python -m pipelines.bench_worker '<json job>'` prints one JSON line: throughput, wall time,
+peak RSS (this process, plus stage actors for the ray executor), the RSS growth during
+generation (capture memory), bytes written and a lens fingerprint for the like-for-like check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+
+class RssSampler:
+    """Peak resident memory of this process, sampled every few milliseconds."""
+
+    def __init__(self, interval: float = 0.005):
+        self.proc = psutil.Process()
+        self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+
+    def _run(self, interval):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+def load_hf(model_path: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # every system generates exactly T tokens, no EOS stop
+    return model
+
+
+@torch.no_grad()
+def hf_generate(job) -> dict:
+    """(b) The engine's speed of light: HF generate with its KV cache, nothing captured."""
+    model = load_hf(job["model_path"])
+    ids = torch.tensor([job["prompt"]] * job["prompts"])
+    loaded = psutil.Process().memory_info().rss
+    with RssSampler() as rss:
+        t0 = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=job["T"], do_sample=False)
+        wall = time.perf_counter() - t0
+    new = (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    return {"tokens_per_s": new / wall, "wall_s": wall, "peak_rss": rss.peak, "capture_rss": rss.peak - loaded}
+
+
+@torch.no_grad()
+def paper_baseline(job) -> dict:
+    """(c) The paper's naive baseline, as its original code did it: every new token re-runs the
+    full prefix with no KV cache, every layer's output at the new position goes through norm +
+    lm_head over the full vocabulary, and the full softmaxes are kept."""
+    model = load_hf(job["model_path"])
+    ids = torch.tensor([job["prompt"]] * job["prompts"])
+    norm, head = model.model.norm, model.lm_head
+    kept = []
+    loaded = psutil.Process().memory_info().rss
+    with RssSampler() as rss:
+        t0 = time.perf_counter()
+        for _ in range(job["T"]):
+            out = model(ids, output_hidden_states=True, use_cache=False)
+            ids = torch.cat([ids, out.logits[:, -1].argmax(-1, keepdim=True)], 1)
+            if job.get("no_capture"):  # the same loop without the lens: its memory is the reference
+                continue
+            layers = out.hidden_states[1:]
+            # HF's last entry is already normalised: project it directly.
+            probs = [torch.softmax(head(norm(h[:, -1])), -1) for h in layers[:-1]]
+            probs.append(torch.softmax(head(layers[-1][:, -1]), -1))
+            kept.append(torch.stack(probs, 1))  # [prompts, layers, vocab], kept for the trajectory
+        wall = time.perf_counter() - t0
+    if job.get("no_capture"):
+        return {"tokens_per_s": job["T"] * ids.shape[0] / wall, "wall_s": wall, "peak_rss": rss.peak}
+    trajectory = torch.stack(kept, 2)  # [prompts, layers, T, vocab]
+    top1 = trajectory[0].argmax(-1)  # [layers, T]
+    logp = torch.log(trajectory[0].gather(-1, top1[..., None])[..., 0])
+    return {
+        "tokens_per_s": job["T"] * ids.shape[0] / wall, "wall_s": wall, "peak_rss": rss.peak,
+        "capture_rss": rss.peak - loaded, "top1": top1.tolist(), "top1_logprob": logp.tolist(),
+        "tokens": ids[0].tolist(),
+    }  # fmt: skip
+
+
+def distlens(job) -> dict:
+    """(a) distlens: staged pipeline, every layer's resid_post lens (k=10), written to Zarr."""
+    from actors.coordinator import Coordinator, RunSpec
+    from actors.sampling import SamplingSpec
+    from actors.store import LensStore
+
+    if job["executor"] == "ray":
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        import ray
+
+        repo = str(Path(__file__).resolve().parent.parent)
+        ray.init(
+            num_cpus=max(2, job["stages"] + 1),
+            include_dashboard=False,
+            runtime_env={"env_vars": {"PYTHONPATH": repo}},
+            log_to_driver=False,
+        )
+    store_path = Path(tempfile.mkdtemp(dir=job.get("scratch"))) / "lens.zarr"
+    prompts = job.get("prompt_list") or [job["prompt"]] * job["prompts"]
+    steering = ()
+    if job.get("vector") is not None:
+        from actors.stage import SteeringEdit
+
+        steering = (SteeringEdit(job["steer_layer"], "resid_pre", np.asarray(job["vector"], np.float32), "all"),)
+    spec = RunSpec(
+        model_path=job["model_path"], store_path=str(store_path), num_stages=job["stages"], executor=job["executor"],
+        components=tuple(job.get("components", ["resid_post"])), k=10, lens_window=job.get("window", 64),
+        sampling=SamplingSpec(eos_token_ids=(), pad_token_id=0), max_new_tokens=job["T"],
+        micro_batch_size=len(prompts) * len(job.get("coefficients") or [1]), micro_batches_in_flight=1,
+        progress=False, steering=steering, coefficients=job.get("coefficients"),
+        layers=() if job.get("no_capture") else None, score_ids=tuple(job.get("score_ids", ())),
+    )  # fmt: skip
+    loaded = psutil.Process().memory_info().rss
+    with RssSampler() as rss:
+        summary = Coordinator(spec).run(prompts)
+    store = LensStore.open(store_path)
+    stage_peaks = [info["peak_rss_bytes"] for info in summary["stage_info"]]
+    in_process = job["executor"] == "local"
+    out = {
+        "tokens_per_s": summary["tokens_per_s"], "wall_s": summary["generate_s"],
+        "peak_rss": rss.peak if in_process else rss.peak + sum(stage_peaks),
+        "largest_process_rss": rss.peak if in_process else max([rss.peak, *stage_peaks]),
+        "capture_rss": rss.peak - loaded if in_process else None,
+        "forward_calls": [info["forward_calls"] for info in summary["stage_info"]],
+        "positions": summary["positions"],
+        "bytes_written": sum(f.stat().st_size for f in store_path.rglob("*") if f.is_file()),
+    }  # fmt: skip
+    if not job.get("no_capture"):
+        top1 = store["topk_ids"][0, :, 0, : job["T"] + len(prompts[0]) - 1, 0]
+        out["top1"] = top1.tolist()
+        out["top1_logprob"] = store["topk_logprobs"][0, :, 0, : top1.shape[1], 0].tolist()
+        out["tokens"] = store.tokens(0).tolist()
+    if "scores" in store.group:
+        out["scores"] = store["scores"][:, 0].tolist()  # [rows, choice] at the answer position
+    return out
+
+
+@torch.no_grad()
+def naive_lens(model, hidden: list[torch.Tensor], tokens: list[int], k: int = 10) -> dict:
+    """The lens done directly over the full vocabulary, as a peer's user would: per layer
+    (hidden [positions, d], not yet normalised), top-k log-probs, entropy, target log-prob and
+    rank. Returns top-1 ids and log-probs for the like-for-like check."""
+    n = len(tokens) - 1
+    targets = torch.tensor(tokens[1:])
+    top1, top1_lp = [], []
+    for h in hidden:
+        logp = torch.log_softmax(model.lm_head(model.model.norm(h[:n])).float(), -1)
+        top = logp.topk(k, dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        target = logp.gather(1, targets[:, None])[:, 0]
+        rank = (logp > target[:, None]).sum(-1)
+        del entropy, rank
+        top1.append(top.indices[:, 0])
+        top1_lp.append(top.values[:, 0])
+    return {"top1": torch.stack(top1).tolist(), "top1_logprob": torch.stack(top1_lp).tolist()}
+
+
+def nnsight_trace(job) -> dict:
+    """(d) nnsight: one trace over generation that saves every layer's output, then the lens."""
+    from nnsight import LanguageModel
+
+    lm = LanguageModel(job["model_path"], dispatch=True, dtype=torch.float32)
+    lm._module.generation_config.eos_token_id = None
+    ids = torch.tensor([job["prompt"]])
+    with RssSampler() as rss:
+        t0 = time.perf_counter()
+        with lm.generate(ids, max_new_tokens=job["T"], do_sample=False) as tracer:
+            saved = list().save()
+            # A bounded iteration over the T steps: code after an unbounded one never runs.
+            for _ in tracer.iter[0 : job["T"]]:
+                for layer in lm.model.layers:
+                    saved.append(layer.output)
+            sequence = tracer.result.save()
+        n_layers = len(lm.model.layers)
+        steps = [saved[i : i + n_layers] for i in range(0, len(saved), n_layers)]
+        hidden = [torch.cat([step[layer][0] for step in steps], 0) for layer in range(n_layers)]
+        tokens = sequence[0].tolist()
+        result = naive_lens(lm._module, hidden, tokens)
+        wall = time.perf_counter() - t0
+    return {"tokens_per_s": job["T"] / wall, "wall_s": wall, "peak_rss": rss.peak, **result, "tokens": tokens}
+
+
+def transformer_lens_cache(job) -> dict:
+    """(d) TransformerLens 4: generate, then run_with_cache over the sequence, then the lens."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoTokenizer
+
+    hf = load_hf(job["model_path"])
+    tokenizer = AutoTokenizer.from_pretrained(job["model_path"])
+    bridge = TransformerBridge.boot_transformers(
+        job.get("tl_name", "HuggingFaceTB/SmolLM2-135M-Instruct"), hf_model=hf, tokenizer=tokenizer
+    )
+    ids = torch.tensor([job["prompt"]])
+    n_layers = hf.config.num_hidden_layers
+    with RssSampler() as rss, torch.no_grad():
+        t0 = time.perf_counter()
+        sequence = bridge.generate(ids, max_new_tokens=job["T"], do_sample=False, verbose=False, stop_at_eos=False)
+        names = [f"blocks.{i}.hook_resid_post" for i in range(n_layers)]
+        _, cache = bridge.run_with_cache(sequence, names_filter=lambda name: name in names)
+        hidden = [cache[name][0] for name in names]
+        tokens = sequence[0].tolist()
+        result = naive_lens(hf, hidden, tokens)
+        wall = time.perf_counter() - t0
+    return {"tokens_per_s": job["T"] / wall, "wall_s": wall, "peak_rss": rss.peak, **result, "tokens": tokens}
+
+
+@torch.no_grad()
+def steering_vectors_sweep(job) -> dict:
+    """(e) The steering-vectors library doing the same sweep: one forward pass per coefficient,
+    its vector on decoder block L-1's output (= distlens's resid_pre of layer L), all positions."""
+    from steering_vectors import SteeringVector
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(job["model_path"])
+    saved = json.loads((Path(job["model_path"]) / "config.json").read_text())
+    if "rope_parameters" in saved:  # transformers 4 reads the older rope_theta field
+        config.rope_theta = saved["rope_parameters"]["rope_theta"]
+    model = AutoModelForCausalLM.from_pretrained(job["model_path"], config=config, torch_dtype=torch.float32).eval()
+    prompts = job["prompt_list"]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate (and distlens) place them
+    vector = SteeringVector({job["steer_layer"] - 1: torch.tensor(job["vector"])}, "decoder_block")
+    scores = []
+    with RssSampler() as rss:
+        t0 = time.perf_counter()
+        for c in job["coefficients"]:
+            with vector.apply(model, multiplier=c, min_token_index=0):
+                logits = model(ids, attention_mask=mask, position_ids=position_ids).logits[:, -1]
+            scores.append(logits[:, job["score_ids"]])
+        wall = time.perf_counter() - t0
+    rows = torch.stack(scores, 1).reshape(-1, len(job["score_ids"]))  # prompt-major, coefficient-minor
+    return {"wall_s": wall, "peak_rss": rss.peak, "scores": rows.tolist()}
+
+
+SYSTEMS = {
+    "steering_vectors": steering_vectors_sweep,
+    "hf_generate": hf_generate,
+    "paper_baseline": paper_baseline,
+    "distlens": distlens,
+    "nnsight": nnsight_trace,
+    "transformer_lens": transformer_lens_cache,
+}
+
+
+def main() -> None:
+    job = json.loads(sys.argv[1])
+    torch.manual_seed(0)
+    result = SYSTEMS[job["system"]](job)
+    print("BENCH_RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
