@@ -137,8 +137,12 @@ def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
         return r, runs[0]
 
     long_t = cfg.long_size - len(prompt) if cfg.long_size else None
-    for size in [*cfg.sizes, *([long_t] if long_t else [])]:
-        workload = "trajectory" if size in cfg.sizes else f"trajectory_{cfg.long_size}pos"
+    if long_t:  # the long trajectory: distlens and plain generation, one repeat (minutes each)
+        workload = f"trajectory_{cfg.long_size}pos"
+        bench("hf_generate", workload, long_t, repeats=1, system="hf_generate")
+        bench("distlens_local_2stage", workload, long_t, repeats=1, system="distlens", executor="local", stages=2)
+    for size in cfg.sizes:
+        workload = "trajectory"
         bench("hf_generate", workload, size, system="hf_generate")
         ours = {}
         for stages in cfg.stages:

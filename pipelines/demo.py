@@ -23,12 +23,10 @@ register()
 
 def sentence_means(cfg, checkpoint, tokenizer, out_dir: Path) -> np.ndarray:
     """Each contrast sentence's activation at (layer, site), averaged over its positions: [n, d]."""
-    from dataclasses import replace
-
     from actors.coordinator import Coordinator, RunSpec
     from actors.prompting import encode_prompt
     from actors.store import LensStore
-    from pipelines.steer import executor_for
+    from pipelines.lens import connect_ray
 
     prompts = [encode_prompt(tokenizer, s, chat_template=False) for s in [*cfg.positive, *cfg.negative]]
     c = cfg.cluster
@@ -38,7 +36,9 @@ def sentence_means(cfg, checkpoint, tokenizer, out_dir: Path) -> np.ndarray:
         layers=(cfg.layer,), components=(cfg.site,), k=1, activations="float32", max_new_tokens=1,
         micro_batch_size=len(prompts), existing="overwrite", progress=False,
     )  # fmt: skip
-    Coordinator(replace(spec), executor_for(cfg)).run(prompts)
+    if c.executor == "ray":
+        connect_ray(c)
+    Coordinator(spec).run(prompts)  # its stage actors are released before the steered run starts
     acts = LensStore.open(spec.store_path).group["activations"]
     return np.stack([acts[i, 0, 0, : len(p)].mean(axis=0) for i, p in enumerate(prompts)])
 
