@@ -109,7 +109,12 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
     g, c, cap = cfg.generation, cfg.cluster, cfg.capture
     results_cfg = OmegaConf.to_container(cfg, resolve=True)
     # What determines the numbers: not where they are stored or how the stages are spread.
-    fp = fingerprint({k: results_cfg[k] for k in ("model", "capture", "generation", "prompts")})
+    determining = {k: results_cfg[k] for k in ("model", "capture", "generation", "prompts", "steer")}
+    if cfg.steer.vector:  # the vector's bytes, not just its path
+        import hashlib
+
+        determining["steer_vector_sha256"] = hashlib.sha256(Path(cfg.steer.vector).read_bytes()).hexdigest()
+    fp = fingerprint(determining)
     attrs = {
         "model": {
             "name": cfg.model.name,
