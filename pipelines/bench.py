@@ -207,8 +207,9 @@ def sweep_rows(cfg, base, tokenizer, hf, bench) -> list[dict]:
     library (one pass per coefficient); answer-letter logits are compared like for like."""
     from actors.mwe import load_items, split_items
     from actors.steering import ab_prompt
+    from pipelines.steer import dataset_root
 
-    root = Path(cfg.data_root) if cfg.data_root else dataset_root_default()
+    root = dataset_root(cfg.data_root)
     _, test = split_items(load_items(root / f"{cfg.sweep_dataset}.jsonl"), 0.5, 0)
     ab = [ab_prompt(tokenizer, item) for item in test[: cfg.sweep_items]]
     vector = (np.random.default_rng(0).standard_normal(hf.hidden_size) * 4).astype(np.float32).tolist()
@@ -240,10 +241,6 @@ def sweep_rows(cfg, base, tokenizer, hf, bench) -> list[dict]:
     return rows
 
 
-def dataset_root_default() -> Path:
-    return Path(os.environ.get("DISTLENS_MWE_DIR", REPO.parent / "shared" / "datasets" / "mwe"))
-
-
 def write(rows, cfg, out_dir: Path) -> None:
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpus": os.cpu_count(), "python": platform.python_version()}  # fmt: skip
@@ -256,6 +253,60 @@ def write(rows, cfg, out_dir: Path) -> None:
         writer.writeheader()
         writer.writerows(rows)
     print(f"results: {out_dir}/results.csv, results.json")
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """The issue's targets as ratios from this run's rows, each saying met or missed."""
+
+    def find(system, workload="trajectory", size=None):
+        for r in rows:
+            if r["system"] == system and r["workload"] == workload and (size is None or r["T"] == size):
+                return r
+        return {}
+
+    out = ["| target | measured | verdict |", "|---|---|---|"]
+    base_sizes = sorted(
+        r["T"]
+        for r in rows
+        if r["system"] == "paper_baseline" and r["workload"] == "trajectory" and "tokens_per_s" in r
+    )
+    if base_sizes:
+        t = base_sizes[-1]
+        ours, base = find("distlens_local_2stage", size=t), find("paper_baseline", size=t)
+        if "tokens_per_s" in ours:
+            ratio = ours["tokens_per_s"] / base["tokens_per_s"]
+            out.append(
+                f"| throughput >= 41x the paper's baseline (T={t}) | {ratio:.1f}x | {'met' if ratio >= 41 else 'MISSED'} |"
+            )
+        if ours.get("capture_memory") and base.get("capture_memory"):
+            mem = base["capture_memory"] / max(ours["capture_memory"], 1)
+            out.append(
+                f"| capture memory >= 7x lower than the baseline's (T={t}) | {mem:.1f}x lower | {'met' if mem >= 7 else 'MISSED'} |"
+            )
+    for t in sorted({r["T"] for r in rows if r["workload"] == "trajectory"}):
+        ours, plain = find("distlens_local_2stage", size=t), find("hf_generate", size=t)
+        if "tokens_per_s" in ours and "tokens_per_s" in plain:
+            ratio = ours["tokens_per_s"] / plain["tokens_per_s"]
+            out.append(
+                f"| all-layer capture keeps >= 0.5x plain generation (T={t}) | {ratio:.2f}x | {'met' if ratio >= 0.5 else 'MISSED'} |"
+            )
+        for peer in ("nnsight", "transformer_lens"):
+            p = find(peer, size=t)
+            if "tokens_per_s" in ours and "tokens_per_s" in p:
+                ratio = ours["tokens_per_s"] / p["tokens_per_s"]
+                agree = p.get("like_for_like", "unchecked")
+                verdict = ("met" if ratio > 1 else "MISSED") if agree == "ok" else "not comparable: the peer disagrees"
+                out.append(f"| faster than {peer} (T={t}; like for like: {agree}) | {ratio:.2f}x | {verdict} |")
+            elif p.get("error"):
+                out.append(f"| faster than {peer} (T={t}) | did not run: {p['error']} | MISSED |")
+    sweeps = [r for r in rows if r["system"] == "distlens_sweep_one_pass" and "cost_vs_unsteered_pass" in r]
+    if sweeps:
+        r = max(sweeps, key=lambda x: x["T"])
+        verdict = "met" if r["cost_vs_unsteered_pass"] <= 2 else "MISSED"
+        out.append(
+            f"| {r['T']}-coefficient sweep <= 2x one unsteered pass | {r['cost_vs_unsteered_pass']:.2f}x | {verdict} |"
+        )
+    return out
 
 
 def _mib(x) -> str:
@@ -292,6 +343,7 @@ def report(rows: list[dict], out_dir: Path) -> None:
             f"| {r['workload']} | {r['T']} | {r['system']} | {tps} | {wall} | {_mib(r.get('peak_rss'))} "
             f"| {_mib(r.get('largest_process_rss', r.get('peak_rss')))} | {_mib(r.get('capture_memory'))} | {agree} | {note} |"
         )
+    lines += ["", *targets(rows)]
     (out_dir / "table.md").write_text("\n".join(lines) + "\n")
     plt = _pyplot()
     traj = [r for r in rows if r["workload"].startswith("trajectory") and "tokens_per_s" in r]

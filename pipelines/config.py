@@ -19,6 +19,14 @@ class ConfigError(ValueError):
     """A bad config value; the message names the field, the value and what is valid."""
 
 
+def exit_with_error(message: str) -> None:
+    """The drivers' one way to refuse: one line on stderr, exit code 2."""
+    import sys
+
+    print(f"distlens: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 @dataclass
 class ModelConf:
     name: str = "smollm2-135m-instruct"  # built-in name, local directory, or Hugging Face id

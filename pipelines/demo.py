@@ -9,14 +9,13 @@ at each generated position, averaged over the continuation."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines.config import ConfigError, LensConf, register
+from pipelines.config import ConfigError, LensConf, exit_with_error, register
 
 register()
 
@@ -154,8 +153,7 @@ def main(cfg: DictConfig):
     try:
         return run(cfg, Path(HydraConfig.get().runtime.output_dir))
     except (ConfigError, StoreError, ValueError) as err:
-        print(f"distlens: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        exit_with_error(str(err))
 
 
 if __name__ == "__main__":

@@ -11,14 +11,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines.config import ConfigError, register
+from pipelines.config import ConfigError, exit_with_error, register
 
 register()
-
-
-def _fail(message: str) -> None:
-    print(f"distlens: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
 
 
 def connect_ray(cluster) -> None:
@@ -219,7 +214,7 @@ def main(cfg: DictConfig) -> dict | None:
     try:
         return run(cfg, out_dir)
     except (ConfigError, StoreError, ValueError) as err:
-        _fail(str(err))
+        exit_with_error(str(err))
 
 
 if __name__ == "__main__":

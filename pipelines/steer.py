@@ -16,21 +16,17 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from pipelines.config import ConfigError, register
+from pipelines.config import ConfigError, exit_with_error, register
 
 register()
 REPO = Path(__file__).resolve().parent.parent
 _POOLS: dict = {}  # stage actors kept across datasets and multirun jobs: the model loads once
 
 
-def _fail(message: str) -> None:
-    print(f"distlens: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-def dataset_root(cfg) -> Path:
-    if cfg.data.root:
-        return Path(cfg.data.root).expanduser()
+def dataset_root(root: str | None) -> Path:
+    """`root`, else $DISTLENS_MWE_DIR, else the shared datasets beside this checkout."""
+    if root:
+        return Path(root).expanduser()
     return Path(os.environ.get("DISTLENS_MWE_DIR", REPO.parent / "shared" / "datasets" / "mwe"))
 
 
@@ -211,7 +207,7 @@ def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
     from pipelines.config import validate_steer
 
     validate_steer(cfg)
-    root = dataset_root(cfg)
+    root = dataset_root(cfg.data.root)
     names = sorted(p.stem for p in root.glob("*.jsonl")) if cfg.dataset == "all" else [cfg.dataset]
     if not names:
         raise ConfigError(f"dataset=all found no .jsonl files in {root}")
@@ -262,7 +258,7 @@ def main(cfg: DictConfig):
     try:
         return run(cfg, out_dir)
     except (ConfigError, DatasetError, StoreError, ValueError) as err:
-        _fail(str(err))
+        exit_with_error(str(err))
 
 
 if __name__ == "__main__":
