@@ -341,7 +341,7 @@ class Coordinator:
         data.update(template)
         if "topk_ids" in template:
             data["lens_mask"] = (template["topk_ids"][:, :, :, :, 0] >= 0).any(axis=(1, 2))
-        texts = {}
+        texts = {"generated_text": [""] * batch, "prompt_text": [""] * batch}  # no tokenizer: empty, but written
         tok = self._tokenizer()
         if tok is not None:
             texts["generated_text"] = [tok.decode(gen[i, : gen_len[i]], skip_special_tokens=True) for i in range(batch)]

@@ -67,8 +67,8 @@ class LensStore:
 
         def array(name, shape, chunks, dtype, fill, dims):
             g.create_array(
-                name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
-                compressors=_compressor(), dimension_names=dims,
+                name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, compressors=_compressor(),
+                dimension_names=dims,
             )  # fmt: skip
 
         array("tokens", (p, pos), (b, pos), "int32", -1, ["prompt", "position"])
@@ -80,7 +80,14 @@ class LensStore:
             shape = (p, layout.n_steps, layout.n_scores)
             array("scores", shape, (b,) + shape[1:], "float32", np.nan, ["prompt", "step", "choice"])
         for name in ("prompt_text", "generated_text"):
-            g.create_array(name, shape=(p,), chunks=(b,), dtype=str, dimension_names=["prompt"])
+            g.create_array(
+                name,
+                shape=(p,),
+                chunks=(b,),
+                dtype=str,
+                dimension_names=["prompt"],
+                config={"write_empty_chunks": True},
+            )
         g.create_array("layer", data=np.asarray(layout.layers, np.int32), dimension_names=["layer"])
         g.create_array("component", shape=(n_c,), dtype=str, dimension_names=["component"])
         g["component"][:] = np.asarray(layout.components, dtype=object)
@@ -118,11 +125,14 @@ class LensStore:
         """Write one micro-batch's rows (every position, so its chunks are written whole and
         once), then its completion record."""
         g = self.group
-        for name, value in data.items():
-            g[name][rows] = value
-        for name, values in texts.items():
-            g[name][rows] = np.asarray(values, dtype=object)
-        g["batch_done"][batch] = True
+        # Every chunk is written, even one equal to the fill value, so `verify` can tell a
+        # missing chunk from an empty one (a runtime setting: it is not stored with the array).
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            for name, value in data.items():
+                g[name][rows] = value
+            for name, values in texts.items():
+                g[name][rows] = np.asarray(values, dtype=object)
+            g["batch_done"][batch] = True
 
     def done_batches(self) -> set[int]:
         return set(np.flatnonzero(self.group["batch_done"][:]).tolist())
@@ -130,6 +140,61 @@ class LensStore:
     def mark_complete(self, summary: dict) -> None:
         self.group.attrs.update({"complete": True, "summary": summary})
         zarr.consolidate_metadata(str(self.path), zarr_format=3)
+
+    # -- checking ---------------------------------------------------------------------------
+    EXPECTED_DTYPES = {
+        "tokens": "int32", "lengths": "int32", "prompt_lengths": "int32", "lens_mask": "bool",
+        "topk_ids": "int32", "topk_logprobs": "float32", "entropy": "float32", "target_logprob": "float32",
+        "target_rank": "int32", "coefficient": "float32", "batch_done": "bool",
+    }  # fmt: skip
+
+    def verify(self) -> list[str]:
+        """Problems with this store, one line each (empty: the store is whole): metadata agrees
+        with the arrays, shapes and dtypes are right, the completion record agrees, and every
+        chunk of a finished store is present."""
+        g, problems = self.group, []
+        layout = g.attrs.get("layout")
+        if not isinstance(layout, dict):
+            return ["attrs: no 'layout' record"]
+        p, pos, k = layout.get("n_prompts"), layout.get("n_positions"), layout.get("k")
+        n_l, n_c = len(layout.get("layers", [])), len(layout.get("components", []))
+        expected_shapes = {
+            "tokens": (p, pos), "lens_mask": (p, pos), "lengths": (p,), "prompt_lengths": (p,),
+            "topk_ids": (p, n_l, n_c, pos, k), "topk_logprobs": (p, n_l, n_c, pos, k),
+            "entropy": (p, n_l, n_c, pos), "target_logprob": (p, n_l, n_c, pos), "target_rank": (p, n_l, n_c, pos),
+            "layer": (n_l,), "component": (n_c,),
+        }  # fmt: skip
+        names = set(g.array_keys())
+        for name, shape in expected_shapes.items():
+            if name not in names:
+                problems.append(f"{name}: array missing")
+            elif tuple(g[name].shape) != tuple(shape):
+                problems.append(f"{name}: shape {tuple(g[name].shape)} but the layout record says {tuple(shape)}")
+        for name, dtype in self.EXPECTED_DTYPES.items():
+            if name in names and str(g[name].dtype) != dtype:
+                problems.append(f"{name}: dtype {g[name].dtype}, expected {dtype}")
+        if "layer" in names and g["layer"][:].tolist() != list(layout.get("layers", [])):
+            problems.append(f"layer: {g['layer'][:].tolist()} but the layout record says {layout.get('layers')}")
+        if "batch_done" not in names:
+            return [*problems, "batch_done: completion record missing"]
+        done = g["batch_done"][:]
+        n_batches = -(-p // layout["batch_rows"]) if p else 0
+        if done.shape != (n_batches,):
+            problems.append(f"batch_done: {done.shape[0]} batches recorded, the layout implies {n_batches}")
+        if not g.attrs.get("complete"):
+            return [
+                *problems,
+                f"incomplete: batches {np.flatnonzero(~done).tolist()} not finished (no 'complete' record)",
+            ]
+        if not done.all():
+            problems.append(
+                f"batch_done: batches {np.flatnonzero(~done).tolist()} not done but the store says complete"
+            )
+        for name in sorted(names):
+            arr = g[name]
+            if arr.nchunks_initialized != arr.nchunks:
+                problems.append(f"{name}: {arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunks missing")
+        return problems
 
     # -- reading ----------------------------------------------------------------------------
     @property

@@ -5,7 +5,12 @@ from __future__ import annotations
 import runpy
 import sys
 
-COMMANDS = {"lens": "pipelines.lens", "steer": "pipelines.steer", "demo": "pipelines.demo"}
+COMMANDS = {
+    "lens": "pipelines.lens",
+    "steer": "pipelines.steer",
+    "demo": "pipelines.demo",
+    "verify": "pipelines.verify",
+}
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ def main_job(tmp_path_factory, smollm2):
 def test_main_job_writes_store_heatmaps_and_prints_generated_text(main_job):
     result, run_dir = main_job
     store = LensStore.open(run_dir / "lens.zarr")
-    assert store.is_complete
+    assert store.is_complete and store.verify() == []
     assert store.attrs["model"]["name"] == "smollm2-135m-instruct"
     summary = store.attrs["summary"]
     assert len(summary["stages"]) == 2  # two stage actors, in two processes

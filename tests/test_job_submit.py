@@ -55,6 +55,6 @@ def test_ray_job_submit_runs_the_lens_driver_on_a_loopback_head(tiny_with_tokeni
     finally:
         subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
     store = LensStore.open(tmp_path / "job" / "lens.zarr")
-    assert store.is_complete
+    assert store.is_complete and store.verify() == []
     summary = store.attrs["summary"]
     assert len(summary["stages"]) == 2 and len({info["pid"] for info in summary["stage_info"]}) == 2

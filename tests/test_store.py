@@ -81,3 +81,41 @@ def test_bfloat16_activations_are_stored_bit_exact(tiny_checkpoints, tmp_path):
     assert stored.dtype == torch.bfloat16
     expected = torch.from_numpy(f32.activations(0)).to(torch.bfloat16)
     assert torch.equal(stored.view(torch.int16), expected.view(torch.int16))
+
+
+def _verify(path):
+    from driver import run_driver
+
+    return run_driver("pipelines.verify", str(path), cwd=path.parent)
+
+
+def test_verify_passes_a_whole_store_and_names_each_problem(finished, tmp_path):
+    import shutil
+
+    assert finished.verify() == []
+    ok = _verify(finished.path)
+    assert ok.returncode == 0 and "ok" in ok.stdout
+    cases = {}
+    for case in ("deleted_chunk", "no_completion_record", "altered_metadata"):
+        path = tmp_path / f"{case}.zarr"
+        shutil.copytree(finished.path, path)
+        cases[case] = path
+    chunk = next((cases["deleted_chunk"] / "topk_logprobs" / "c").rglob("*"), None)
+    while chunk is not None and chunk.is_dir():
+        chunk = next(chunk.iterdir())
+    chunk.unlink()
+    g = zarr.open_group(str(cases["no_completion_record"]), mode="r+", use_consolidated=False)
+    g["batch_done"][1] = False
+    g = zarr.open_group(str(cases["altered_metadata"]), mode="r+", use_consolidated=False)
+    layout = dict(g.attrs["layout"])
+    layout["layers"] = [0, 1, 2, 7]
+    g.attrs["layout"] = layout
+    expected = {
+        "deleted_chunk": "topk_logprobs: 1 of",
+        "no_completion_record": "batch_done: batches [1] not done but the store says complete",
+        "altered_metadata": "layer: [0, 1, 2, 3] but the layout record says [0, 1, 2, 7]",
+    }
+    for case, path in cases.items():
+        result = _verify(path)
+        assert result.returncode == 1, (case, result.stderr)
+        assert expected[case] in result.stderr, (case, result.stderr)
