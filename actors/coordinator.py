@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.executor import LocalExecutor, RayExecutor
+from actors.executor import ClusterError, LocalExecutor, RayExecutor
 from actors.sampling import SamplingSpec
 from actors.slicing import plan_stages
 from actors.stage import COMPONENTS, LENS_FIELDS, CaptureSpec, StageSpec
@@ -46,6 +46,7 @@ class RunSpec:
     micro_batches_in_flight: int = 2
     cpus_per_stage: float = 1.0
     gpus_per_stage: float = 0.0
+    placement_timeout_s: float = 60.0  # how long to wait for the cluster to place the stages
     steering: tuple = ()  # SteeringEdits; each stage applies those on its own layers
     coefficients: tuple[float, ...] | None = None  # a sweep: every prompt runs once per coefficient
     score_ids: tuple[int, ...] = ()  # record these tokens' logits at the first generated step
@@ -143,6 +144,7 @@ class Coordinator:
             n_scores=len(spec.score_ids),
             n_steps=spec.max_new_tokens,
         )
+        created = not (Path(spec.store_path) / "zarr.json").exists() or spec.existing == "overwrite"
         store = self._open_store(layout, bounds)
         mbs = self._micro_batches(prompts, row_coefficients, spec.sampling.pad_token_id)
         todo = [mb for mb in mbs if mb.index not in store.done_batches()]
@@ -169,11 +171,18 @@ class Coordinator:
             for r in range(spec.tp_size)
         ]
         executor = self._given_executor or (
-            LocalExecutor() if spec.executor == "local" else RayExecutor(spec.cpus_per_stage, spec.gpus_per_stage)
+            LocalExecutor()
+            if spec.executor == "local"
+            else RayExecutor(spec.cpus_per_stage, spec.gpus_per_stage, spec.placement_timeout_s)
         )
         t0 = time.perf_counter()
         try:
-            workers = executor.create(specs)
+            try:
+                workers = executor.create(specs)
+            except ClusterError:
+                if created:  # nothing was computed: leave no store behind
+                    shutil.rmtree(store.path, ignore_errors=True)
+                raise
             self._ex, self._ranks = (
                 executor,
                 [workers[s * spec.tp_size : (s + 1) * spec.tp_size] for s in range(len(bounds))],

@@ -10,6 +10,10 @@ from __future__ import annotations
 from actors.stage import StageSpec, StageWorker
 
 
+class ClusterError(RuntimeError):
+    """The cluster cannot run what was asked (for example, resources it cannot place)."""
+
+
 class LocalExecutor:
     name = "local"
 
@@ -75,7 +79,7 @@ class RayExecutor:
         if not ready:
             remove_placement_group(self._pg)
             self._pg = None
-            raise RuntimeError(
+            raise ClusterError(
                 f"the Ray cluster cannot place {len(specs)} stage ranks of {bundle} each within "
                 f"{self.placement_timeout_s:.0f}s; available: {ray.available_resources()}. "
                 "Lower num_stages/tp_size or cluster.cpus_per_stage/gpus_per_stage, or add nodes."

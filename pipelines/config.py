@@ -46,6 +46,7 @@ class ClusterConf:
     address: str | None = None  # join this cluster; else $RAY_ADDRESS; else start a local one
     micro_batch_size: int = 4
     micro_batches_in_flight: int = 2
+    placement_timeout_s: float = 60.0  # refuse, naming the resources, if the stages cannot be placed by then
 
 
 @dataclass

@@ -142,6 +142,7 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
         micro_batches_in_flight=c.micro_batches_in_flight,
         cpus_per_stage=c.cpus_per_stage,
         gpus_per_stage=c.gpus_per_stage,
+        placement_timeout_s=c.placement_timeout_s,
         existing=existing,
         attrs=attrs,
         steering=steering,
@@ -208,13 +209,15 @@ def print_summary(store, tokenizer, summary: dict, last: int = 4) -> None:
 def main(cfg: DictConfig) -> dict | None:
     from hydra.core.hydra_config import HydraConfig
 
+    from actors.executor import ClusterError
     from actors.store import StoreError
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         return run(cfg, out_dir)
-    except (ConfigError, StoreError, ValueError) as err:
-        exit_with_error(str(err))
+    except (ConfigError, StoreError, ValueError, ClusterError) as err:
+        # An error raised inside the coordinator actor arrives wrapped; report its cause.
+        exit_with_error(str(getattr(err, "cause", None) or err))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,10 @@ CASES = {
     "fp16_on_cpu": (["model.dtype=float16"], "model.dtype='float16' is not valid on device cpu"),
     "tp_not_dividing_heads": (["cluster.executor=ray", "cluster.tp_size=3"], "cluster.tp_size=3 does not divide"),
     "resume_and_overwrite": (["resume=true", "overwrite=true"], "resume=true and overwrite=true contradict"),
+    "resources_the_cluster_cannot_place": (
+        ["cluster.executor=ray", "cluster.cpus_per_stage=64", "cluster.placement_timeout_s=2"],
+        "the Ray cluster cannot place 2 stage ranks of {'CPU': 64.0} each within 2s",
+    ),
 }
 
 
