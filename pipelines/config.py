@@ -200,8 +200,8 @@ def _at_least(field_name: str, value, low) -> None:
         raise ConfigError(f"{field_name}={value!r} is out of range: must be >= {low}")
 
 
-def validate(cfg) -> None:
-    """Checks that need no model: enums, ranges, prompts, flags."""
+def _validate_model_and_cluster(cfg) -> None:
+    """The `model` and `cluster` checks every driver shares."""
     c = cfg.cluster
     _choice("cluster.executor", c.executor, EXECUTORS)
     _choice("cluster.device", c.device, ("cpu", "cuda"))
@@ -212,6 +212,12 @@ def validate(cfg) -> None:
         )
     for name in ("num_stages", "tp_size", "micro_batch_size", "micro_batches_in_flight"):
         _at_least(f"cluster.{name}", getattr(c, name), 1)
+
+
+def validate(cfg) -> None:
+    """Checks that need no model: enums, ranges, prompts, flags."""
+    c = cfg.cluster
+    _validate_model_and_cluster(cfg)
     if c.executor == "local" and c.tp_size > 1:
         raise ConfigError(f"cluster.tp_size={c.tp_size} needs cluster.executor=ray (one process per rank)")
     cap = cfg.capture
@@ -276,11 +282,7 @@ def validate_steer(cfg) -> None:
     from actors.steering import AGGREGATORS
 
     c = cfg.cluster
-    _choice("cluster.executor", c.executor, EXECUTORS)
-    _choice("cluster.device", c.device, ("cpu", "cuda"))
-    _choice("model.dtype", cfg.model.dtype, tuple(DTYPES))
-    for name in ("num_stages", "micro_batch_size", "micro_batches_in_flight"):
-        _at_least(f"cluster.{name}", getattr(c, name), 1)
+    _validate_model_and_cluster(cfg)
     if c.tp_size != 1:
         raise ConfigError(
             f"cluster.tp_size={c.tp_size}: steering studies run tp_size=1 stages (pooled across datasets)"
