@@ -50,6 +50,7 @@ class RunSpec:
     steering: tuple = ()  # SteeringEdits; each stage applies those on its own layers
     coefficients: tuple[float, ...] | None = None  # a sweep: every prompt runs once per coefficient
     score_ids: tuple[int, ...] = ()  # record these tokens' logits at the first generated step
+    share_prefix: bool = True  # a sweep computes the columns before its edits once per prompt
     existing: str = "refuse"  # what to do with a store already at store_path: refuse | resume | overwrite
     attrs: dict = field(default_factory=dict)  # recorded in the store (config, model id, versions)
     progress: bool = True
@@ -270,6 +271,45 @@ class Coordinator:
             mb.handles += [o[1] for o in outs]
         mb.last = hidden
 
+    def _shared_columns(self, mb: _MicroBatch) -> int:
+        """How many leading prompt columns no steering edit touches, when the micro-batch
+        repeats prompts (a sweep); 0 = nothing to share. At least the last prompt column is
+        always left out: its logits choose the first token, once per row."""
+        spec = self.spec
+        sources = self._sources[mb.rows]
+        if not spec.share_prefix or len(np.unique(sources)) == len(sources):
+            return 0
+        cols = mb.input_ids.shape[1]
+        pad = int((mb.attention_mask == 0).sum(1).min())
+        first = {"all": 0, "prompt": 0, "last": cols - 1, "generated": cols}
+        starts = [first[e.positions] if isinstance(e.positions, str) else pad + e.positions for e in spec.steering]
+        return max(0, min([cols - 1, *starts]))
+
+    def _start(self, mb: _MicroBatch) -> None:
+        ex, spec = self._ex, self.spec
+        workers = [w for r in self._ranks for w in r]
+        split = self._shared_columns(mb)
+        if not split:
+            mb.handles += [
+                ex.call(w, "start", mb.index, mb.attention_mask, spec.positions, mb.coefficients) for w in workers
+            ]
+            self._submit(mb, mb.input_ids)
+            return
+        # Prompts repeated along the batch (one row per coefficient): the columns before the
+        # first steered one run once per distinct prompt, then every stage replicates its state.
+        _, first_row, index = np.unique(self._sources[mb.rows], return_index=True, return_inverse=True)
+        order = np.argsort(first_row)  # distinct prompts in their order of appearance
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        base = np.sort(first_row)
+        mb.handles += [
+            ex.call(w, "start", mb.index, mb.attention_mask[base], spec.positions, np.ones(len(base)), True)
+            for w in workers
+        ]
+        self._submit(mb, mb.input_ids[base, :split])
+        mb.handles += [ex.call(w, "expand", mb.index, rank[index], mb.coefficients) for w in workers]
+        self._submit(mb, mb.input_ids[:, split:])
+
     def _generate(self, todo: list[_MicroBatch], store: LensStore, prompt_texts) -> dict[int, list]:
         spec, ex = self.spec, self._ex
         queue, inflight, generated = list(todo), {}, {}
@@ -277,12 +317,7 @@ class Coordinator:
         while queue or inflight:
             while queue and len(inflight) < spec.micro_batches_in_flight:
                 mb = queue.pop(0)
-                mb.handles += [
-                    ex.call(w, "start", mb.index, mb.attention_mask, spec.positions, mb.coefficients)
-                    for r in self._ranks
-                    for w in r
-                ]
-                self._submit(mb, mb.input_ids)
+                self._start(mb)
                 inflight[mb.index] = mb
             keys = list(inflight)
             mb = inflight[keys[ex.wait_first([inflight[k].last for k in keys])]]

@@ -97,7 +97,8 @@ class LensChunk:
 @dataclass
 class _BatchState:
     cache: object
-    attention_mask: torch.Tensor  # [batch, cols]
+    attention_mask: torch.Tensor  # [batch, cols fed so far]
+    prompt_mask: torch.Tensor  # [batch, prompt_cols]
     next_position: torch.Tensor  # [batch]
     pad: torch.Tensor  # [batch] left pads
     prompt_cols: int
@@ -109,6 +110,7 @@ class _BatchState:
     finished: torch.Tensor | None = None
     generator: torch.Generator | None = None
     coefficients: torch.Tensor | None = None  # [batch] per-row steering multipliers
+    shared: bool = False  # a shared prefix: no lens flush and no sampling until `expand`
 
 
 def _wanted(state: _BatchState, start: int, end: int, sel=None) -> torch.Tensor:
@@ -290,15 +292,17 @@ class StageWorker:
         return [(i, c) for i in layers for c in self.spec.capture.components]
 
     # -- micro-batch lifecycle --------------------------------------------------------------
-    def start(self, mb: int, attention_mask: np.ndarray, positions="all", coefficients=None) -> None:
+    def start(self, mb: int, attention_mask: np.ndarray, positions="all", coefficients=None, shared=False) -> None:
         """Open micro-batch `mb`; attention_mask: [batch, prompt_cols] (left-padded prompts);
-        coefficients: [batch] per-row multipliers of every steering edit (default 1)."""
+        coefficients: [batch] per-row multipliers of every steering edit (default 1).
+        shared: these rows are a shared prefix that `expand` will replicate (see there)."""
         from transformers import DynamicCache
 
         mask = torch.tensor(np.asarray(attention_mask), dtype=torch.long)
         state = _BatchState(
             cache=DynamicCache(config=self.config),
-            attention_mask=mask.to(self.device),
+            attention_mask=mask[:, :0].to(self.device),
+            prompt_mask=mask.to(self.device),
             next_position=torch.zeros(mask.shape[0], dtype=torch.long, device=self.device),
             pad=(mask == 0).sum(-1),
             prompt_cols=mask.shape[1],
@@ -313,7 +317,29 @@ class StageWorker:
         if self.spec.is_last:
             state.finished = torch.zeros(mask.shape[0], dtype=torch.bool)
             state.generator = torch.Generator().manual_seed(self.spec.sampling.seed * 1_000_003 + mb)
+        state.shared = bool(shared)
         self._states[mb] = state
+
+    def expand(self, mb: int, index, coefficients) -> None:
+        """Replicate a shared prefix: row i of the micro-batch becomes prefix row `index[i]`,
+        with its KV cache, buffered activations and tokens, and takes steering multiplier
+        `coefficients[i]`. A coefficient sweep whose edits start at column c computes columns
+        < c once per prompt (causal attention: they cannot see the edit) and only the rest
+        once per coefficient."""
+        state = self._states[mb]
+        idx = torch.as_tensor(np.asarray(index), dtype=torch.long)
+        dev_idx = idx.to(self.device)
+        state.cache.batch_select_indices(dev_idx)
+        state.attention_mask = state.attention_mask[dev_idx]
+        state.prompt_mask = state.prompt_mask[dev_idx]
+        state.next_position = state.next_position[dev_idx]
+        state.pad = state.pad[idx]
+        state.tokens = [t[idx] for t in state.tokens]
+        state.pending = {key: [h[dev_idx] for h in hs] for key, hs in state.pending.items()}
+        state.coefficients = torch.tensor(np.asarray(coefficients), dtype=torch.float32)
+        if state.finished is not None:
+            state.finished = state.finished[idx]
+        state.shared = False
 
     @torch.no_grad()
     def step(self, mb: int, tokens, upstream=None):
@@ -327,9 +353,13 @@ class StageWorker:
         state = self._states[mb]
         tokens = _as_columns(tokens)
         new = tokens.shape[1]
-        if state.cols == 0:  # prefill: HF's generate positions (left pads don't count)
-            mask = state.attention_mask
-            position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        if state.cols < state.prompt_cols:  # prompt columns (in one piece or several): HF's
+            # generate positions, where left pads don't count
+            if state.cols + new > state.prompt_cols:
+                raise ValueError(f"step feeds {new} columns past the prompt's {state.prompt_cols - state.cols} left")
+            mask = state.prompt_mask
+            state.attention_mask = mask[:, : state.cols + new]
+            position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, state.cols : state.cols + new]
         else:
             ones = torch.ones(state.attention_mask.shape[0], new, dtype=torch.long, device=self.device)
             state.attention_mask = torch.cat([state.attention_mask, ones], dim=1)
@@ -354,11 +384,13 @@ class StageWorker:
             state.pending.setdefault(key, []).extend(captured.get(key, []))
         state.tokens.append(tokens)
         state.cols += new
-        chunks = self._flush(mb, state, force=False)
+        chunks = [] if state.shared else self._flush(mb, state, force=False)
         if self.spec.tp_rank:  # every TP rank holds the merged lens; only rank 0 reports it
             chunks = []
         if not self.spec.is_last:
             return hidden.cpu() if self.device.type != "cpu" else hidden, chunks
+        if state.shared:  # a prefix's last column is not the prompt's: nothing to sample yet
+            return None, chunks
         logits = self.lens.full_logits(hidden[:, -1])  # [batch, vocab]: stays on this stage
         chosen = choose_tokens(logits, self.spec.sampling, state.generator).cpu()
         sampling = self.spec.sampling
@@ -410,24 +442,30 @@ class StageWorker:
             d = self.config.hidden_size
             out["activations"] = np.zeros(shape + (d,), _numpy_storage_dtype(spec.activations))
         rows = flat_wanted.nonzero()[:, 0]
-        flat_targets = targets.reshape(-1)[rows].to(self.device)
-        for li, layer in enumerate(layers):
-            for ci, comp in enumerate(comps):
-                buf = state.pending[(layer, comp)]
-                hidden = torch.cat(buf, dim=1) if len(buf) > 1 else buf[0]  # [batch, pending, d]
-                window_h = hidden[:, : end - start]
-                rest = hidden[:, end - start :]
-                state.pending[(layer, comp)] = [rest] if rest.shape[1] else []
-                if rows.numel():  # every TP rank sees the same rows, so all or none reach the collectives
-                    summary = self.lens.summarise(
-                        window_h.reshape(batch * n, -1)[rows.to(self.device)], flat_targets, spec.k
-                    )
-                    for name, value in vars(summary).items():
-                        dest = out[name][:, li, ci].reshape((batch * n,) + out[name].shape[4:])
-                        dest[rows.numpy()] = value.cpu().numpy()
-                        out[name][:, li, ci] = dest.reshape(out[name][:, li, ci].shape)
-                if spec.activations:
-                    out["activations"][:, li, ci] = _to_storage(window_h, spec.activations)
+        windows = {}
+        for key in keys:
+            buf = state.pending[key]
+            hidden = torch.cat(buf, dim=1) if len(buf) > 1 else buf[0]  # [batch, pending, d]
+            windows[key], rest = hidden[:, : end - start], hidden[:, end - start :]
+            state.pending[key] = [rest] if rest.shape[1] else []
+        if rows.numel():  # every TP rank sees the same rows, so all or none reach the collectives
+            # One lens call over every captured (layer, component) of the window: the
+            # unembedding GEMM runs over many rows at once instead of one window per layer.
+            dev_rows = rows.to(self.device)
+            stacked = torch.cat([windows[key].reshape(batch * n, -1)[dev_rows] for key in keys])
+            flat_targets = targets.reshape(-1)[rows].to(self.device).repeat(len(keys))
+            summary = self.lens.summarise(stacked, flat_targets, spec.k)
+            where = rows.numpy()
+            for name, value in vars(summary).items():
+                value = value.cpu().numpy().reshape((len(keys), len(where)) + out[name].shape[4:])
+                for j, (layer, comp) in enumerate(keys):
+                    li, ci = layers.index(layer), comps.index(comp)
+                    dest = out[name][:, li, ci].reshape((batch * n,) + out[name].shape[4:])
+                    dest[where] = value[j]
+                    out[name][:, li, ci] = dest.reshape(out[name][:, li, ci].shape)
+        if spec.activations:
+            for (layer, comp), window_h in windows.items():
+                out["activations"][:, layers.index(layer), comps.index(comp)] = _to_storage(window_h, spec.activations)
         return LensChunk(mb, self.spec.stage, layers, start, end, out)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -21,13 +22,21 @@ import torch
 
 
 class RssSampler:
-    """Peak resident memory of this process, sampled every few milliseconds."""
+    """Peak resident memory of this process over the `with` block. Linux keeps the peak itself
+    (VmHWM) and resets it on request (`clear_refs` = 5), so nothing polls while the timed code
+    runs; elsewhere a thread samples every few milliseconds (which costs the timed code a little)."""
 
     def __init__(self, interval: float = 0.005):
         self.proc = psutil.Process()
         self.peak = self.proc.memory_info().rss
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread = None
+        self._interval = interval
+
+    @staticmethod
+    def _hwm() -> int:
+        with open("/proc/self/status") as f:
+            return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
 
     def _run(self, interval):
         while not self._stop.is_set():
@@ -35,10 +44,19 @@ class RssSampler:
             time.sleep(interval)
 
     def __enter__(self):
-        self._thread.start()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._hwm()
+        except OSError:
+            self._thread = threading.Thread(target=self._run, args=(self._interval,), daemon=True)
+            self._thread.start()
         return self
 
     def __exit__(self, *exc):
+        if self._thread is None:
+            self.peak = max(self.peak, self._hwm())
+            return
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self.proc.memory_info().rss)
@@ -124,7 +142,8 @@ def distlens(job) -> dict:
     if job.get("vector") is not None:
         from actors.stage import SteeringEdit
 
-        steering = (SteeringEdit(job["steer_layer"], "resid_pre", np.asarray(job["vector"], np.float32), "all"),)
+        where = job.get("steer_positions", "all")
+        steering = (SteeringEdit(job["steer_layer"], "resid_pre", np.asarray(job["vector"], np.float32), where),)
     spec = RunSpec(
         model_path=job["model_path"], store_path=str(store_path), num_stages=job["stages"], executor=job["executor"],
         components=tuple(job.get("components", ["resid_post"])), k=10, lens_window=job.get("window", 64),
@@ -230,7 +249,8 @@ def transformer_lens_cache(job) -> dict:
 @torch.no_grad()
 def steering_vectors_sweep(job) -> dict:
     """(e) The steering-vectors library doing the same sweep: one forward pass per coefficient,
-    its vector on decoder block L-1's output (= distlens's resid_pre of layer L), all positions."""
+    its vector on decoder block L-1's output (= distlens's resid_pre of layer L), at every
+    position or (steer_positions=last) from the last prompt column on."""
     from steering_vectors import SteeringVector
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -249,7 +269,8 @@ def steering_vectors_sweep(job) -> dict:
     with RssSampler() as rss:
         t0 = time.perf_counter()
         for c in job["coefficients"]:
-            with vector.apply(model, multiplier=c, min_token_index=0):
+            first = width - 1 if job.get("steer_positions") == "last" else 0
+            with vector.apply(model, multiplier=c, min_token_index=first):
                 logits = model(ids, attention_mask=mask, position_ids=position_ids).logits[:, -1]
             scores.append(logits[:, job["score_ids"]])
         wall = time.perf_counter() - t0

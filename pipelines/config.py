@@ -175,6 +175,7 @@ class BenchConf:
     sweep_coefficients: list[int] = field(default_factory=lambda: [1, 3, 7])
     sweep_items: int = 8
     sweep_dataset: str = "corrigible-neutral-HHH"
+    sweep_positions: list[str] = field(default_factory=lambda: ["last", "all"])  # steered span, each measured
     data_root: str | None = None
     peers: list[str] = field(default_factory=lambda: ["nnsight", "transformer_lens", "steering_vectors"])
 

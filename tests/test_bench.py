@@ -16,7 +16,10 @@ def test_bench_smoke(tiny_with_tokenizer, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "bench" / "b"
-    rows = {r["system"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    listed = json.loads((out / "results.json").read_text())["rows"]
+    rows = {r["system"]: r for r in listed}
+    swept = {r["steer_positions"] for r in listed if r["system"] == "distlens_sweep_one_pass"}
+    assert swept == {"last", "all"}  # label-position (shared prefix) and every position
     assert {"hf_generate", "distlens_local_2stage", "paper_baseline", "distlens_sweep_one_pass"} <= set(rows)
     assert all("error" not in r for r in rows.values()), [r for r in rows.values() if "error" in r]
     # the staged lens and the naive baseline see the same trajectory

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from actors.stage import STEERING_SITES, SteeringEdit
-from reference import PROMPTS, hf_generate, hf_hidden_by_row, run_lens
+from reference import PROMPTS, assert_stores_equal, hf_generate, hf_hidden_by_row, run_lens
 from tiny_models import load_reference
 
 
@@ -84,3 +84,32 @@ def test_sweep_of_seven_coefficients_is_one_pass_equal_to_seven_passes(tiny_chec
             propensity[j :: len(coefficients)], single["scores"][:, 0, 0] - single["scores"][:, 0, 1], atol=1e-5
         )
     assert np.ptp(propensity[:7]) > 1e-3  # the coefficient matters
+
+
+@pytest.mark.parametrize("positions", ["last", 2, "generated"])
+def test_sweep_shares_the_unsteered_prefix_and_equals_the_unshared_sweep(positions, tiny_checkpoints, tmp_path):
+    """Edits that start at column c leave columns < c alike for every coefficient: they run once
+    per prompt and every stage replicates its cache and buffers. The store (lens on every
+    layer, activations, generated tokens, scores) must equal the sweep computed row by row;
+    micro-batches of 10 rows cut through a prompt's 7 coefficient rows."""
+    path = tiny_checkpoints["llama"]
+    v = np.random.default_rng(3).standard_normal(64).astype(np.float32)
+    coefficients = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0)
+    common = dict(
+        max_new_tokens=4, score_ids=(40, 41), num_stages=2, micro_batch_size=10, lens_window=2,
+        steering=(SteeringEdit(1, "resid_pre", v, positions, 2.0),), coefficients=coefficients,
+    )  # fmt: skip
+    shared_summary, shared = run_lens(path, tmp_path / "shared.zarr", **common)
+    plain_summary, plain = run_lens(path, tmp_path / "plain.zarr", share_prefix=False, **common)
+    assert_stores_equal(shared, plain)
+    np.testing.assert_allclose(shared["scores"], plain["scores"], atol=1e-5)
+    assert shared["coefficient"].tolist() == plain["coefficient"].tolist()
+    # prefix + rest of the prompt: one more call per micro-batch that repeats a prompt (the
+    # third micro-batch holds one row, nothing to share)
+    sources = np.repeat(np.arange(len(PROMPTS)), len(coefficients))
+    batches = sum(len(set(sources[i : i + 10])) < len(sources[i : i + 10]) for i in range(0, len(sources), 10))
+    assert batches == 2
+    calls = [i["forward_calls"] for i in shared_summary["stage_info"]]
+    assert calls == [c + batches for c in (i["forward_calls"] for i in plain_summary["stage_info"])]
+    propensity = shared["scores"][:7, :, 0] - shared["scores"][:7, :, 1]  # [coefficient, step]
+    assert np.ptp(propensity, axis=0).max() > 1e-3  # the coefficient still matters
