@@ -21,6 +21,10 @@ def _comm(t: torch.Tensor) -> torch.Tensor:
     return t.cpu() if dist.get_backend() == "gloo" else t
 
 
+ROWS_PER_MATMUL = 256
+_SCRATCH: dict[tuple, torch.Tensor] = {}  # (device, dtype, vocab shard) -> logits buffer of this process
+
+
 @dataclass
 class LensSummary:
     """Per position: `topk_ids`/`topk_logprobs` [n, k], `entropy`, `target_logprob`,
@@ -51,8 +55,10 @@ class LogitLens(nn.Module):
         self.vocab_size = weight.shape[0]
         bounds = torch.tensor_split(torch.arange(self.vocab_size), tp_size)[tp_rank]
         self.vocab_offset = int(bounds[0]) if len(bounds) else self.vocab_size
-        # A shard copy only when sharding; tp_size == 1 keeps sharing the (maybe tied) weight.
+        # A shard copy only when sharding; tp_size == 1 keeps sharing the (maybe tied) weight,
+        # and keeps the head module alive (stages in one process share it: slicing._HEADS).
         self.weight = weight if tp_size == 1 else weight[bounds].detach().clone()
+        self.head = lm_head if tp_size == 1 else None
         self.tp_size = tp_size
         self.rows_per_matmul = rows_per_matmul
         self.rows_per_pass = rows_per_pass
@@ -87,14 +93,13 @@ class LogitLens(nn.Module):
         return LensSummary(*(torch.cat(parts) for parts in zip(*(vars(p).values() for p in pieces))))
 
     def _logits_buffer(self, n: int, hidden: torch.Tensor) -> torch.Tensor:
-        """A reused [n, vocab_shard] output buffer: a fresh one of this size per call would be
-        a fresh mmap whose pages are faulted in (zeroed) every time."""
-        shape = (n, self.weight.shape[0])
-        buf = getattr(self, "_buf", None)
-        if buf is None or buf.shape[0] < n or buf.dtype != self.weight.dtype or buf.device != hidden.device:
-            buf = self._buf = torch.empty(
-                (max(n, self.rows_per_matmul), shape[1]), dtype=self.weight.dtype, device=hidden.device
-            )
+        """An [n, vocab_shard] output buffer, one per process (stages that share a process run
+        one at a time) and reused: a fresh one per call would be a fresh mmap whose pages are
+        faulted in (zeroed) every time."""
+        key = (hidden.device, self.weight.dtype, self.weight.shape[0])
+        buf = _SCRATCH.get(key)
+        if buf is None or buf.shape[0] < n:
+            buf = _SCRATCH[key] = torch.empty((max(n, self.rows_per_matmul), key[2]), dtype=key[1], device=key[0])
         return buf[:n]
 
     def _summarise_rows(self, hidden: torch.Tensor, targets: torch.Tensor, k: int) -> LensSummary:

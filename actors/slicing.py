@@ -8,6 +8,9 @@ it is tied to lm_head (then it costs nothing extra there).
 
 from __future__ import annotations
 
+import weakref
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -137,6 +140,9 @@ def _materialise(module: nn.Module, prefix: str, index: TensorIndex, dtype, devi
         raise ValueError(f"tensors {still_meta[:4]} of {prefix} were not in the checkpoint")
 
 
+_HEADS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # lens heads alive in this process
+
+
 def build_stage(
     checkpoint_path, config, start: int, end: int, dtype: torch.dtype, device
 ) -> tuple[StageModel, nn.Module, nn.Module]:
@@ -159,10 +165,16 @@ def build_stage(
     layers = nn.ModuleList(list(get_path(skeleton, adapter.layers))[start:end])
     for offset, layer in enumerate(layers):
         _materialise(layer, f"{adapter.layers}.{start + offset}", index, dtype, device)
-    norm = get_path(skeleton, adapter.final_norm)
-    _materialise(norm, adapter.final_norm, index, dtype, device)
-    lm_head = get_path(skeleton, adapter.lm_head)
-    _materialise(lm_head, adapter.lm_head, index, dtype, device, alias=tied)
+    # The lens head is replicated per stage, but stages that share a process (the local
+    # executor) share one replica: the unembedding is the largest tensor of a small model.
+    key = (str(Path(checkpoint_path).resolve()), str(dtype), str(device))
+    norm, lm_head = _HEADS.get((*key, "norm")), _HEADS.get((*key, "head"))
+    if norm is None or lm_head is None:
+        norm = get_path(skeleton, adapter.final_norm)
+        _materialise(norm, adapter.final_norm, index, dtype, device)
+        lm_head = get_path(skeleton, adapter.lm_head)
+        _materialise(lm_head, adapter.lm_head, index, dtype, device, alias=tied)
+        _HEADS[(*key, "norm")], _HEADS[(*key, "head")] = norm, lm_head
     # Rotary tables are computed, not stored: build them for real on the target device.
     rotary = type(get_path(skeleton, adapter.rotary))(config=config).to(device)
     stage = StageModel(config, adapter, start, end, embed, layers, rotary).eval()
