@@ -72,6 +72,7 @@ def resolve_checkpoint(name: str, revision: str | None = None) -> Checkpoint:
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ValueError(f"model={name!r} is a directory without config.json")
+        _require_safetensors(local, name)
         return Checkpoint(name, local.resolve(), f"local:{local.resolve()}")
     if name.count("/") == 1 and not name.startswith((".", "/")):
         return _from_hub(name, revision)
@@ -93,7 +94,16 @@ def _from_hub(repo_id: str, revision: str | None) -> Checkpoint:
         )
     except Exception as err:  # network, auth, missing repo: all surface as one clear error
         raise ValueError(f"unknown model {repo_id!r}: could not fetch it ({type(err).__name__}: {err})") from err
+    _require_safetensors(Path(path), repo_id)
     return Checkpoint(repo_id, Path(path), f"hf:{repo_id}@{revision or 'main'}")
+
+
+def _require_safetensors(path: Path, name: str) -> None:
+    """Weights come from safetensors only: a pickle (`*.bin`, `*.pt`) is never opened."""
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+        found = f" (found {pickles}; convert them to safetensors yourself)" if pickles else ""
+        raise ValueError(f"model={name!r} holds no *.safetensors: distlens loads safetensors only, never pickle{found}")
 
 
 def _builtin(name: str) -> Checkpoint:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,8 +24,10 @@ import numpy as np
 from actors.executor import ClusterError, LocalExecutor, RayExecutor
 from actors.sampling import SamplingSpec
 from actors.slicing import plan_stages
-from actors.stage import COMPONENTS, LENS_FIELDS, CaptureSpec, StageSpec
+from actors.stage import COMPONENTS, LENS_FIELDS, CaptureSpec, LostStateError, StageSpec
 from actors.store import LensStore, StoreError, StoreLayout
+
+log = logging.getLogger("distlens")
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,8 @@ class RunSpec:
     cpus_per_stage: float = 1.0
     gpus_per_stage: float = 0.0
     placement_timeout_s: float = 60.0  # how long to wait for the cluster to place the stages
+    max_restarts: int = 3  # stage-actor failures a run survives (Ray restarts the actor; tp_size 1)
+    restart_timeout_s: float = 300.0  # how long to wait for a restarted stage to answer
     steering: tuple = ()  # SteeringEdits; each stage applies those on its own layers
     coefficients: tuple[float, ...] | None = None  # a sweep: every prompt runs once per coefficient
     score_ids: tuple[int, ...] = ()  # record these tokens' logits at the first generated step
@@ -73,6 +80,7 @@ class _MicroBatch:
     last: object = None  # handle of the last stage's latest step output
     scores: list = field(default_factory=list)  # [batch, len(score_ids)] per generated step
     handles: list = field(default_factory=list)  # lens-chunk handles (and start acks)
+    counted: int = 0  # progress-bar units counted for this micro-batch
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -93,12 +101,25 @@ def _progress(total: int, desc: str, enabled: bool):
     )
 
 
+def _faults() -> dict:
+    """Fault injection for the recovery tests, from $DISTLENS_FAULTS (JSON), e.g.
+    {"kill_stage": {"stage": 1, "batch": 1, "step": 2}}: SIGKILL that stage's process once
+    batch 1 has made 2 steps; {"kill_driver": {"after_batches": 2, "mid_write": true}}: SIGKILL
+    this process after 2 batch writes (mid_write: after the 2nd batch's data, before its
+    completion record); {"interrupt_driver": {"after_batches": 1}}: SIGINT (Ctrl-C) instead."""
+    text = os.environ.get("DISTLENS_FAULTS")
+    return json.loads(text) if text else {}
+
+
 class Coordinator:
     """Runs `spec`. `executor`: an executor to use (and leave open) instead of a new one."""
 
     def __init__(self, spec: RunSpec, executor=None):
         self.spec = spec
         self._given_executor = executor
+        self.restarts = 0
+        self._faults = _faults()
+        self._writes = 0
 
     def run(self, prompts: list[list[int]], prompt_texts: list[str] | None = None) -> dict:
         """Generate from `prompts` (token ids) and write the lens store; returns a summary."""
@@ -171,10 +192,16 @@ class Coordinator:
             for s, (a, b) in enumerate(bounds)
             for r in range(spec.tp_size)
         ]
+        handler = self._run_log(Path(spec.store_path).parent / "run.log")
         executor = self._given_executor or (
             LocalExecutor()
             if spec.executor == "local"
-            else RayExecutor(spec.cpus_per_stage, spec.gpus_per_stage, spec.placement_timeout_s)
+            else RayExecutor(
+                spec.cpus_per_stage,
+                spec.gpus_per_stage,
+                spec.placement_timeout_s,
+                max_restarts=spec.max_restarts if spec.tp_size == 1 else 0,
+            )
         )
         t0 = time.perf_counter()
         try:
@@ -183,11 +210,17 @@ class Coordinator:
             except ClusterError:
                 if created:  # nothing was computed: leave no store behind
                     shutil.rmtree(store.path, ignore_errors=True)
+                    store._write_log_path.unlink(missing_ok=True)
                 raise
             self._ex, self._ranks = (
                 executor,
                 [workers[s * spec.tp_size : (s + 1) * spec.tp_size] for s in range(len(bounds))],
             )
+            self._workers, self._specs = workers, specs
+            log.info(
+                "run: %d prompts in %d micro-batches (%d to do), stages %s, executor %s",
+                len(prompts), len(mbs), len(todo), [list(b) for b in bounds], executor.name,
+            )  # fmt: skip
             self._setup()
             self._tokenizer()  # loaded before the clock starts: decoding texts is part of writing
             t_loaded = time.perf_counter()
@@ -197,6 +230,8 @@ class Coordinator:
         finally:
             if self._given_executor is None:
                 executor.shutdown()
+            log.removeHandler(handler)
+            handler.close()
         n_new = int(sum(len(g) for g in generated.values()))
         n_pos = int(sum(int(store.group["lengths"][mb.rows].sum()) for mb in todo))
         decode_s = t_done - t_loaded
@@ -210,12 +245,24 @@ class Coordinator:
             "generate_s": round(decode_s, 3),
             "tokens_per_s": round(n_new / decode_s, 3) if decode_s else None,
             "positions_per_s": round(n_pos / decode_s, 3) if decode_s else None,
+            "stage_restarts": self.restarts,
             "stage_info": stage_info,
         }
         store.mark_complete(summary)
+        log.info("complete: %s (%d tokens, %s tokens/s)", store.path, n_new, summary["tokens_per_s"])
         return summary
 
     # -- set-up ---------------------------------------------------------------------------------
+    @staticmethod
+    def _run_log(path: Path) -> logging.Handler:
+        """The run log beside the store (appended to by resumed runs), written by whichever
+        process runs the coordinator, the driver or a Ray actor."""
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [pid %(process)d] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        return handler
+
     def _open_store(self, layout: StoreLayout, bounds) -> LensStore:
         spec = self.spec
         path = Path(spec.store_path)
@@ -311,32 +358,120 @@ class Coordinator:
         self._submit(mb, mb.input_ids[:, split:])
 
     def _generate(self, todo: list[_MicroBatch], store: LensStore, prompt_texts) -> dict[int, list]:
-        spec, ex = self.spec, self._ex
+        spec = self.spec
         queue, inflight, generated = list(todo), {}, {}
         bar = _progress(len(todo) * spec.max_new_tokens, "generate (tokens per row)", spec.progress)
+        self._bar, self._stats = bar, _StageStats(self)
         while queue or inflight:
-            while queue and len(inflight) < spec.micro_batches_in_flight:
-                mb = queue.pop(0)
-                self._start(mb)
-                inflight[mb.index] = mb
-            keys = list(inflight)
-            mb = inflight[keys[ex.wait_first([inflight[k].last for k in keys])]]
-            out = ex.get(mb.last)
-            if "scores" in out:  # logits of score_ids; step 0 is the answer position
-                mb.scores.append(out["scores"])
-            mb.generated.append(out["tokens"])
-            mb.steps += 1
-            bar.update(1)
-            if mb.steps < spec.max_new_tokens and not out["finished"].all():
-                self._submit(mb, mb.last)
-                continue
-            bar.update(spec.max_new_tokens - mb.steps)
-            mb.handles += [ex.call(w, "finish", mb.index, mb.last) for r in self._ranks for w in r]
-            chunks = [c for h in mb.handles for c in (ex.get(h) or [])]
-            generated.update(self._write(mb, chunks, store, prompt_texts))
-            del inflight[mb.index]
+            try:
+                self._advance(queue, inflight, generated, store, prompt_texts)
+            except Exception as err:
+                if not self._recoverable(err):
+                    raise
+                self._recover(err, queue, inflight)
         bar.close()
         return generated
+
+    def _advance(self, queue, inflight, generated, store, prompt_texts) -> None:
+        """Fill the pipeline, then take one step's result from whichever micro-batch is ready."""
+        spec, ex, bar = self.spec, self._ex, self._bar
+        while queue and len(inflight) < spec.micro_batches_in_flight:
+            mb = queue.pop(0)
+            self._start(mb)
+            inflight[mb.index] = mb
+        keys = list(inflight)
+        mb = inflight[keys[ex.wait_first([inflight[k].last for k in keys])]]
+        out = ex.get(mb.last)
+        if "scores" in out:  # logits of score_ids; step 0 is the answer position
+            mb.scores.append(out["scores"])
+        mb.generated.append(out["tokens"])
+        mb.steps += 1
+        bar.update(1)
+        mb.counted += 1
+        self._stats.tick()
+        self._inject_stage_fault(mb)
+        if mb.steps < spec.max_new_tokens and not out["finished"].all():
+            self._submit(mb, mb.last)
+            return
+        bar.update(spec.max_new_tokens - mb.steps)
+        mb.counted = spec.max_new_tokens
+        mb.handles += [ex.call(w, "finish", mb.index, mb.last) for r in self._ranks for w in r]
+        chunks = [c for h in mb.handles for c in (ex.get(h) or [])]
+        generated.update(self._write(mb, chunks, store, prompt_texts))
+        del inflight[mb.index]
+        log.info(
+            "batch %d written: rows %d-%d, %d steps%s",
+            mb.index, mb.rows.start, mb.rows.stop - 1, mb.steps, self._stats.text(),
+        )  # fmt: skip
+
+    def _recoverable(self, err: Exception) -> bool:
+        """A stage actor died (or restarted and lost its state) and Ray can bring it back."""
+        if self._ex.name != "ray" or self.spec.tp_size > 1:
+            return False
+        from ray.exceptions import RayActorError
+
+        return isinstance(err, RayActorError | LostStateError)
+
+    def _recover(self, err: Exception, queue: list, inflight: dict) -> None:
+        """Wait for every stage to answer again (Ray restarts a dead actor, which reloads its
+        weights), set them up, and re-run the micro-batches that were in flight from their
+        first step: finished micro-batches are in the store and are not touched."""
+        spec, ex = self.spec, self._ex
+        from ray.exceptions import RayActorError
+
+        self.restarts += 1
+        reason = str(err).strip().splitlines()[0][:200]
+        log.warning("stage failure %d of at most %d: %s", self.restarts, spec.max_restarts, reason)
+        print(f"[distlens] a stage failed ({reason}); re-running {len(inflight)} micro-batch(es)", file=sys.stderr)
+        if self.restarts > spec.max_restarts:
+            raise ClusterError(
+                f"stages failed {self.restarts} times (cluster.max_restarts={spec.max_restarts}); "
+                "finished micro-batches are in the store: run again with resume=true"
+            ) from err
+        deadline = time.monotonic() + spec.restart_timeout_s
+        for worker, stage_spec in zip(self._workers, self._specs):
+            while True:
+                try:
+                    ex.get(ex.call(worker, "rejoin", stage_spec))
+                    break
+                except (RayActorError, LostStateError) as again:
+                    if time.monotonic() > deadline:
+                        raise ClusterError(
+                            f"stage {stage_spec.stage} did not come back within {spec.restart_timeout_s:.0f}s"
+                        ) from again
+                    time.sleep(0.2)
+        self._setup()
+        self._stats.pending = None
+        for mb in sorted(inflight.values(), key=lambda m: m.index, reverse=True):
+            self._bar.update(-mb.counted)
+            mb.steps, mb.counted, mb.generated, mb.scores, mb.handles, mb.last = 0, 0, [], [], [], None
+            queue.insert(0, mb)
+        inflight.clear()
+
+    def _inject_stage_fault(self, mb: _MicroBatch) -> None:
+        fault = self._faults.get("kill_stage")
+        if not fault or fault.get("done") or (mb.index, mb.steps) != (fault["batch"], fault["step"]):
+            return
+        fault["done"] = True
+        worker = self._ranks[fault["stage"]][0]
+        pid = self._ex.get(self._ex.call(worker, "info"))["pid"]
+        log.warning(
+            "fault injection: SIGKILL stage %d (pid %d) at batch %d step %d", fault["stage"], pid, *(mb.index, mb.steps)
+        )
+        os.kill(pid, signal.SIGKILL)
+
+    def _inject_driver_fault(self, store: LensStore, mb: _MicroBatch, data, texts) -> None:
+        """Write the batch, killing or interrupting this process where the fault says."""
+        kill, interrupt = self._faults.get("kill_driver"), self._faults.get("interrupt_driver")
+        if kill and self._writes + 1 == kill["after_batches"] and kill.get("mid_write"):
+            store.write_batch(mb.index, mb.rows, data, texts, mark_done=False)
+            os.kill(os.getpid(), signal.SIGKILL)
+        store.write_batch(mb.index, mb.rows, data, texts)
+        self._writes += 1
+        if kill and self._writes == kill["after_batches"]:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if interrupt and self._writes == interrupt["after_batches"]:
+            os.kill(os.getpid(), signal.SIGINT)
 
     def _write(self, mb: _MicroBatch, chunks, store: LensStore, prompt_texts) -> dict[int, list]:
         """Lay one micro-batch out by row position (left pads removed) and write it whole."""
@@ -394,7 +529,10 @@ class Coordinator:
                 if prompt_texts
                 else [tok.decode(cols[i, pad[i] : prompt_cols]) for i in range(batch)]
             )
-        store.write_batch(mb.index, mb.rows, data, texts)
+        if self._faults:
+            self._inject_driver_fault(store, mb, data, texts)
+        else:
+            store.write_batch(mb.index, mb.rows, data, texts)
         return {mb.rows.start + i: gen[i, : gen_len[i]].tolist() for i in range(batch)}
 
     def _tokenizer(self):
@@ -406,3 +544,33 @@ class Coordinator:
             except Exception:  # tiny test checkpoints may carry no tokenizer
                 self._tok = None
         return self._tok
+
+
+class _StageStats:
+    """Per-stage throughput for the progress bar and the run log: every few seconds each stage
+    is asked (without waiting) for its busy time and tokens processed."""
+
+    def __init__(self, coordinator: Coordinator, every_s: float = 2.0):
+        self.c, self.every_s = coordinator, every_s
+        self.last_poll, self.pending, self.rates = 0.0, None, {}
+
+    def tick(self) -> None:
+        ex = self.c._ex
+        if self.pending is not None and ex.ready(self.pending):
+            for stats in (ex.get(h) for h in self.pending):
+                if stats["busy_s"] > 0:
+                    self.rates[stats["stage"]] = stats["tokens"] / stats["busy_s"]
+            self.pending = None
+            bar = self.c._bar
+            if self.rates and hasattr(bar, "set_postfix_str"):
+                bar.set_postfix_str(self.text().strip(" ,;"), refresh=False)
+            elif self.rates and hasattr(bar, "set_description"):  # Ray's tqdm (coordinator in an actor)
+                bar.set_description("generate (tokens per row)" + self.text())
+        if self.pending is None and time.monotonic() - self.last_poll > self.every_s:
+            self.last_poll = time.monotonic()
+            self.pending = [ex.call(ranks[0], "stats") for ranks in self.c._ranks]
+
+    def text(self) -> str:
+        if not self.rates:
+            return ""
+        return "; stage tokens/s " + " ".join(f"s{k}={v:.0f}" for k, v in sorted(self.rates.items()))

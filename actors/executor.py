@@ -34,6 +34,9 @@ class LocalExecutor:
     def wait_first(self, handles: list) -> int:
         return 0  # everything local is already done
 
+    def ready(self, handles: list) -> bool:
+        return True
+
     def shutdown(self) -> None:
         pass
 
@@ -109,6 +112,13 @@ class RayExecutor:
 
         ready, _ = ray.wait(handles, num_returns=1)
         return handles.index(ready[0])
+
+    def ready(self, handles: list) -> bool:
+        """Whether every handle has a result (or an error), without waiting."""
+        import ray
+
+        done, _ = ray.wait(handles, num_returns=len(handles), timeout=0)
+        return len(done) == len(handles)
 
     def shutdown(self) -> None:
         """End of a run: release the actors unless they are pooled for the next one."""

@@ -31,6 +31,11 @@ LENS_FIELDS = {"topk_ids": -1, "topk_logprobs": np.nan, "entropy": np.nan, "targ
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class LostStateError(RuntimeError):
+    """A call for a micro-batch this worker holds no state for: the process restarted (or was
+    never set up) since the micro-batch started. The coordinator re-runs the micro-batch."""
+
+
 @dataclass(frozen=True)
 class CaptureSpec:
     layers: tuple[int, ...]  # global layer indices to capture (all stages see the same tuple)
@@ -159,6 +164,31 @@ class StageWorker:
         self.spec = spec
         self.forward_calls = 0
         self.timeline: list[tuple[int, float, float]] = []  # (micro-batch, start, end) per step
+        self._states: dict[int, _BatchState] = {}
+        self.busy_s, self.tokens = 0.0, 0  # forward time and token columns x rows processed
+
+    def stats(self) -> dict:
+        """Cheap counters for the coordinator's progress bar (per-stage throughput)."""
+        return {"stage": self.spec.stage, "busy_s": self.busy_s, "tokens": self.tokens}
+
+    def rejoin(self, spec: StageSpec) -> int:
+        """After a stage failure: take `spec` again before `setup`. A survivor keeps its weights
+        and counters; a restarted process (fresh from its constructor) or a new slice loads.
+        Returns this process's pid."""
+        if hasattr(self, "engine") and _slice_key(self.spec) == _slice_key(spec):
+            self.spec = spec
+        else:
+            self.configure(spec)
+        return os.getpid()
+
+    def _state(self, mb: int) -> _BatchState:
+        try:
+            return self._states[mb]
+        except KeyError:
+            raise LostStateError(
+                f"stage {self.spec.stage} (pid {os.getpid()}) holds no state for micro-batch {mb}: "
+                "it restarted since the micro-batch began"
+            ) from None
 
     # -- set-up ---------------------------------------------------------------------------
     def address(self) -> tuple[str, int]:
@@ -326,7 +356,7 @@ class StageWorker:
         `coefficients[i]`. A coefficient sweep whose edits start at column c computes columns
         < c once per prompt (causal attention: they cannot see the edit) and only the rest
         once per coefficient."""
-        state = self._states[mb]
+        state = self._state(mb)
         idx = torch.as_tensor(np.asarray(index), dtype=torch.long)
         dev_idx = idx.to(self.device)
         state.cache.batch_select_indices(dev_idx)
@@ -350,7 +380,7 @@ class StageWorker:
         Returns `(forward_out, lens_chunks)`: forward_out is hidden for the next stage, or on
         the last stage `{"tokens": [batch], "finished": [batch]}`.
         """
-        state = self._states[mb]
+        state = self._state(mb)
         tokens = _as_columns(tokens)
         new = tokens.shape[1]
         if state.cols < state.prompt_cols:  # prompt columns (in one piece or several): HF's
@@ -377,7 +407,10 @@ class StageWorker:
             hidden = self.engine(x, attention_mask=state.attention_mask, position_ids=position_ids, cache=state.cache)
         finally:
             self._step = None
-        self.timeline.append((mb, started, time.time()))
+        finished = time.time()
+        self.timeline.append((mb, started, finished))
+        self.busy_s += finished - started
+        self.tokens += int(tokens.shape[0] * new)
         captured, self._capture = self._capture, None
         self.forward_calls += 1
         for key in self.captured_keys:
@@ -404,7 +437,8 @@ class StageWorker:
     @torch.no_grad()
     def finish(self, mb: int, last_tokens) -> list[LensChunk]:
         """Close micro-batch `mb`: `last_tokens` [batch, 1] are the targets of the final column."""
-        state = self._states.pop(mb)
+        state = self._state(mb)
+        del self._states[mb]
         state.tokens.append(_as_columns(last_tokens))
         chunks = self._flush(mb, state, force=True)
         return [] if self.spec.tp_rank else chunks

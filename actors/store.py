@@ -15,6 +15,8 @@ The group attr `complete` is set last; a store without it never reads as finishe
 from __future__ import annotations
 
 import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +62,8 @@ class LensStore:
     @classmethod
     def create(cls, path, layout: StoreLayout, attrs: dict) -> LensStore:
         """All arrays and their metadata up front; data arrives batch by batch."""
+        path = Path(path)
+        path.with_name(path.name + ".writes.jsonl").unlink(missing_ok=True)  # a replaced store's log goes too
         g = zarr.open_group(str(path), mode="w", zarr_format=3)
         p, pos, b = layout.n_prompts, layout.n_positions, layout.batch_rows
         pc = min(layout.position_chunk, pos)
@@ -121,10 +125,17 @@ class LensStore:
         return cls(path, g)
 
     # -- writing ----------------------------------------------------------------------------
-    def write_batch(self, batch: int, rows: slice, data: dict[str, np.ndarray], texts: dict[str, list[str]]) -> None:
+    def write_batch(
+        self, batch: int, rows: slice, data: dict[str, np.ndarray], texts: dict[str, list[str]], mark_done: bool = True
+    ) -> None:
         """Write one micro-batch's rows (every position, so its chunks are written whole and
-        once), then its completion record."""
+        once), then its completion record. Each write is logged (`<store>.writes.jsonl` beside
+        the store, outside the Zarr hierarchy: one line when it begins and one when its record is
+        set) with the chunks it covers."""
         g = self.group
+        chunk = g["tokens"].chunks[0]
+        chunks = list(range(rows.start // chunk, -(-rows.stop // chunk)))
+        self._log({"event": "begin", "batch": batch, "rows": [rows.start, rows.stop], "prompt_chunks": chunks})
         # Every chunk is written, even one equal to the fill value, so `verify` can tell a
         # missing chunk from an empty one (a runtime setting: it is not stored with the array).
         with zarr.config.set({"array.write_empty_chunks": True}):
@@ -132,7 +143,24 @@ class LensStore:
                 g[name][rows] = value
             for name, values in texts.items():
                 g[name][rows] = np.asarray(values, dtype=object)
+            if not mark_done:
+                return
             g["batch_done"][batch] = True
+        self._log({"event": "done", "batch": batch, "rows": [rows.start, rows.stop], "prompt_chunks": chunks})
+
+    def _log(self, record: dict) -> None:
+        record = {**record, "pid": os.getpid(), "time": round(time.time(), 3)}
+        with open(self._write_log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    @property
+    def _write_log_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".writes.jsonl")
+
+    def write_log(self) -> list[dict]:
+        """Every batch write so far, in order (over resumed runs too)."""
+        path = self._write_log_path
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
     def done_batches(self) -> set[int]:
         return set(np.flatnonzero(self.group["batch_done"][:]).tolist())

@@ -10,6 +10,7 @@ COMMANDS = {
     "steer": "pipelines.steer",
     "demo": "pipelines.demo",
     "verify": "pipelines.verify",
+    "report": "pipelines.report",
 }
 
 

@@ -85,6 +85,40 @@ def hf_generate(job) -> dict:
 
 
 @torch.no_grad()
+def lens_floor(job) -> dict:
+    """What the exact all-layer lens alone costs on this machine: distlens's own lens
+    (`LogitLens.summarise`, the model's real norm and unembedding) over one window of every
+    layer (64 positions x L layers), per (position, layer) row; and the bare fp32 GEMM rate.
+    Nothing that computes an exact lens can beat L x this per position."""
+    from actors.lens import LogitLens
+
+    model = load_hf(job["model_path"])
+    layers = model.config.num_hidden_layers
+    lens = LogitLens(model.model.norm, model.lm_head)
+    rows = 64 * layers
+    hidden = torch.randn(rows, model.config.hidden_size) * 4
+    targets = torch.randint(0, model.config.vocab_size, (rows,))
+    lens.summarise(hidden, targets, 10)  # warm-up
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        lens.summarise(hidden, targets, 10)
+        times.append(time.perf_counter() - t0)
+    weight = model.lm_head.weight
+    block = hidden[:256]
+    block @ weight.T
+    t0 = time.perf_counter()
+    for _ in range(3):
+        block @ weight.T
+    gemm = (time.perf_counter() - t0) / 3
+    ms_per_row = float(np.median(times)) / rows * 1e3
+    return {
+        "lens_ms_per_row": ms_per_row, "layers": layers, "wall_s": float(np.median(times)),
+        "gemm_gflops": 2 * 256 * weight.shape[0] * weight.shape[1] / gemm / 1e9,
+    }  # fmt: skip
+
+
+@torch.no_grad()
 def paper_baseline(job) -> dict:
     """(c) The paper's naive baseline, as its original code did it: every new token re-runs the
     full prefix with no KV cache, every layer's output at the new position goes through norm +
@@ -282,6 +316,7 @@ SYSTEMS = {
     "steering_vectors": steering_vectors_sweep,
     "hf_generate": hf_generate,
     "paper_baseline": paper_baseline,
+    "lens_floor": lens_floor,
     "distlens": distlens,
     "nnsight": nnsight_trace,
     "transformer_lens": transformer_lens_cache,

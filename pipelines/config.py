@@ -47,6 +47,7 @@ class ClusterConf:
     micro_batch_size: int = 4
     micro_batches_in_flight: int = 2
     placement_timeout_s: float = 60.0  # refuse, naming the resources, if the stages cannot be placed by then
+    max_restarts: int = 3  # stage-actor deaths a run survives: Ray restarts the actor, in-flight batches re-run
 
 
 @dataclass
@@ -175,6 +176,7 @@ class BenchConf:
     sweep_coefficients: list[int] = field(default_factory=lambda: [1, 3, 7])
     sweep_items: int = 8
     sweep_dataset: str = "corrigible-neutral-HHH"
+    lens_floor: bool = True  # measure the exact lens's own cost (a ceiling on capture throughput)
     sweep_positions: list[str] = field(default_factory=lambda: ["last", "all"])  # steered span, each measured
     data_root: str | None = None
     peers: list[str] = field(default_factory=lambda: ["nnsight", "transformer_lens", "steering_vectors"])
@@ -213,6 +215,7 @@ def _validate_model_and_cluster(cfg) -> None:
         )
     for name in ("num_stages", "tp_size", "micro_batch_size", "micro_batches_in_flight"):
         _at_least(f"cluster.{name}", getattr(c, name), 1)
+    _at_least("cluster.max_restarts", c.max_restarts, 0)
 
 
 def validate(cfg) -> None:
@@ -304,3 +307,43 @@ def validate_steer(cfg) -> None:
     _at_least("data.max_test", d.max_test, 2)
     _at_least("steering.select_items", s.select_items, 2)
     _at_least("bootstrap", cfg.bootstrap, 1)
+
+
+def check_overrides(schema: type, argv: list[str] | None = None) -> None:
+    """Refuse unknown keys and config-group options in the command line's `key=value` overrides
+    before Hydra composes anything, with one line that names the key or option and what is
+    valid (Hydra's own message spans several lines and lists nothing valid). Overrides Hydra
+    treats specially (`~key`, `hydra.*`) and free-form fields are left to Hydra; `+key` is checked
+    like `key` (adding keys is never meaningful here)."""
+    import dataclasses
+    import sys
+    import typing
+    from pathlib import Path
+
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    groups = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in conf.iterdir() if d.is_dir()}
+    for arg in sys.argv[1:] if argv is None else argv:
+        if arg.startswith(("-", "~")) or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+")  # `+key=` adds a key Hydra would accept: none is meaningful here
+        if key.startswith("hydra.") or key == "hydra":
+            continue
+        if key in groups:  # a config-group choice; a multirun sweeps "a,b"
+            for option in value.split(",") if "[" not in value else [value]:
+                if option not in groups[key] and option != "null":
+                    exit_with_error(f"{key}={option!r} is not a config of group {key}: choose one of {groups[key]}")
+            continue
+        cls, parts = schema, key.split(".")
+        for i, part in enumerate(parts):
+            names = {f.name for f in dataclasses.fields(cls)}
+            if part not in names:
+                where = ".".join(parts[:i]) or "the top level"
+                exit_with_error(f"unknown config key {key!r}: valid keys of {where} are {sorted(names)}")
+            kind = typing.get_type_hints(cls).get(part)
+            if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+                cls = kind
+                continue
+            if i + 1 < len(parts) and kind is not Any and typing.get_origin(kind) is not dict and kind is not dict:
+                exit_with_error(f"unknown config key {key!r}: {'.'.join(parts[: i + 1])} is a single value")
+            break  # a value (or a free-form mapping): Hydra and `validate` check it

@@ -157,4 +157,7 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    from pipelines.config import DemoConf, check_overrides
+
+    check_overrides(DemoConf)
     main()

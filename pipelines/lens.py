@@ -18,15 +18,22 @@ register()
 
 def connect_ray(cluster) -> None:
     """Join cluster.address / $RAY_ADDRESS, or start a local cluster bound to loopback."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    if not address:  # a local cluster: loopback only (set before Ray reads it, if it has not yet)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
         return
-    address = cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
         return
+    # Ray reads the switch once, when first imported; something may have imported it before
+    # this call, so give its constant the value the environment now holds (the processes
+    # ray.init starts read the environment themselves).
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].lower() not in ("0", "false")
     repo = str(Path(__file__).resolve().parent.parent)
     ray.init(
         num_cpus=cluster.num_cpus,
@@ -143,6 +150,7 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
         cpus_per_stage=c.cpus_per_stage,
         gpus_per_stage=c.gpus_per_stage,
         placement_timeout_s=c.placement_timeout_s,
+        max_restarts=c.max_restarts,
         existing=existing,
         attrs=attrs,
         steering=steering,
@@ -215,10 +223,21 @@ def main(cfg: DictConfig) -> dict | None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         return run(cfg, out_dir)
+    except KeyboardInterrupt:
+        store = out_dir / "lens.zarr"
+        print(
+            f"\ninterrupted: {store} keeps every finished micro-batch and does not read as complete; "
+            "run the same command with resume=true to continue",
+            file=sys.stderr,
+        )
+        sys.exit(130)
     except (ConfigError, StoreError, ValueError, ClusterError) as err:
         # An error raised inside the coordinator actor arrives wrapped; report its cause.
         exit_with_error(str(getattr(err, "cause", None) or err))
 
 
 if __name__ == "__main__":
+    from pipelines.config import LensConf, check_overrides
+
+    check_overrides(LensConf)
     main()

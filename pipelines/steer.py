@@ -41,7 +41,9 @@ def executor_for(cfg):
             from pipelines.lens import connect_ray
 
             connect_ray(c)
-            _POOLS[key] = RayExecutor(c.cpus_per_stage, c.gpus_per_stage, persistent=True)
+            _POOLS[key] = RayExecutor(
+                c.cpus_per_stage, c.gpus_per_stage, c.placement_timeout_s, max_restarts=c.max_restarts, persistent=True
+            )
         else:
             _POOLS[key] = LocalExecutor()  # in-process workers are rebuilt per run (cheap at this size)
     return _POOLS[key]
@@ -67,6 +69,7 @@ class Study:
             layers=(),
             micro_batch_size=c.micro_batch_size,
             micro_batches_in_flight=c.micro_batches_in_flight,
+            max_restarts=c.max_restarts,
             max_new_tokens=1,
             existing="overwrite",
             progress=False,
@@ -133,7 +136,17 @@ class Study:
         return propensity, prob
 
 
-def run_dataset(study: Study, dataset: str, path: Path, cfg) -> dict:
+def cluster_identity(cfg) -> dict | None:
+    """Which Ray cluster this job's stages ran on (its GCS address), recorded per result so a
+    multirun's report shows every job joined the same one; None in-process."""
+    if cfg.cluster.executor != "ray":
+        return None
+    import ray
+
+    return {"address": ray.get_runtime_context().gcs_address}
+
+
+def run_dataset(study: Study, dataset: str, path: Path, cfg, cluster: dict | None = None) -> dict:
     from actors.mwe import load_items, split_items
     from actors.steerability import steerability
     from actors.steering import ab_prompt
@@ -165,6 +178,7 @@ def run_dataset(study: Study, dataset: str, path: Path, cfg) -> dict:
     result.update(
         dataset=dataset, best_layer=best, site=s.site, positions=s.positions, train_items=len(train),
         vector_norm=vectors[best].norm, selection={str(k): v for k, v in by_layer.items()},
+        layers=list(s.layers), cluster=cluster,
         wall_s=round(time.perf_counter() - t0, 1),
     )  # fmt: skip
     out = study.out_dir
@@ -223,6 +237,7 @@ def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
         raise ConfigError(f"cluster.num_stages={cfg.cluster.num_stages} is out of range: valid is 1..{n}")
     tokenizer = checkpoint.tokenizer()
     executor = executor_for(cfg)
+    cluster = cluster_identity(cfg)
     results = []
     t0 = time.perf_counter()
     from tqdm import tqdm
@@ -231,7 +246,7 @@ def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
         sub = out_dir / name if len(names) > 1 else out_dir
         sub.mkdir(parents=True, exist_ok=True)
         study = Study(cfg, checkpoint, tokenizer, hf_config, executor, sub)
-        result = run_dataset(study, name, paths[name], cfg)
+        result = run_dataset(study, name, paths[name], cfg, cluster)
         results.append(result)
         print(
             f"{name}: layer {result['best_layer']}, mean of slopes {result['mean_of_slopes']:.3f} "
@@ -262,4 +277,7 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    from pipelines.config import SteerConf, check_overrides
+
+    check_overrides(SteerConf)
     main()

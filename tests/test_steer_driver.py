@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from driver import run_driver
+from driver import ray_head, run_driver
 
 from actors.store import LensStore
 
@@ -48,17 +48,35 @@ def test_dataset_all_runs_every_dataset_and_loads_the_model_once(tiny_with_token
     assert {info["weight_loads"] for info in infos} == {1}  # each loaded its weights once
 
 
-def test_multirun_over_datasets_and_layers(tiny_with_tokenizer, two_datasets, tmp_path):
-    result = run_driver(
-        "pipelines.steer", "-m", "dataset=survival-instinct,corrigible-neutral-HHH", "layer=0,1",
-        f"model.name={tiny_with_tokenizer}", "cluster=inprocess", f"data.root={two_datasets}",
-        f"storage.root={tmp_path}", *SMALL, cwd=tmp_path,
-    )  # fmt: skip
+def test_multirun_over_datasets_and_layers_joins_one_cluster_and_reports_one_table(
+    tiny_with_tokenizer, two_datasets, tmp_path
+):
+    """`-m dataset=a,b layer=0,1` with $RAY_ADDRESS set: all four jobs run their stages on the
+    one running cluster, and `pipelines.report` collects them into one 4-row table."""
+    with ray_head(num_cpus=3) as (address, _, env):
+        result = run_driver(
+            "pipelines.steer", "-m", "dataset=survival-instinct,corrigible-neutral-HHH", "layer=0,1",
+            f"model.name={tiny_with_tokenizer}", f"data.root={two_datasets}", f"storage.root={tmp_path}", *SMALL,
+            cwd=tmp_path, env={"RAY_ADDRESS": address, "RAY_AUTH_MODE": env["RAY_AUTH_MODE"]},
+        )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    summaries = [json.loads(p.read_text()) for p in (tmp_path / "steer-multirun").glob("*/*/summary.json")]
+    (sweep_dir,) = (tmp_path / "steer-multirun").iterdir()
+    summaries = [json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")]
     assert sorted((s["dataset"], s["best_layer"]) for s in summaries) == [
         ("corrigible-neutral-HHH", 0), ("corrigible-neutral-HHH", 1), ("survival-instinct", 0), ("survival-instinct", 1),
     ]  # fmt: skip
+    assert {s["cluster"]["address"] for s in summaries} == {address}  # every job joined the running head
+    report = run_driver("pipelines.report", str(sweep_dir), cwd=tmp_path)
+    assert report.returncode == 0, report.stderr[-3000:]
+    rows = [line for line in (sweep_dir / "report.md").read_text().splitlines()[2:] if line.startswith("| ")]
+    assert len(rows) == 4 and all(address in row for row in rows)
+    with open(sweep_dir / "report.csv") as f:
+        assert len(f.read().strip().splitlines()) == 1 + 4
+
+
+def test_report_refuses_a_directory_without_results(tmp_path):
+    result = run_driver("pipelines.report", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 1 and f"no steerability summary.json under {tmp_path}" in result.stderr
 
 
 @pytest.mark.parametrize(

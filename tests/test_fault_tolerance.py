@@ -1,0 +1,111 @@
+"""A run survives the loss of a stage actor (Ray restarts it, the coordinator re-runs the
+micro-batches in flight) and the loss of its driver (the same command with resume=true
+continues from the completion records). Faults are injected at a chosen step through
+$DISTLENS_FAULTS, never by a timer; every final store is compared with an uninterrupted run's,
+array by array, and the write log shows no batch written twice."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from driver import run_driver
+
+from actors.store import LensStore
+from reference import assert_stores_equal, run_lens
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24], [30, 31], [40, 41, 42, 43], [50, 51, 52]]
+
+
+def _assert_each_batch_written_once(store: LensStore) -> Counter:
+    log = store.write_log()
+    done = Counter(r["batch"] for r in log if r["event"] == "done")
+    assert set(done.values()) == {1}, done  # no batch completed twice
+    assert sorted(done) == list(range(store.group["batch_done"].shape[0]))
+    chunks = Counter((c) for r in log if r["event"] == "done" for c in r["prompt_chunks"])
+    assert set(chunks.values()) == {1}, chunks  # and no chunk is covered by two completed writes
+    return Counter(r["batch"] for r in log if r["event"] == "begin")
+
+
+def _equal_texts(a: LensStore, b: LensStore) -> None:
+    for name in ("prompt_text", "generated_text"):
+        assert a.group[name][:].tolist() == b.group[name][:].tolist(), name
+
+
+def test_stage_actor_killed_mid_run_is_restarted_and_the_store_equals_an_uninterrupted_run(
+    ray_cluster, tiny_checkpoints, tmp_path, monkeypatch
+):
+    path = tiny_checkpoints["llama"]
+    common = dict(prompts=PROMPTS, num_stages=2, micro_batch_size=2, micro_batches_in_flight=2, max_new_tokens=6)
+    _, reference = run_lens(path, tmp_path / "reference.zarr", **common)
+    # SIGKILL stage 1's process once micro-batch 2 has made 2 steps: batch 0 is finished and
+    # written by then; batches 1 and 2 are in flight.
+    monkeypatch.setenv("DISTLENS_FAULTS", json.dumps({"kill_stage": {"stage": 1, "batch": 2, "step": 2}}))
+    from actors.coordinator import Coordinator, RunSpec
+    from actors.sampling import SamplingSpec
+
+    spec = RunSpec(
+        model_path=str(path), store_path=str(tmp_path / "killed.zarr"), executor="ray", max_restarts=2,
+        activations="float32", sampling=SamplingSpec(eos_token_ids=(), pad_token_id=0), lens_window=4,
+        progress=False, **{k: v for k, v in common.items() if k != "prompts"},
+    )  # fmt: skip
+    summary = Coordinator(spec).run(PROMPTS)
+    assert summary["stage_restarts"] == 1
+    killed = LensStore.open(tmp_path / "killed.zarr")
+    assert killed.is_complete and killed.verify() == []
+    assert_stores_equal(killed, reference)
+    np.testing.assert_array_equal(killed["coefficient"], reference["coefficient"])
+    begun = _assert_each_batch_written_once(killed)
+    assert set(begun.values()) == {1}  # micro-batch 0 was finished before the kill: not recomputed
+    # the restarted stage reloaded its weights in a new process
+    assert summary["stage_info"][1]["pid"] != summary["stage_info"][0]["pid"]
+
+
+BASE = ["cluster=inprocess", "cluster.micro_batch_size=1", "generation.max_new_tokens=4", "progress=false"]
+LENS_PROMPTS = '["The lighthouse keeper", "Once upon a time", "In the beginning", "A cat sat"]'
+
+
+def _lens(model, tmp_path, run, *extra, faults=None):
+    return run_driver(
+        "pipelines.lens", f"model.name={model}", *BASE, f"prompts={LENS_PROMPTS}", f"storage.root={tmp_path}",
+        f"storage.run={run}", *extra, cwd=tmp_path, env={"DISTLENS_FAULTS": json.dumps(faults)} if faults else None,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "fault,code",
+    [
+        ({"kill_driver": {"after_batches": 2}}, -9),  # SIGKILL right after batch 1's completion record
+        ({"kill_driver": {"after_batches": 2, "mid_write": True}}, -9),  # between batch 1's data and its record
+        ({"interrupt_driver": {"after_batches": 1}}, 130),  # Ctrl-C
+    ],
+    ids=["killed", "killed-mid-write", "ctrl-c"],
+)
+def test_driver_killed_then_resumed_equals_an_uninterrupted_run(fault, code, tiny_with_tokenizer, tmp_path):
+    full = _lens(tiny_with_tokenizer, tmp_path, "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    cut = _lens(tiny_with_tokenizer, tmp_path, "cut", faults=fault)
+    assert cut.returncode == code, cut.stderr[-3000:]
+    if code == 130:
+        assert "interrupted" in cut.stderr and "resume=true" in cut.stderr
+    store = LensStore.open(tmp_path / "cut" / "lens.zarr")
+    assert not store.is_complete  # an interrupted store never reads as complete
+    problems = store.verify()
+    assert any("incomplete" in p for p in problems), problems
+    finished = store.done_batches()
+    assert finished == set(range(len(finished))) and 0 < len(finished) < 4
+    resumed = _lens(tiny_with_tokenizer, tmp_path, "cut", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    store, reference = LensStore.open(tmp_path / "cut" / "lens.zarr"), LensStore.open(tmp_path / "full" / "lens.zarr")
+    assert store.is_complete and store.verify() == []
+    assert_stores_equal(store, reference, atol=0)  # same process layout: bit for bit
+    _equal_texts(store, reference)
+    begun = _assert_each_batch_written_once(store)
+    for batch in finished:  # batches finished before the kill were not computed again
+        assert begun[batch] == 1
+    if fault.get("kill_driver", {}).get("mid_write"):
+        assert begun[len(finished)] == 2  # the half-written batch was written again, whole
+    pids = {r["pid"] for r in store.write_log()}
+    assert len(pids) == 2  # two processes wrote this store
