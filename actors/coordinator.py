@@ -367,6 +367,12 @@ class Coordinator:
                 self._advance(queue, inflight, generated, store, prompt_texts)
             except Exception as err:
                 if not self._recoverable(err):
+                    if self._ex.name == "ray" and _actor_died(err):
+                        raise ClusterError(
+                            f"a stage actor died and is not restarted (tp_size={spec.tp_size}: a tensor-parallel "
+                            "group cannot re-form mid-run); finished micro-batches are in the store: run again "
+                            "with resume=true"
+                        ) from err
                     raise
                 self._recover(err, queue, inflight)
         bar.close()
@@ -544,6 +550,12 @@ class Coordinator:
             except Exception:  # tiny test checkpoints may carry no tokenizer
                 self._tok = None
         return self._tok
+
+
+def _actor_died(err: Exception) -> bool:
+    from ray.exceptions import RayActorError
+
+    return isinstance(err, RayActorError)
 
 
 class _StageStats:
