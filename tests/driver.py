@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -22,6 +23,9 @@ def run_driver(
         [sys.executable, "-m", module, *overrides],
         cwd=cwd,
         env=env,
+        # As in a terminal's foreground: Ctrl-C (SIGINT) interrupts, even when the test run
+        # itself was started in the background, where shells start children ignoring SIGINT.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         capture_output=True,
         text=True,
         timeout=timeout,
