@@ -344,17 +344,15 @@ class Coordinator:
             return
         # Prompts repeated along the batch (one row per coefficient): the columns before the
         # first steered one run once per distinct prompt, then every stage replicates its state.
-        _, first_row, index = np.unique(self._sources[mb.rows], return_index=True, return_inverse=True)
-        order = np.argsort(first_row)  # distinct prompts in their order of appearance
-        rank = np.empty_like(order)
-        rank[order] = np.arange(len(order))
-        base = np.sort(first_row)
+        # Rows are prompt-major, so the sorted distinct prompts are also in order of appearance:
+        # `base` holds each one's first row and `index` maps every row to its prompt's position.
+        _, base, index = np.unique(self._sources[mb.rows], return_index=True, return_inverse=True)
         mb.handles += [
             ex.call(w, "start", mb.index, mb.attention_mask[base], spec.positions, np.ones(len(base)), True)
             for w in workers
         ]
         self._submit(mb, mb.input_ids[base, :split])
-        mb.handles += [ex.call(w, "expand", mb.index, rank[index], mb.coefficients) for w in workers]
+        mb.handles += [ex.call(w, "expand", mb.index, index, mb.coefficients) for w in workers]
         self._submit(mb, mb.input_ids[:, split:])
 
     def _generate(self, todo: list[_MicroBatch], store: LensStore, prompt_texts) -> dict[int, list]:
@@ -366,14 +364,14 @@ class Coordinator:
             try:
                 self._advance(queue, inflight, generated, store, prompt_texts)
             except Exception as err:
-                if not self._recoverable(err):
-                    if self._ex.name == "ray" and _actor_died(err):
-                        raise ClusterError(
-                            f"a stage actor died and is not restarted (tp_size={spec.tp_size}: a tensor-parallel "
-                            "group cannot re-form mid-run); finished micro-batches are in the store: run again "
-                            "with resume=true"
-                        ) from err
+                if not self._stage_lost(err):
                     raise
+                if spec.tp_size > 1:
+                    raise ClusterError(
+                        f"a stage actor died and is not restarted (tp_size={spec.tp_size}: a tensor-parallel "
+                        "group cannot re-form mid-run); finished micro-batches are in the store: run again "
+                        "with resume=true"
+                    ) from err
                 self._recover(err, queue, inflight)
         bar.close()
         return generated
@@ -410,9 +408,9 @@ class Coordinator:
             mb.index, mb.rows.start, mb.rows.stop - 1, mb.steps, self._stats.text(),
         )  # fmt: skip
 
-    def _recoverable(self, err: Exception) -> bool:
-        """A stage actor died (or restarted and lost its state) and Ray can bring it back."""
-        if self._ex.name != "ray" or self.spec.tp_size > 1:
+    def _stage_lost(self, err: Exception) -> bool:
+        """A stage actor died, or restarted and lost its state (Ray actors only)."""
+        if self._ex.name != "ray":
             return False
         from ray.exceptions import RayActorError
 
@@ -423,8 +421,6 @@ class Coordinator:
         weights), set them up, and re-run the micro-batches that were in flight from their
         first step: finished micro-batches are in the store and are not touched."""
         spec, ex = self.spec, self._ex
-        from ray.exceptions import RayActorError
-
         self.restarts += 1
         reason = str(err).strip().splitlines()[0][:200]
         log.warning("stage failure %d of at most %d: %s", self.restarts, spec.max_restarts, reason)
@@ -440,7 +436,9 @@ class Coordinator:
                 try:
                     ex.get(ex.call(worker, "rejoin", stage_spec))
                     break
-                except (RayActorError, LostStateError) as again:
+                except Exception as again:
+                    if not self._stage_lost(again):
+                        raise
                     if time.monotonic() > deadline:
                         raise ClusterError(
                             f"stage {stage_spec.stage} did not come back within {spec.restart_timeout_s:.0f}s"
@@ -550,12 +548,6 @@ class Coordinator:
             except Exception:  # tiny test checkpoints may carry no tokenizer
                 self._tok = None
         return self._tok
-
-
-def _actor_died(err: Exception) -> bool:
-    from ray.exceptions import RayActorError
-
-    return isinstance(err, RayActorError)
 
 
 class _StageStats:
