@@ -55,109 +55,95 @@ def _tiny_gpt2(tmp_path) -> list[str]:
 
 
 LENS, STEER = "pipelines.lens", "pipelines.steer"
-# name: (driver, overrides or a function of (tmp_path, model dir) giving them, message, exit code)
+# name: (driver, overrides or a function of (tmp_path, model dir) giving them, message); all exit with 2
 CASES = {
     # invalid Hydra overrides
-    "unknown_config_key": (LENS, ["capture.kk=3"], "unknown config key 'capture.kk': valid keys of capture are", 2),
+    "unknown_config_key": (LENS, ["capture.kk=3"], "unknown config key 'capture.kk': valid keys of capture are"),
     "unknown_config_group_option": (
         LENS,
         ["cluster=slurm"],
         "cluster='slurm' is not a config of group cluster: choose one of",
-        2,
-    ),  # fmt: skip
-    "unknown_executor": (LENS, ["cluster.executor=mpi"], "cluster.executor='mpi' is not valid: choose one of", 2),
+    ),
+    "unknown_executor": (LENS, ["cluster.executor=mpi"], "cluster.executor='mpi' is not valid: choose one of"),
     "unknown_component": (
         LENS,
         ["capture.components=[resid_psot]"],
         "capture.components='resid_psot' is not valid: choose one of",
-        2,
-    ),  # fmt: skip
-    "top_p_out_of_range": (LENS, ["generation.top_p=0"], "generation.top_p=0.0 is out of range: must be in (0, 1]", 2),
-    "fp16_on_cpu": (LENS, ["model.dtype=float16"], "model.dtype='float16' is not valid on device cpu", 2),
-    "resume_and_overwrite": (LENS, ["resume=true", "overwrite=true"], "resume=true and overwrite=true contradict", 2),
+    ),
+    "top_p_out_of_range": (LENS, ["generation.top_p=0"], "generation.top_p=0.0 is out of range: must be in (0, 1]"),
+    "fp16_on_cpu": (LENS, ["model.dtype=float16"], "model.dtype='float16' is not valid on device cpu"),
+    "resume_and_overwrite": (LENS, ["resume=true", "overwrite=true"], "resume=true and overwrite=true contradict"),
     "negative_max_restarts": (
         LENS,
         ["cluster.max_restarts=-1"],
         "cluster.max_restarts=-1 is out of range: must be >= 0",
-        2,
-    ),  # fmt: skip
-    "empty_prompt_list": (LENS, ["prompts=[]"], "prompts=[] is empty", 2),
-    "blank_prompt": (LENS, ["prompts=['  ']"], "prompts[0]='  ' is empty", 2),
+    ),
+    "empty_prompt_list": (LENS, ["prompts=[]"], "prompts=[] is empty"),
+    "blank_prompt": (LENS, ["prompts=['  ']"], "prompts[0]='  ' is empty"),
     # unknown model or adapter; layers, stages, tp_size out of range
-    "unknown_model": (LENS, ["model.name=no-such-model"], "unknown model 'no-such-model'", 2),
+    "unknown_model": (LENS, ["model.name=no-such-model"], "unknown model 'no-such-model'"),
     "unsupported_model_family": (
         LENS,
         lambda tmp, _: _tiny_gpt2(tmp),
         "unsupported model family model_type='gpt2': supported families are",
-        2,
-    ),  # fmt: skip
-    "layer_out_of_range": (LENS, ["capture.layers=[7]"], "capture.layers contains 7, out of range: valid is 0..1", 2),
-    "num_stages_above_layers": (
-        LENS,
-        ["cluster.num_stages=3"],
-        "cluster.num_stages=3 is out of range: valid is 1..2",
-        2,
-    ),  # fmt: skip
-    "tp_not_dividing_heads": (
-        LENS,
-        ["cluster.executor=ray", "cluster.tp_size=3"],
-        "cluster.tp_size=3 does not divide",
-        2,
-    ),  # fmt: skip
+    ),
+    "layer_out_of_range": (LENS, ["capture.layers=[7]"], "capture.layers contains 7, out of range: valid is 0..1"),
+    "num_stages_above_layers": (LENS, ["cluster.num_stages=3"], "cluster.num_stages=3 is out of range: valid is 1..2"),
+    "tp_not_dividing_heads": (LENS, ["cluster.executor=ray", "cluster.tp_size=3"], "cluster.tp_size=3 does not divide"),
     "prompt_longer_than_context": (
         LENS,
         [f"prompts=['{LONG_PROMPT}']"],
         "exceeds the model's context of 2048 positions",
-        2,
-    ),  # fmt: skip
+    ),
     # resources the cluster cannot place
     "resources_the_cluster_cannot_place": (
         LENS,
         ["cluster.executor=ray", "cluster.cpus_per_stage=64", "cluster.placement_timeout_s=2"],
         "the Ray cluster cannot place 2 stage ranks of {'CPU': 64.0} each within 2s",
-        2,
-    ),  # fmt: skip
+    ),
     # malformed or non-UTF-8 dataset files
     "malformed_dataset_line": (
         STEER,
         lambda tmp, _: [f"dataset={_dataset(tmp, MALFORMED)}"],
         "bad.jsonl:5: not valid JSON",
-        2,
-    ),  # fmt: skip
-    "non_utf8_dataset": (
+    ),
+    "non_utf8_dataset": (STEER, lambda tmp, _: [f"dataset={_dataset(tmp, NON_UTF8)}"], "not UTF-8"),
+    "steering_layer_out_of_range": (
         STEER,
-        lambda tmp, _: [f"dataset={_dataset(tmp, NON_UTF8)}"],
-        "not UTF-8",
-        2,
-    ),  # fmt: skip
-    "steering_layer_out_of_range": (STEER, ["steering.layers=[0,7]"], "steering.layers contains 7, out of range", 2),
+        ["steering.layers=[0,7]"],
+        "steering.layers contains 7, out of range: valid is 0..1",
+    ),
+    "unknown_steering_site": (
+        STEER,
+        ["steering.site=resid_mid"],
+        "steering.site='resid_mid' is not valid: choose one of",
+    ),
+    "unknown_dataset": (STEER, ["dataset=no-such-set"], "unknown dataset 'no-such-set'"),
+    "too_few_test_items": (STEER, ["data.max_test=0"], "data.max_test=0 is out of range: must be >= 2"),
     # steering vectors of the wrong shape or from another model
     "steering_vector_wrong_hidden_size": (
         LENS,
         lambda tmp, model: [f"steer.vector={_vector(tmp, 7, str(model))}"],
         "has hidden size 7",
-        2,
-    ),  # fmt: skip
+    ),
     "steering_vector_of_another_model": (
         LENS,
         lambda tmp, _: [f"steer.vector={_vector(tmp, 32, 'other-model')}"],
         "was built on model 'other-model'",
-        2,
-    ),  # fmt: skip
+    ),
     # an output path holding another run's store
     "output_path_holds_another_run": (
         LENS,
         lambda tmp, _: _foreign_store(tmp),
         "already holds a run with another config",
-        2,
-    ),  # fmt: skip
+    ),
 }
 STEER_BASE = ["data.max_train=4", "data.max_test=4", "steering.select_items=2", "steering.layers=[0,1]", "bootstrap=50"]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_is_refused_before_compute(case, tiny_with_tokenizer, tmp_path):
-    driver, overrides, message, code = CASES[case]
+    driver, overrides, message = CASES[case]
     if callable(overrides):
         overrides = overrides(tmp_path, tiny_with_tokenizer)
     base = [f"model.name={tiny_with_tokenizer}", "cluster=inprocess", f"storage.root={tmp_path}", "storage.run=r"]
@@ -165,7 +151,7 @@ def test_bad_input_is_refused_before_compute(case, tiny_with_tokenizer, tmp_path
         base += STEER_BASE
     before = {p for p in tmp_path.rglob("*.zarr")}
     result = run_driver(driver, *base, *overrides, cwd=tmp_path)
-    assert result.returncode == code, result.stderr[-2000:]
+    assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("distlens: error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert {p for p in tmp_path.rglob("*.zarr")} == before  # no store written (an existing one untouched)

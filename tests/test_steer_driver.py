@@ -79,24 +79,6 @@ def test_report_refuses_a_directory_without_results(tmp_path):
     assert result.returncode == 1 and f"no steerability summary.json under {tmp_path}" in result.stderr
 
 
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        (["steering.layers=[0,7]"], "steering.layers contains 7, out of range: valid is 0..1"),
-        (["steering.site=resid_mid"], "steering.site='resid_mid' is not valid: choose one of"),
-        (["dataset=no-such-set"], "unknown dataset 'no-such-set'"),
-        (["data.max_test=0"], "data.max_test=0 is out of range: must be >= 2"),
-    ],
-)
-def test_steer_bad_input(overrides, message, tiny_with_tokenizer, two_datasets, tmp_path):
-    result = run_driver(
-        "pipelines.steer", f"model.name={tiny_with_tokenizer}", "cluster=inprocess", f"data.root={two_datasets}",
-        f"storage.root={tmp_path}", *SMALL, *overrides, cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 2
-    assert message in result.stderr
-
-
 def test_malformed_dataset_line_stops_the_study(tiny_with_tokenizer, tmp_path):
     root = tmp_path / "mwe"
     root.mkdir()
