@@ -119,38 +119,47 @@ def lens_floor(job) -> dict:
 
 
 @torch.no_grad()
-def paper_baseline(job) -> dict:
-    """(c) The paper's naive baseline, as its original code did it: every new token re-runs the
-    full prefix with no KV cache, every layer's output at the new position goes through norm +
-    lm_head over the full vocabulary, and the full softmaxes are kept."""
-    model = load_hf(job["model_path"])
-    ids = torch.tensor([job["prompt"]] * job["prompts"])
+def baseline_steps(model, ids: torch.Tensor, steps: int, capture: bool = True):
+    """The paper's naive loop (shared with the GPU bench): every new token re-runs the full
+    prefix with no KV cache; with `capture`, every layer's output at the new position goes
+    through norm + lm_head over the full vocabulary and the full softmaxes are kept (on the
+    model's device). Returns the grown ids and the kept [prompts, layers, steps, vocab] (or None)."""
     norm, head = model.model.norm, model.lm_head
     kept = []
+    for _ in range(steps):
+        out = model(ids, output_hidden_states=True, use_cache=False)
+        ids = torch.cat([ids, out.logits[:, -1].argmax(-1, keepdim=True)], 1)
+        if not capture:  # the same loop without the lens: its memory is the reference
+            continue
+        layers = out.hidden_states[1:]
+        # HF's last entry is already normalised: project it directly.
+        probs = [torch.softmax(head(norm(h[:, -1])).float(), -1) for h in layers[:-1]]
+        probs.append(torch.softmax(head(layers[-1][:, -1]).float(), -1))
+        kept.append(torch.stack(probs, 1))  # [prompts, layers, vocab], kept for the trajectory
+    return ids, (torch.stack(kept, 2) if kept else None)
+
+
+def top1_of(trajectory: torch.Tensor) -> dict:
+    """The first prompt's top-1 ids and log-probs [layers, steps] from kept softmaxes."""
+    top1 = trajectory[0].argmax(-1)
+    logp = torch.log(trajectory[0].gather(-1, top1[..., None])[..., 0])
+    return {"top1": top1.tolist(), "top1_logprob": logp.tolist()}
+
+
+def paper_baseline(job) -> dict:
+    """(c) The paper's naive baseline, as its original code did it (`baseline_steps`)."""
+    model = load_hf(job["model_path"])
+    ids = torch.tensor([job["prompt"]] * job["prompts"])
+    capture = not job.get("no_capture")
     loaded = psutil.Process().memory_info().rss
     with RssSampler() as rss:
         t0 = time.perf_counter()
-        for _ in range(job["T"]):
-            out = model(ids, output_hidden_states=True, use_cache=False)
-            ids = torch.cat([ids, out.logits[:, -1].argmax(-1, keepdim=True)], 1)
-            if job.get("no_capture"):  # the same loop without the lens: its memory is the reference
-                continue
-            layers = out.hidden_states[1:]
-            # HF's last entry is already normalised: project it directly.
-            probs = [torch.softmax(head(norm(h[:, -1])), -1) for h in layers[:-1]]
-            probs.append(torch.softmax(head(layers[-1][:, -1]), -1))
-            kept.append(torch.stack(probs, 1))  # [prompts, layers, vocab], kept for the trajectory
+        ids, trajectory = baseline_steps(model, ids, job["T"], capture)
         wall = time.perf_counter() - t0
-    if job.get("no_capture"):
-        return {"tokens_per_s": job["T"] * ids.shape[0] / wall, "wall_s": wall, "peak_rss": rss.peak}
-    trajectory = torch.stack(kept, 2)  # [prompts, layers, T, vocab]
-    top1 = trajectory[0].argmax(-1)  # [layers, T]
-    logp = torch.log(trajectory[0].gather(-1, top1[..., None])[..., 0])
-    return {
-        "tokens_per_s": job["T"] * ids.shape[0] / wall, "wall_s": wall, "peak_rss": rss.peak,
-        "capture_rss": rss.peak - loaded, "top1": top1.tolist(), "top1_logprob": logp.tolist(),
-        "tokens": ids[0].tolist(),
-    }  # fmt: skip
+    out = {"tokens_per_s": job["T"] * ids.shape[0] / wall, "wall_s": wall, "peak_rss": rss.peak}
+    if capture:
+        out.update(capture_rss=rss.peak - loaded, tokens=ids[0].tolist(), **top1_of(trajectory))
+    return out
 
 
 def distlens(job) -> dict:

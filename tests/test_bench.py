@@ -28,3 +28,24 @@ def test_bench_smoke(tiny_with_tokenizer, tmp_path):
     assert rows["distlens_sweep_one_pass"]["cost_vs_unsteered_pass"] > 0
     for name in ("results.csv", "table.md", "throughput_vs_T.png", "memory_vs_T.png", "sweep_cost.png"):
         assert (out / name).exists()
+
+
+def test_gpu_bench_path_runs_on_cpu(tmp_path):
+    """The GPU script, on the CPU with a tiny random model: every system runs, the paper's
+    baseline and distlens see the same trajectory, and the ratio is recorded."""
+    result = run_driver(
+        "pipelines.bench_gpu", "--out", str(tmp_path), "--device", "cpu", "--shapes", "tiny",
+        "--tokens", "12", "--baseline-tokens", "6", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "bench_gpu.json").read_text())
+    rows = {r["system"]: r for r in results["rows"]}
+    assert set(rows) == {
+        "hf_generate", "distlens_inprocess_capture", "distlens_inprocess_nocapture",
+        "distlens_inprocess_capture_T6", "paper_baseline", "paper_baseline_nocapture",
+    }  # fmt: skip
+    assert all("error" not in r for r in rows.values()), [r for r in rows.values() if "error" in r]
+    base = rows["paper_baseline"]
+    assert base["same_tokens"] and base["top1_agreement"] == 1.0 and base["max_logprob_diff"] < 1e-4
+    assert results["ratios"]["tiny"]["throughput_vs_baseline"] > 0
+    assert results["device"] == "cpu" and results["dtype"] == "float32"
