@@ -255,10 +255,9 @@ def validate(cfg) -> None:
         raise ConfigError("resume=true and overwrite=true contradict each other: choose one")
 
 
-def validate_against_model(cfg, hf_config) -> list[int]:
-    """Checks that need the model's config; returns the captured layer indices (non-negative)."""
+def validate_cluster_against_model(c, hf_config) -> None:
+    """The cluster's shape against the model: stages and tensor-parallel ranks it can be cut into."""
     n = hf_config.num_hidden_layers
-    c = cfg.cluster
     if not 1 <= c.num_stages <= n:
         raise ConfigError(
             f"cluster.num_stages={c.num_stages} is out of range: valid is 1..{n} (the model's layer count)"
@@ -269,6 +268,12 @@ def validate_against_model(cfg, hf_config) -> list[int]:
         raise ConfigError(
             f"cluster.tp_size={c.tp_size} does not divide the model's {heads} attention / {kv} key-value heads"
         )
+
+
+def validate_against_model(cfg, hf_config) -> list[int]:
+    """Checks that need the model's config; returns the captured layer indices (non-negative)."""
+    n = hf_config.num_hidden_layers
+    validate_cluster_against_model(cfg.cluster, hf_config)
     if cfg.capture.layers is None:
         return list(range(n))
     layers = []

@@ -20,28 +20,6 @@ from pipelines.config import ConfigError, LensConf, exit_with_error, register
 register()
 
 
-def sentence_means(cfg, checkpoint, tokenizer, out_dir: Path) -> np.ndarray:
-    """Each contrast sentence's activation at (layer, site), averaged over its positions: [n, d]."""
-    from actors.coordinator import Coordinator, RunSpec
-    from actors.prompting import encode_prompt
-    from actors.store import LensStore
-    from pipelines.lens import connect_ray
-
-    prompts = [encode_prompt(tokenizer, s, chat_template=False) for s in [*cfg.positive, *cfg.negative]]
-    c = cfg.cluster
-    spec = RunSpec(
-        model_path=str(checkpoint.path), store_path=str(out_dir / "contrast_activations.zarr"),
-        num_stages=c.num_stages, executor=c.executor, dtype=cfg.model.dtype, device=c.device,
-        layers=(cfg.layer,), components=(cfg.site,), k=1, activations="float32", max_new_tokens=1,
-        micro_batch_size=len(prompts), existing="overwrite", progress=False,
-    )  # fmt: skip
-    if c.executor == "ray":
-        connect_ray(c)
-    Coordinator(spec).run(prompts)  # its stage actors are released before the steered run starts
-    acts = LensStore.open(spec.store_path).group["activations"]
-    return np.stack([acts[i, 0, 0, : len(p)].mean(axis=0) for i, p in enumerate(prompts)])
-
-
 def word_ids(tokenizer, words) -> list[int]:
     return [tokenizer.encode(w, add_special_tokens=False)[0] for w in words]
 
@@ -79,7 +57,15 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         raise ConfigError(f"layer={cfg.layer} is out of range: valid is 0..{hf_config.num_hidden_layers - 1}")
     tokenizer = checkpoint.tokenizer()
     out_dir.mkdir(parents=True, exist_ok=True)
-    means = sentence_means(cfg, checkpoint, tokenizer, out_dir)
+    from actors.prompting import encode_prompt
+    from pipelines.steer import Study
+
+    prompts = [encode_prompt(tokenizer, s, chat_template=False) for s in [*cfg.positive, *cfg.negative]]
+    if cfg.cluster.executor == "ray":
+        lens.connect_ray(cfg.cluster)
+    # No executor given: the run's stage actors are released before the steered run starts.
+    study = Study(cfg, checkpoint, tokenizer, hf_config, None, out_dir)
+    means = study.activations("contrast_activations", prompts, [cfg.layer], cfg.site, reduce="mean")[:, 0]
     n = len(cfg.positive)
     vector = SteeringVector.build(
         means[:n], means[n:], model=cfg.model.name, layer=cfg.layer, site=cfg.site, dataset="sentiment-contrast"

@@ -16,7 +16,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from pipelines.config import ConfigError, exit_with_error, register
+from pipelines.config import ConfigError, exit_with_error, register, validate_cluster_against_model
 
 register()
 REPO = Path(__file__).resolve().parent.parent
@@ -83,14 +83,17 @@ class Study:
         summary = Coordinator(spec, self.executor).run(prompts)
         return summary, LensStore.open(spec.store_path)
 
-    def label_activations(self, prompts, layers: list[int], site: str) -> np.ndarray:
-        """Activations at each prompt's last position: [prompts, layers, d_model]."""
+    def activations(self, name: str, prompts, layers: list[int], site: str, reduce: str = "last") -> np.ndarray:
+        """Each prompt's activations at (`layers`, `site`): at its last position (`reduce="last"`,
+        the label position) or averaged over its positions (`"mean"`): [prompts, layers, d_model]."""
         _, store = self._run(
-            "label_activations", prompts, layers=tuple(layers), components=(site,), positions="last",
-            activations="float32", k=1,
+            name, prompts, layers=tuple(layers), components=(site,), activations="float32", k=1,
+            positions="last" if reduce == "last" else "all",
         )  # fmt: skip
-        acts = store.group["activations"]
-        return np.stack([acts[i, :, 0, len(p) - 1] for i, p in enumerate(prompts)])
+        acts = store.group["activations"]  # [prompt, layer, component, position, d_model]
+        if reduce == "last":
+            return np.stack([acts[i, :, 0, len(p) - 1] for i, p in enumerate(prompts)])
+        return np.stack([acts[i, :, 0, : len(p)].mean(axis=1) for i, p in enumerate(prompts)])
 
     def build_vectors(self, dataset: str, items, ab) -> dict:
         from actors.steering import SteeringVector
@@ -99,7 +102,7 @@ class Study:
         layers = list(s.layers)
         pos = [ab[i].with_answer(item.matching) for i, item in enumerate(items)]
         neg = [ab[i].with_answer(item.not_matching[0]) for i, item in enumerate(items)]
-        acts = self.label_activations(pos + neg, layers, s.site)
+        acts = self.activations("label_activations", pos + neg, layers, s.site)
         vectors = {}
         for j, layer in enumerate(layers):
             vec = SteeringVector.build(
@@ -233,8 +236,7 @@ def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
     bad = [layer for layer in cfg.steering.layers if not 0 <= layer < n]
     if bad:
         raise ConfigError(f"steering.layers contains {bad[0]}, out of range: valid is 0..{n - 1}")
-    if not 1 <= cfg.cluster.num_stages <= n:
-        raise ConfigError(f"cluster.num_stages={cfg.cluster.num_stages} is out of range: valid is 1..{n}")
+    validate_cluster_against_model(cfg.cluster, hf_config)
     tokenizer = checkpoint.tokenizer()
     executor = executor_for(cfg)
     cluster = cluster_identity(cfg)
