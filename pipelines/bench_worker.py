@@ -214,6 +214,7 @@ def distlens(job) -> dict:
         top1 = store["topk_ids"][0, :, 0, : job["T"] + len(prompts[0]) - 1, 0]
         out["top1"] = top1.tolist()
         out["top1_logprob"] = store["topk_logprobs"][0, :, 0, : top1.shape[1], 0].tolist()
+        out["last_top2_logprob"] = store["topk_logprobs"][0, -1, 0, : top1.shape[1], 1].tolist()
         out["tokens"] = store.tokens(0).tolist()
     if "scores" in store.group:
         out["scores"] = store["scores"][:, 0].tolist()  # [rows, choice] at the answer position
@@ -266,26 +267,40 @@ def nnsight_trace(job) -> dict:
 
 
 def transformer_lens_cache(job) -> dict:
-    """(d) TransformerLens 4: generate, then run_with_cache over the sequence, then the lens."""
+    """(d) TransformerLens 4: generate, then run_with_cache over the sequence, then the lens.
+    `tl_generate` picks how the tokens are generated: "cached" (TransformerBridge.generate with
+    its KV cache, TL's default), "nocache" (the same without the cache: every step re-runs the
+    prefix) or "hf" (the Hugging Face model's own generate, run before the bridge wraps it:
+    cached decoding through the wrapped model went wrong here; booting is not timed)."""
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoTokenizer
 
     hf = load_hf(job["model_path"])
     tokenizer = AutoTokenizer.from_pretrained(job["model_path"])
-    bridge = TransformerBridge.boot_transformers(
-        job.get("tl_name", "HuggingFaceTB/SmolLM2-135M-Instruct"), hf_model=hf, tokenizer=tokenizer
-    )
     ids = torch.tensor([job["prompt"]])
     n_layers = hf.config.num_hidden_layers
+    how = job.get("tl_generate", "cached")
+    names = [f"blocks.{i}.hook_resid_post" for i in range(n_layers)]
     with RssSampler() as rss, torch.no_grad():
+        wall = 0.0
+        if how == "hf":
+            t0 = time.perf_counter()
+            sequence = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=job["T"], do_sample=False)
+            wall += time.perf_counter() - t0
+        bridge = TransformerBridge.boot_transformers(
+            job.get("tl_name", "HuggingFaceTB/SmolLM2-135M-Instruct"), hf_model=hf, tokenizer=tokenizer
+        )
         t0 = time.perf_counter()
-        sequence = bridge.generate(ids, max_new_tokens=job["T"], do_sample=False, verbose=False, stop_at_eos=False)
-        names = [f"blocks.{i}.hook_resid_post" for i in range(n_layers)]
+        if how != "hf":
+            sequence = bridge.generate(
+                ids, max_new_tokens=job["T"], do_sample=False, verbose=False, stop_at_eos=False,
+                use_past_kv_cache=how == "cached",
+            )  # fmt: skip
         _, cache = bridge.run_with_cache(sequence, names_filter=lambda name: name in names)
         hidden = [cache[name][0] for name in names]
         tokens = sequence[0].tolist()
         result = naive_lens(hf, hidden, tokens)
-        wall = time.perf_counter() - t0
+        wall += time.perf_counter() - t0
     return {"tokens_per_s": job["T"] / wall, "wall_s": wall, "peak_rss": rss.peak, **result, "tokens": tokens}
 
 

@@ -49,3 +49,31 @@ def test_gpu_bench_path_runs_on_cpu(tmp_path):
     assert base["same_tokens"] and base["top1_agreement"] == 1.0 and base["max_logprob_diff"] < 1e-4
     assert results["ratios"]["tiny"]["throughput_vs_baseline"] > 0
     assert results["device"] == "cpu" and results["dtype"] == "float32"
+
+
+def test_like_for_like_names_where_a_peer_parted_and_targets_take_its_fastest_agreeing_way():
+    from pipelines.bench import like_for_like, targets
+
+    ours = {
+        "tokens": [5, 6, 7, 8], "top1": [[6, 7, 8], [6, 7, 9]], "top1_logprob": [[-1.0, -2.0, -3.0], [-0.1, -0.2, -0.3]],
+        "last_top2_logprob": [-2.5, -0.2001, -1.0],
+    }  # fmt: skip
+    same = {**ours, "top1_logprob": [[-1.0, -2.0, -3.00005], [-0.1, -0.2, -0.3]]}
+    assert like_for_like(same, ours)["like_for_like"] == "ok"
+    off = {**ours, "top1_logprob": [[-1.0, -2.0, -3.01], [-0.1, -0.2, -0.3]]}
+    assert like_for_like(off, ours)["like_for_like"] == "disagrees"
+    parted = {**ours, "tokens": [5, 6, 9, 9]}  # parted at position 2, predicted at position 1
+    verdict = like_for_like(parted, ours)["like_for_like"]
+    assert verdict.startswith("disagrees: generated other tokens from position 2") and "gap there is 0.0001" in verdict
+
+    def r(system, tps, agree=None):
+        out = {"system": system, "workload": "trajectory", "T": 64, "tokens_per_s": tps}
+        return {**out, "like_for_like": agree} if agree else out
+
+    rows = [
+        r("distlens_local_2stage", 10.0), r("hf_generate", 15.0), r("transformer_lens", 30.0, "disagrees"),
+        r("transformer_lens_nocache", 4.0, "ok"), r("transformer_lens_hf_generate", 8.0, "ok"),
+    ]  # fmt: skip
+    lines = targets(rows)
+    assert any("faster than transformer_lens_hf_generate (T=64; like for like: ok) | 1.25x | met" in x for x in lines)
+    assert not any("| faster than transformer_lens " in x for x in lines)  # the disagreeing way is not the yardstick
