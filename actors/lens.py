@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from actors.gemv import gemv_split, splittable
+
 
 def _comm(t: torch.Tensor) -> torch.Tensor:
     """gloo reduces CPU tensors; NCCL device tensors."""
@@ -65,7 +67,10 @@ class LogitLens(nn.Module):
 
     def shard_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [n, d_model] (not yet normalised) -> float32 logits of this shard [n, vocab_shard]."""
-        return (self.norm(hidden) @ self.weight.T).float()
+        x = self.norm(hidden)
+        if x.dim() == 2 and splittable(x, self.weight):  # a decoding step's sampling rows
+            return gemv_split(x, self.weight).float()
+        return (x @ self.weight.T).float()
 
     def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits [n, vocab], gathered across the stage's TP ranks; for

@@ -249,6 +249,10 @@ class StageWorker:
             replace_with_kernel_inject=False,
         )
         self.model = self.engine.module
+        if self.device.type == "cpu":  # decoding steps' matrix-vector products on every thread
+            from actors.gemv import split_linears
+
+            split_linears(self.model)
         self.lens = LogitLens(norm, lm_head, spec.tp_rank, spec.tp_size)
 
     def info(self) -> dict:

@@ -208,3 +208,35 @@ def test_1500_position_trajectory_runs(tiny_checkpoints, tmp_path):
 def test_left_pad_matches_reference_layout():
     ids, mask = left_pad([[1, 2], [3]])
     assert ids.tolist() == [[1, 2], [0, 3]] and mask.tolist() == [[1, 1], [0, 1]]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_split_matrix_vector_products_are_bitwise_the_plain_ones(family, tiny_checkpoints, monkeypatch):
+    """Decoding-step products are spread over threads as vocab/feature blocks (actors/gemv.py):
+    every output must be exactly what F.linear computes, for the unembedding (a vocabulary the
+    threads divide and a prime one they don't) and for every linear of a real stage."""
+    from actors import gemv
+    from actors.slicing import build_stage
+
+    calls = []
+    split = gemv.gemv_split
+    monkeypatch.setattr(gemv, "gemv_split", lambda x, w: calls.append(len(x)) or split(x, w))
+    torch.manual_seed(0)
+    for vocab in (49152, 49157):
+        head = torch.nn.Linear(64, vocab, bias=False)
+        for n in (1, 2, 4, 5):  # 5 rows: past SPLIT_ROWS, one plain BLAS call
+            x = torch.randn(n, 64) * 3
+            assert torch.equal(gemv.SplitLinear.forward(head, x), head(x)), (vocab, n)
+    assert calls == ([1, 2, 4] if torch.get_num_threads() > 1 else [])
+    from transformers import AutoConfig
+
+    path = tiny_checkpoints[family]
+    config = AutoConfig.from_pretrained(path)
+    stage, _, _ = build_stage(path, config, 0, config.num_hidden_layers, torch.float32, torch.device("cpu"))
+    linears = [m for m in stage.modules() if type(m) is torch.nn.Linear]
+    assert gemv.split_linears(stage) == len(linears) - sum(m.bias is not None for m in linears) > 0
+    for m in linears:
+        for shape in ((1, 1, m.in_features), (2, 1, m.in_features), (1, 3, m.in_features)):
+            x = torch.randn(shape)
+            assert torch.equal(m(x), torch.nn.functional.linear(x, m.weight, m.bias)), (m, shape)
