@@ -137,7 +137,7 @@ class LogitLens(nn.Module):
             t_logit = torch.where(in_shard[rows], t_logit, torch.full_like(t_logit, -torch.inf))
             target_logit[rows] = t_logit
             if self.tp_size == 1:  # with shards, counted after the target logit is merged
-                rank[rows] = (z > t_logit[:, None]).sum(-1)
+                rank[rows] = (z > t_logit[:, None]).sum(-1, dtype=torch.int32)
             top_vals[rows], top_ids[rows] = vals, ids + self.vocab_offset
         local_max = top_vals[:, 0]
         if self.tp_size > 1:
@@ -164,7 +164,7 @@ class LogitLens(nn.Module):
             # Each shard counts its logits above the *global* target logit; the counts add up.
             for i in range(0, n, self.rows_per_pass):
                 rows = slice(i, i + self.rows_per_pass)
-                rank[rows] = (z_all[rows].float() > target_logit[rows, None]).sum(-1)
+                rank[rows] = (z_all[rows].float() > target_logit[rows, None]).sum(-1, dtype=torch.int32)
             r = _comm(rank)
             dist.all_reduce(r)
             rank = r.to(z_all.device)
