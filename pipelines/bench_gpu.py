@@ -123,7 +123,7 @@ def paper_baseline(path: Path, prompt, t: int, device: str, dtype, capture: bool
         out_ids, trajectory = baseline_steps(model, ids, t, capture)
     row = {"T": t, "tokens_per_s": t / m.wall, "peak_gib": m.peak_gib}
     if capture:
-        row.update(tokens=out_ids[0].tolist(), **top1_of(trajectory.float().cpu()))
+        row.update(tokens=out_ids[0].tolist(), **top1_of(trajectory))
     del model, trajectory
     free(device)
     return row

@@ -123,7 +123,9 @@ def baseline_steps(model, ids: torch.Tensor, steps: int, capture: bool = True):
     """The paper's naive loop (shared with the GPU bench): every new token re-runs the full
     prefix with no KV cache; with `capture`, every layer's output at the new position goes
     through norm + lm_head over the full vocabulary and the full softmaxes are kept (on the
-    model's device). Returns the grown ids and the kept [prompts, layers, steps, vocab] (or None)."""
+    model's device). Returns the grown ids and the kept softmaxes, one [prompts, layers, vocab]
+    per step (left as the loop keeps them: stacking them would be the harness's copy, not the
+    baseline's memory)."""
     norm, head = model.model.norm, model.lm_head
     kept = []
     for _ in range(steps):
@@ -133,17 +135,17 @@ def baseline_steps(model, ids: torch.Tensor, steps: int, capture: bool = True):
             continue
         layers = out.hidden_states[1:]
         # HF's last entry is already normalised: project it directly.
-        probs = [torch.softmax(head(norm(h[:, -1])).float(), -1) for h in layers[:-1]]
-        probs.append(torch.softmax(head(layers[-1][:, -1]).float(), -1))
+        probs = [torch.softmax(head(norm(h[:, -1])), -1) for h in layers[:-1]]
+        probs.append(torch.softmax(head(layers[-1][:, -1]), -1))
         kept.append(torch.stack(probs, 1))  # [prompts, layers, vocab], kept for the trajectory
-    return ids, (torch.stack(kept, 2) if kept else None)
+    return ids, kept
 
 
-def top1_of(trajectory: torch.Tensor) -> dict:
-    """The first prompt's top-1 ids and log-probs [layers, steps] from kept softmaxes."""
-    top1 = trajectory[0].argmax(-1)
-    logp = torch.log(trajectory[0].gather(-1, top1[..., None])[..., 0])
-    return {"top1": top1.tolist(), "top1_logprob": logp.tolist()}
+def top1_of(kept: list[torch.Tensor]) -> dict:
+    """The first prompt's top-1 ids and log-probs [layers, steps] from the kept softmaxes."""
+    top1 = torch.stack([probs[0].argmax(-1) for probs in kept], 1)  # [layers, steps]
+    p = torch.stack([probs[0].gather(-1, probs[0].argmax(-1, keepdim=True))[:, 0] for probs in kept], 1)
+    return {"top1": top1.cpu().tolist(), "top1_logprob": torch.log(p.float()).cpu().tolist()}
 
 
 def paper_baseline(job) -> dict:
