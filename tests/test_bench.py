@@ -28,6 +28,15 @@ def test_bench_smoke(tiny_with_tokenizer, tmp_path):
     assert rows["distlens_sweep_one_pass"]["cost_vs_unsteered_pass"] > 0
     for name in ("results.csv", "table.md", "throughput_vs_T.png", "memory_vs_T.png", "sweep_cost.png"):
         assert (out / name).exists()
+    # the report again from results.json alone, nothing measured: the same table
+    table = (out / "table.md").read_text()
+    (out / "table.md").unlink()
+    again = run_driver(
+        "pipelines.bench", f"model.name={tiny_with_tokenizer}", "report_only=true", f"storage.root={tmp_path}",
+        "storage.run=b", cwd=tmp_path,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "table.md").read_text() == table
 
 
 def test_gpu_bench_path_runs_on_cpu(tmp_path):
