@@ -4,10 +4,13 @@ At one to four rows (a decoding step at small batch) the BLAS computes `x @ weig
 core, so a step is bound by one core's memory bandwidth: every weight matrix is read once per
 step. `gemv_split` cuts the output features into equal blocks, one per thread, and runs them as
 one batched matmul, which torch hands to its own threads. Each output is still the dot product
-the plain call computes, by the same BLAS kernel, so the result is bitwise equal to
-`F.linear` (tests/test_staged_equals_unsliced.py checks it): greedy decoding and every lens
-value stay exactly the unsplit model's. Its effect end to end is in the README's benchmark
-table (`distlens_local_*` against `hf_generate`, which does not split).
+the plain call computes by the same BLAS kernel, so the result is bitwise `F.linear`'s, on two
+conditions found by testing: blocks at least MIN_BLOCK features wide and a multiple of 16
+(narrower blocks get another kernel and can round differently), and rows laid out with unit
+stride. Because a BLAS may still pick kernels by shape, each (shape, rows, threads) is checked
+once per process on its first call against `F.linear`, and never split again if it differs.
+Its effect end to end is in the README's benchmark table (`distlens_local_*` against
+`hf_generate`, which does not split).
 """
 
 from __future__ import annotations
@@ -17,18 +20,25 @@ import torch.nn.functional as F
 from torch import nn
 
 SPLIT_ROWS = 4  # at more rows the BLAS runs a GEMM over all threads itself
+MIN_BLOCK = 64  # output features per block, at least (and a multiple of 16)
+_CHECKED: dict[tuple, bool] = {}  # (d_out, d_in, rows, threads) -> split equals F.linear
 
 
 def split_parts(n_out: int) -> int:
-    """Equal blocks of output features, one per thread at most (a ragged last block would be a
-    smaller BLAS call whose sums can round differently); 1 where no such split exists."""
-    return next(p for p in range(torch.get_num_threads(), 0, -1) if n_out % p == 0)
+    """Equal blocks of output features, one per thread at most, each at least MIN_BLOCK wide
+    and a multiple of 16; 1 where no such split exists."""
+    for parts in range(torch.get_num_threads(), 1, -1):
+        block, rest = divmod(n_out, parts)
+        if not rest and block >= MIN_BLOCK and block % 16 == 0:
+            return parts
+    return 1
 
 
 def splittable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    rows = x.numel() // x.shape[-1] if x.numel() else 0
+    """x: [rows, d_in]."""
     return (
-        x.device.type == "cpu" and 0 < rows <= SPLIT_ROWS and x.dtype == weight.dtype == torch.float32
+        x.device.type == "cpu" and x.dim() == 2 and 0 < x.shape[0] <= SPLIT_ROWS
+        and x.dtype == weight.dtype == torch.float32 and x.stride(-1) == 1 and x.stride(0) >= x.shape[1]
         and weight.is_contiguous() and split_parts(weight.shape[0]) > 1
     )  # fmt: skip
 
@@ -42,12 +52,25 @@ def gemv_split(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.permute(1, 0, 2).reshape(x.shape[0], d_out)
 
 
+def linear_no_bias(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`F.linear(x, weight)` for x [rows, d_in], split over threads where that is bitwise equal."""
+    if not splittable(x, weight):
+        return F.linear(x, weight)
+    key = (*weight.shape, x.shape[0], torch.get_num_threads())
+    ok = _CHECKED.get(key)
+    if ok is None:  # first call of this shape here: split only if it equals the plain call
+        plain = F.linear(x, weight)
+        ok = _CHECKED[key] = torch.equal(gemv_split(x, weight), plain)
+        return plain
+    return gemv_split(x, weight) if ok else F.linear(x, weight)
+
+
 class SplitLinear(nn.Linear):
-    """An `nn.Linear` without bias whose few-row calls go through `gemv_split`."""
+    """An `nn.Linear` whose bias-free few-row calls go through `linear_no_bias`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bias is None and splittable(x, self.weight):
-            return gemv_split(x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], -1)
+        if self.bias is None and x.dim() >= 2:
+            return linear_no_bias(x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], -1)
         return F.linear(x, self.weight, self.bias)
 
 

@@ -143,9 +143,23 @@ def baseline_steps(model, ids: torch.Tensor, steps: int, capture: bool = True):
 
 def top1_of(kept: list[torch.Tensor]) -> dict:
     """The first prompt's top-1 ids and log-probs [layers, steps] from the kept softmaxes."""
-    top1 = torch.stack([probs[0].argmax(-1) for probs in kept], 1)  # [layers, steps]
-    p = torch.stack([probs[0].gather(-1, probs[0].argmax(-1, keepdim=True))[:, 0] for probs in kept], 1)
+    best = [probs[0].max(-1) for probs in kept]  # per step: (values, ids) over [layers, vocab]
+    top1 = torch.stack([b.indices for b in best], 1)
+    p = torch.stack([b.values for b in best], 1)
     return {"top1": top1.cpu().tolist(), "top1_logprob": torch.log(p.float()).cpu().tolist()}
+
+
+def agreement(ours: dict, baseline: dict, prompt_len: int) -> dict:
+    """Like-for-like: the baseline projects each new position once; compare those positions of
+    distlens's store (top-1 agreement, and the top-1 log-prob difference where they agree)."""
+    if "top1" not in ours or "top1" not in baseline:
+        return {}
+    t = len(baseline["top1"][0])
+    a = np.asarray(ours["top1"])[:, prompt_len - 1 : prompt_len - 1 + t]
+    la = np.asarray(ours["top1_logprob"])[:, prompt_len - 1 : prompt_len - 1 + t]
+    same = a == np.asarray(baseline["top1"])
+    diff = np.abs(la - np.asarray(baseline["top1_logprob"]))[same]
+    return {"top1_agreement": float(same.mean()), "max_logprob_diff": float(diff.max(initial=0.0))}
 
 
 def paper_baseline(job) -> dict:

@@ -51,7 +51,8 @@ def test_gpu_bench_path_runs_on_cpu(tmp_path):
     rows = {r["system"]: r for r in results["rows"]}
     assert set(rows) == {
         "hf_generate", "distlens_inprocess_capture", "distlens_inprocess_nocapture",
-        "distlens_inprocess_capture_T6", "paper_baseline", "paper_baseline_nocapture",
+        "distlens_inprocess_capture_T6", "distlens_inprocess_nocapture_T6", "paper_baseline",
+        "paper_baseline_nocapture",
     }  # fmt: skip
     assert all("error" not in r for r in rows.values()), [r for r in rows.values() if "error" in r]
     base = rows["paper_baseline"]

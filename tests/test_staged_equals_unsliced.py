@@ -211,32 +211,61 @@ def test_left_pad_matches_reference_layout():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("family", FAMILIES)
-def test_split_matrix_vector_products_are_bitwise_the_plain_ones(family, tiny_checkpoints, monkeypatch):
-    """Decoding-step products are spread over threads as vocab/feature blocks (actors/gemv.py):
-    every output must be exactly what F.linear computes, for the unembedding (a vocabulary the
-    threads divide and a prime one they don't) and for every linear of a real stage."""
+@pytest.mark.parametrize("threads", [2, 4, 8, 16])
+def test_split_matrix_vector_products_are_bitwise_the_plain_ones(threads, monkeypatch):
+    """Decoding-step products are spread over threads as feature blocks (actors/gemv.py): every
+    output must be exactly F.linear's, for SmolLM2's and tiny models' shapes, the unembedding (a
+    vocabulary the threads divide and a prime one they don't) and a transposed-layout input."""
     from actors import gemv
-    from actors.slicing import build_stage
 
-    calls = []
+    monkeypatch.setattr(gemv, "_CHECKED", {})
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        shapes = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576), (49157, 576), (32, 64), (128, 64)]
+        for d_out, d_in in shapes:
+            lin = torch.nn.Linear(d_in, d_out, bias=False)
+            gemv.split_linears(torch.nn.Sequential(lin))
+            for shape in ((1, d_in), (2, d_in), (4, d_in), (1, 1, d_in), (1, 3, d_in), (5, d_in)):
+                for _ in range(2):  # the first call of a shape is the check, the second the split
+                    x = torch.randn(shape) * 3
+                    assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight)), (d_out, d_in, shape)
+            x = torch.randn(d_in, 1).T  # [1, d_in] with unit row stride: not split
+            assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight))
+        if threads == 2:  # SmolLM2's shapes split here (and were found equal), narrow ones don't
+            assert gemv._CHECKED[(576, 576, 1, 2)] and gemv._CHECKED[(49152, 576, 4, 2)]
+            assert gemv.split_parts(32) == 1 and gemv.split_parts(49157) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.no_grad()
+def test_split_that_differs_is_never_used(monkeypatch):
+    """The first call of a shape compares the split with F.linear; one that differs is dropped."""
+    from actors import gemv
+
+    monkeypatch.setattr(gemv, "_CHECKED", {})
     split = gemv.gemv_split
-    monkeypatch.setattr(gemv, "gemv_split", lambda x, w: calls.append(len(x)) or split(x, w))
-    torch.manual_seed(0)
-    for vocab in (49152, 49157):
-        head = torch.nn.Linear(64, vocab, bias=False)
-        for n in (1, 2, 4, 5):  # 5 rows: past SPLIT_ROWS, one plain BLAS call
-            x = torch.randn(n, 64) * 3
-            assert torch.equal(gemv.SplitLinear.forward(head, x), head(x)), (vocab, n)
-    assert calls == ([1, 2, 4] if torch.get_num_threads() > 1 else [])
+    monkeypatch.setattr(gemv, "gemv_split", lambda x, w: split(x, w) + 1e-6)
+    lin = torch.nn.Linear(576, 1536, bias=False)
+    gemv.split_linears(torch.nn.Sequential(lin))
+    for _ in range(3):
+        x = torch.randn(1, 576)
+        assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight))
+    assert gemv._CHECKED == ({(1536, 576, 1, torch.get_num_threads()): False} if gemv.split_parts(1536) > 1 else {})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stages_on_the_cpu_split_their_bias_free_linears(family, tiny_checkpoints):
     from transformers import AutoConfig
+
+    from actors.gemv import SplitLinear, split_linears
+    from actors.slicing import build_stage
 
     path = tiny_checkpoints[family]
     config = AutoConfig.from_pretrained(path)
     stage, _, _ = build_stage(path, config, 0, config.num_hidden_layers, torch.float32, torch.device("cpu"))
     linears = [m for m in stage.modules() if type(m) is torch.nn.Linear]
-    assert gemv.split_linears(stage) == len(linears) - sum(m.bias is not None for m in linears) > 0
-    for m in linears:
-        for shape in ((1, 1, m.in_features), (2, 1, m.in_features), (1, 3, m.in_features)):
-            x = torch.randn(shape)
-            assert torch.equal(m(x), torch.nn.functional.linear(x, m.weight, m.bias)), (m, shape)
+    assert split_linears(stage) == sum(m.bias is None for m in linears) > 0
+    assert all(isinstance(m, SplitLinear) == (m.bias is None) for m in linears)
