@@ -15,6 +15,8 @@ Its effect end to end is in the README's benchmark table (`distlens_local_*` aga
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,7 +29,12 @@ _CHECKED: dict[tuple, bool] = {}  # (d_out, d_in, rows, threads) -> split equals
 def split_parts(n_out: int) -> int:
     """Equal blocks of output features, one per thread at most, each at least MIN_BLOCK wide
     and a multiple of 16; 1 where no such split exists."""
-    for parts in range(torch.get_num_threads(), 1, -1):
+    return _split_parts(n_out, torch.get_num_threads())
+
+
+@functools.cache
+def _split_parts(n_out: int, threads: int) -> int:  # asked twice per product on the decoding path
+    for parts in range(threads, 1, -1):
         block, rest = divmod(n_out, parts)
         if not rest and block >= MIN_BLOCK and block % 16 == 0:
             return parts
