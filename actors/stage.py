@@ -166,10 +166,11 @@ class StageWorker:
         self.timeline: list[tuple[int, float, float]] = []  # (micro-batch, start, end) per step
         self._states: dict[int, _BatchState] = {}
         self.busy_s, self.tokens = 0.0, 0  # forward time and token columns x rows processed
+        self.lens_s = 0.0  # time in the lens (the windows' projections and their summaries)
 
     def stats(self) -> dict:
         """Cheap counters for the coordinator's progress bar (per-stage throughput)."""
-        return {"stage": self.spec.stage, "busy_s": self.busy_s, "tokens": self.tokens}
+        return {"stage": self.spec.stage, "busy_s": self.busy_s, "tokens": self.tokens, "lens_s": self.lens_s}
 
     def rejoin(self, spec: StageSpec) -> int:
         """After a stage failure: take `spec` again before `setup`. A survivor keeps its weights
@@ -265,6 +266,8 @@ class StageWorker:
             "device": str(self.device),
             "params": n_params,
             "forward_calls": self.forward_calls,
+            "busy_s": self.busy_s,  # forward time
+            "lens_s": self.lens_s,  # lens time
             "weight_loads": self.loads,  # times this process loaded a slice (pooled runs reuse it)
             "timeline": list(self.timeline),
             # ru_maxrss is KiB on Linux: this process's peak resident memory so far.
@@ -461,6 +464,13 @@ class StageWorker:
         return chunks
 
     def _lens_chunk(self, mb: int, state: _BatchState, start: int, end: int) -> LensChunk:
+        started = time.time()
+        try:
+            return self._lens_chunk_timed(mb, state, start, end)
+        finally:
+            self.lens_s += time.time() - started
+
+    def _lens_chunk_timed(self, mb: int, state: _BatchState, start: int, end: int) -> LensChunk:
         spec = self.spec.capture
         all_tokens = torch.cat(state.tokens, dim=1)  # [batch, cols (+1 at finish)]
         targets = all_tokens[:, start + 1 : end + 1]  # [batch, n]

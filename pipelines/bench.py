@@ -24,7 +24,7 @@ register()
 REPO = Path(__file__).resolve().parent.parent
 METRICS = (
     "tokens_per_s", "wall_s", "peak_rss", "largest_process_rss", "bytes_written", "positions", "lens_ms_per_row",
-    "gemm_gflops", "layers",
+    "gemm_gflops", "layers", "lens_share", "bytes_per_row", "compression",
 )  # fmt: skip
 
 
@@ -120,6 +120,7 @@ def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
     tokenizer = checkpoint.tokenizer()
     prompt = encode_prompt(tokenizer, cfg.prompt)
     hf = checkpoint.config()
+    check_config(cfg, hf.num_hidden_layers)
     scratch = out_dir / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     base = {"model_path": str(checkpoint.path), "prompt": prompt, "prompts": cfg.prompts, "scratch": str(scratch)}
@@ -202,6 +203,7 @@ def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
                 r["capture_memory"] = r["peak_rss"] - nocap["peak_rss"]
     if long_t:
         rows.append(extrapolate_baseline(rows, long_t, cfg.long_size))
+    scaling_rows(cfg, hf, bench)
     rows += sweep_rows(cfg, base, tokenizer, hf, bench)
     write(rows, cfg, out_dir)
     report(rows, out_dir)
@@ -221,6 +223,59 @@ def extrapolate_baseline(rows, size: int, positions: int) -> dict:
     wall = float(a * size + b * size**2)
     note = f"fit wall = a*T + b*T^2 to measured T={[int(x) for x in t]}"
     return {**out, "wall_s": wall, "tokens_per_s": size / wall, "note": note}
+
+
+def check_config(cfg, n_layers: int) -> None:
+    """Refuse settings the workloads cannot run, naming the value and what is valid, before
+    anything is measured."""
+    from actors.stage import COMPONENTS
+    from pipelines.config import ConfigError, _at_least, _choice
+
+    try:
+        for name in ("sizes", "stages", "scaling_prompts", "sweep_coefficients"):
+            for value in cfg[name]:
+                _at_least(name, value, 1)
+        _at_least("scaling_size", cfg.scaling_size, 1)
+        for value in cfg.scaling_layers:
+            if not 1 <= value <= n_layers:
+                raise ConfigError(f"scaling_layers={value!r} is out of range: layers captured must be 1..{n_layers}")
+        for value in cfg.components:
+            _choice("components", value, COMPONENTS)
+    except ConfigError as err:
+        exit_with_error(str(err))
+
+
+def spaced_layers(n_layers: int, n: int) -> list[int]:
+    """`n` layer indices spread evenly over `n_layers`, first and last included (n=1: the last)."""
+    if n == 1:
+        return [n_layers - 1]
+    return sorted({int(round(x)) for x in np.linspace(0, n_layers - 1, n)})
+
+
+def scaling_rows(cfg, hf, bench) -> None:
+    """`trajectory_components` (resid_post, attn_out and mlp_out at every layer, T=sizes[0]) and
+    the scaling workloads at T=scaling_size with distlens local 2-stage: throughput against the
+    number of layers captured (T column = layers), and against prompts per batch (T column =
+    prompts; with capture, without, and HF generate on the same batch). Throughput against T
+    and against stages are the trajectory rows. Rows go to `bench`'s list."""
+    local = dict(system="distlens", executor="local", stages=2)
+    if cfg.components:
+        bench("distlens_local_2stage", "trajectory_components", min(cfg.sizes), components=list(cfg.components),
+              **local)  # fmt: skip
+    t = cfg.scaling_size
+    for n in cfg.scaling_layers:
+        r, _ = bench("distlens_local_2stage", "scaling_layers", n, T=t, layers=spaced_layers(hf.num_hidden_layers, n),
+                     **local)  # fmt: skip
+        r["note"] = f"T={t}; T column = layers captured"
+    for p in cfg.scaling_prompts:
+        for label, system, extra in (
+            ("distlens_local_2stage", "distlens", {}),
+            ("distlens_local_2stage_nocapture", "distlens", {"no_capture": True}),
+            ("hf_generate", "hf_generate", {}),
+        ):
+            job = {**local, "system": system, **extra} if system == "distlens" else {"system": system}
+            r, _ = bench(label, "scaling_prompts", p, T=t, prompts=p, **job)
+            r["note"] = f"T={t}; T column = prompts per batch"
 
 
 def sweep_rows(cfg, base, tokenizer, hf, bench) -> list[dict]:
@@ -389,8 +444,8 @@ def report(rows: list[dict], out_dir: Path) -> None:
 
     lines = [
         "| workload | T | system | tokens/s (median, min-max) | wall s | peak RSS MiB (sum) | largest process MiB "
-        "| capture memory MiB | like for like | note |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| capture memory MiB | lens share | bytes per row (compression) | like for like | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         tps = (
@@ -415,14 +470,17 @@ def report(rows: list[dict], out_dir: Path) -> None:
             note = "EXTRAPOLATED: " + note
         wall = f"{r['wall_s']:.2f}" if "wall_s" in r else ""
         system = r["system"] + (f" (steer {r['steer_positions']})" if "steer_positions" in r else "")
+        share = f"{r['lens_share']:.0%}" if "lens_share" in r else ""
+        stored = f"{r['bytes_per_row']:.1f} ({r['compression']:.1f}x)" if "bytes_per_row" in r else ""
         lines.append(
             f"| {r['workload']} | {r['T']} | {system} | {tps} | {wall} | {_mib(r.get('peak_rss'))} "
-            f"| {_mib(r.get('largest_process_rss', r.get('peak_rss')))} | {_mib(r.get('capture_memory'))} | {agree} | {note} |"
+            f"| {_mib(r.get('largest_process_rss', r.get('peak_rss')))} | {_mib(r.get('capture_memory'))} "
+            f"| {share} | {stored} | {agree} | {note} |"
         )
     lines += ["", *targets(rows)]
     (out_dir / "table.md").write_text("\n".join(lines) + "\n")
     plt = _pyplot()
-    traj = [r for r in rows if r["workload"].startswith("trajectory") and "tokens_per_s" in r]
+    traj = [r for r in rows if r["workload"] in ("trajectory", "trajectory_1500pos") and "tokens_per_s" in r]
     for metric, name, ylabel, log in (
         ("tokens_per_s", "throughput_vs_T.png", "generated tokens / s", True),
         ("peak_rss", "memory_vs_T.png", "peak RSS (MiB, all processes)", False),
@@ -466,6 +524,40 @@ def report(rows: list[dict], out_dir: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / "sweep_cost.png", dpi=110)
+    plt.close(fig)
+    scaling_plot(rows, out_dir / "scaling.png", plt)
+
+
+def scaling_plot(rows: list[dict], path: Path, plt) -> None:
+    """Throughput against layers captured, against pipeline stages (largest trajectory T) and
+    against prompts per batch, side by side; a panel with no rows says so."""
+    ok = [r for r in rows if "tokens_per_s" in r]
+    biggest = max((r["T"] for r in ok if r["workload"] == "trajectory"), default=None)
+    stage_pts = {}
+    for r in ok:
+        if r["workload"] == "trajectory" and r["T"] == biggest and "stages" in r and "nocapture" not in r["system"]:
+            stage_pts.setdefault(f"distlens {r.get('executor', '')}", []).append((r["stages"], r["tokens_per_s"]))
+    panels = (
+        ("layers captured", {"distlens local 2 stages": [(r["T"], r["tokens_per_s"]) for r in ok
+                                                         if r["workload"] == "scaling_layers"]}),
+        (f"pipeline stages (T={biggest})", stage_pts),
+        ("prompts per batch", {s: [(r["T"], r["tokens_per_s"]) for r in ok
+                                   if r["workload"] == "scaling_prompts" and r["system"] == s]
+                               for s in dict.fromkeys(r["system"] for r in ok if r["workload"] == "scaling_prompts")}),
+    )  # fmt: skip
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for ax, (xlabel, series) in zip(axes, panels):
+        for label, pts in series.items():
+            if pts:
+                ax.plot(*zip(*sorted(pts)), marker="o", label=label)
+        if not any(series.values()):
+            ax.text(0.5, 0.5, "not measured in this run", ha="center", va="center", transform=ax.transAxes)
+        else:
+            ax.legend(fontsize=7)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("generated tokens / s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

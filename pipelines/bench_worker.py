@@ -119,13 +119,14 @@ def lens_floor(job) -> dict:
 
 
 @torch.no_grad()
-def baseline_steps(model, ids: torch.Tensor, steps: int, capture: bool = True):
+def baseline_steps(model, ids: torch.Tensor, steps: int, capture: bool = True, lens_times: list | None = None):
     """The paper's naive loop (shared with the GPU bench): every new token re-runs the full
     prefix with no KV cache; with `capture`, every layer's output at the new position goes
     through norm + lm_head over the full vocabulary and the full softmaxes are kept (on the
     model's device). Returns the grown ids and the kept softmaxes, one [prompts, layers, vocab]
     per step (left as the loop keeps them: stacking them would be the harness's copy, not the
-    baseline's memory)."""
+    baseline's memory). `lens_times` (CPU only: nothing is synchronised) gets each step's lens
+    seconds."""
     norm, head = model.model.norm, model.lm_head
     kept = []
     for _ in range(steps):
@@ -133,11 +134,14 @@ def baseline_steps(model, ids: torch.Tensor, steps: int, capture: bool = True):
         ids = torch.cat([ids, out.logits[:, -1].argmax(-1, keepdim=True)], 1)
         if not capture:  # the same loop without the lens: its memory is the reference
             continue
+        started = time.perf_counter()
         layers = out.hidden_states[1:]
         # HF's last entry is already normalised: project it directly.
         probs = [torch.softmax(head(norm(h[:, -1])), -1) for h in layers[:-1]]
         probs.append(torch.softmax(head(layers[-1][:, -1]), -1))
         kept.append(torch.stack(probs, 1))  # [prompts, layers, vocab], kept for the trajectory
+        if lens_times is not None:
+            lens_times.append(time.perf_counter() - started)
     return ids, kept
 
 
@@ -168,13 +172,15 @@ def paper_baseline(job) -> dict:
     ids = torch.tensor([job["prompt"]] * job["prompts"])
     capture = not job.get("no_capture")
     loaded = psutil.Process().memory_info().rss
+    lens_times = []
     with RssSampler() as rss:
         t0 = time.perf_counter()
-        ids, trajectory = baseline_steps(model, ids, job["T"], capture)
+        ids, trajectory = baseline_steps(model, ids, job["T"], capture, lens_times)
         wall = time.perf_counter() - t0
     out = {"tokens_per_s": job["T"] * ids.shape[0] / wall, "wall_s": wall, "peak_rss": rss.peak}
     if capture:
         out.update(capture_rss=rss.peak - loaded, tokens=ids[0].tolist(), **top1_of(trajectory))
+        out["lens_share"] = sum(lens_times) / wall
     return out
 
 
@@ -209,7 +215,7 @@ def distlens(job) -> dict:
         sampling=SamplingSpec(eos_token_ids=(), pad_token_id=0), max_new_tokens=job["T"],
         micro_batch_size=len(prompts) * len(job.get("coefficients") or [1]), micro_batches_in_flight=1,
         progress=False, steering=steering, coefficients=job.get("coefficients"),
-        layers=() if job.get("no_capture") else None, score_ids=tuple(job.get("score_ids", ())),
+        layers=() if job.get("no_capture") else (tuple(job["layers"]) if job.get("layers") else None), score_ids=tuple(job.get("score_ids", ())),
     )  # fmt: skip
     loaded = psutil.Process().memory_info().rss
     with RssSampler() as rss:
@@ -225,6 +231,8 @@ def distlens(job) -> dict:
         "forward_calls": [info["forward_calls"] for info in summary["stage_info"]],
         "positions": summary["positions"],
         "bytes_written": sum(f.stat().st_size for f in store_path.rglob("*") if f.is_file()),
+        **({} if job.get("no_capture") else lens_figures(summary["stage_info"], summary["generate_s"], in_process)),
+        **store_figures(store),
     }  # fmt: skip
     if not job.get("no_capture"):
         top1 = store["topk_ids"][0, :, 0, : job["T"] + len(prompts[0]) - 1, 0]
@@ -235,6 +243,29 @@ def distlens(job) -> dict:
     if "scores" in store.group:
         out["scores"] = store["scores"][:, 0].tolist()  # [rows, choice] at the answer position
     return out
+
+
+def lens_figures(stage_info: list[dict], wall: float, in_process: bool) -> dict:
+    """Time the stages spent in the lens. In one process (the local executor) stages run one
+    after another, so the share is of the generation's wall time; Ray stages run side by side,
+    so there it is the share of the stages' own compute (forward + lens, summed)."""
+    lens = sum(info.get("lens_s", 0.0) for info in stage_info)
+    compute = lens + sum(info.get("busy_s", 0.0) for info in stage_info)
+    return {"lens_s": lens, "lens_share": lens / (wall if in_process else max(compute, 1e-9))}
+
+
+def store_figures(store) -> dict:
+    """Bytes on disk per (position x layer x component) row of the lens fields, and their
+    codec compression (the arrays' in-memory size over what Zarr wrote); 0 rows: nothing."""
+    from actors.stage import LENS_FIELDS
+
+    arrays = [store.group[name] for name in LENS_FIELDS if name in store.group]
+    if not arrays or not arrays[0].size:
+        return {}
+    _, layers, components, _ = store.group["entropy"].shape  # [prompts, layers, components, positions]
+    rows = layers * components * int(np.asarray(store.group["lens_mask"][:]).sum())  # where a lens exists
+    written = sum(a.nbytes_stored() for a in arrays)
+    return {"bytes_per_row": written / rows, "compression": sum(a.nbytes for a in arrays) / written}
 
 
 @torch.no_grad()
@@ -277,9 +308,12 @@ def nnsight_trace(job) -> dict:
         steps = [saved[i : i + n_layers] for i in range(0, len(saved), n_layers)]
         hidden = [torch.cat([step[layer][0] for step in steps], 0) for layer in range(n_layers)]
         tokens = sequence[0].tolist()
+        lens_t0 = time.perf_counter()
         result = naive_lens(lm._module, hidden, tokens)
+        lens = time.perf_counter() - lens_t0
         wall = time.perf_counter() - t0
-    return {"tokens_per_s": job["T"] / wall, "wall_s": wall, "peak_rss": rss.peak, **result, "tokens": tokens}
+    return {"tokens_per_s": job["T"] / wall, "wall_s": wall, "peak_rss": rss.peak, **result, "tokens": tokens,
+            "lens_share": lens / wall}  # fmt: skip
 
 
 def transformer_lens_cache(job) -> dict:
@@ -315,9 +349,12 @@ def transformer_lens_cache(job) -> dict:
         _, cache = bridge.run_with_cache(sequence, names_filter=lambda name: name in names)
         hidden = [cache[name][0] for name in names]
         tokens = sequence[0].tolist()
+        lens_t0 = time.perf_counter()
         result = naive_lens(hf, hidden, tokens)
+        lens = time.perf_counter() - lens_t0
         wall += time.perf_counter() - t0
-    return {"tokens_per_s": job["T"] / wall, "wall_s": wall, "peak_rss": rss.peak, **result, "tokens": tokens}
+    return {"tokens_per_s": job["T"] / wall, "wall_s": wall, "peak_rss": rss.peak, **result, "tokens": tokens,
+            "lens_share": lens / wall}  # fmt: skip
 
 
 @torch.no_grad()

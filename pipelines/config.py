@@ -175,6 +175,10 @@ class BenchConf:
     ray_stages: list[int] = field(default_factory=lambda: [2])
     repeats: int = 3
     sweep_coefficients: list[int] = field(default_factory=lambda: [1, 3, 7])
+    components: list[str] = field(default_factory=lambda: ["resid_post", "attn_out", "mlp_out"])  # [] skips
+    scaling_size: int = 64  # T of the scaling workloads
+    scaling_layers: list[int] = field(default_factory=lambda: [1, 8, 15, 30])  # layers captured ([] skips)
+    scaling_prompts: list[int] = field(default_factory=lambda: [1, 4, 8])  # prompts per batch ([] skips)
     sweep_items: int = 8
     sweep_dataset: str = "corrigible-neutral-HHH"
     lens_floor: bool = True  # measure the exact lens's own cost (a ceiling on capture throughput)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from driver import run_driver
 
 
@@ -12,12 +13,13 @@ def test_bench_smoke(tiny_with_tokenizer, tmp_path):
     result = run_driver(
         "pipelines.bench", f"model.name={tiny_with_tokenizer}", "sizes=[3]", "long_size=null", "baseline_max=3",
         "stages=[2]", "ray_stages=[]", "repeats=1", "sweep_coefficients=[3]", "sweep_items=2", "peers=[]",
-        f"storage.root={tmp_path}", "storage.run=b", cwd=tmp_path,
+        "scaling_size=3", "scaling_layers=[1]", "scaling_prompts=[2]", f"storage.root={tmp_path}", "storage.run=b",
+        cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "bench" / "b"
     listed = json.loads((out / "results.json").read_text())["rows"]
-    rows = {r["system"]: r for r in listed}
+    rows = {r["system"]: r for r in listed if r["workload"] in ("trajectory", "sweep")}
     swept = {r["steer_positions"] for r in listed if r["system"] == "distlens_sweep_one_pass"}
     assert swept == {"last", "all"}  # label-position (shared prefix) and every position
     assert {"hf_generate", "distlens_local_2stage", "paper_baseline", "distlens_sweep_one_pass"} <= set(rows)
@@ -26,7 +28,19 @@ def test_bench_smoke(tiny_with_tokenizer, tmp_path):
     assert rows["distlens_local_2stage"]["top1_agreement"] == 1.0
     assert rows["distlens_local_2stage"]["max_logprob_diff"] < 1e-4
     assert rows["distlens_sweep_one_pass"]["cost_vs_unsteered_pass"] > 0
-    for name in ("results.csv", "table.md", "throughput_vs_T.png", "memory_vs_T.png", "sweep_cost.png"):
+    by_workload = {(r["workload"], r["system"], r["T"]): r for r in listed}
+    traj = by_workload["trajectory", "distlens_local_2stage", 3]
+    positions = traj["positions"]  # the store's; the last has no next token, so no lens
+    assert 0 < traj["lens_share"] < 1 and 0 < by_workload["trajectory", "paper_baseline", 3]["lens_share"] < 1
+    # 10 ids + 10 log-probs + entropy, target log-prob and rank = 92 bytes per row before the codec
+    assert traj["bytes_per_row"] * traj["compression"] == pytest.approx(92 * positions / (positions - 1))
+    comps = by_workload["trajectory_components", "distlens_local_2stage", 3]
+    assert comps["positions"] == traj["positions"] and comps["bytes_per_row"] > 0
+    assert by_workload["scaling_layers", "distlens_local_2stage", 1]["tokens_per_s"] > 0
+    batch = by_workload["scaling_prompts", "hf_generate", 2]
+    assert batch["tokens_per_s"] > 0 and by_workload["scaling_prompts", "distlens_local_2stage_nocapture", 2]
+    assert "error" not in by_workload["scaling_prompts", "distlens_local_2stage", 2]
+    for name in ("results.csv", "table.md", "throughput_vs_T.png", "memory_vs_T.png", "sweep_cost.png", "scaling.png"):
         assert (out / name).exists()
     # the report again from results.json alone, nothing measured: the same table
     table = (out / "table.md").read_text()
