@@ -414,6 +414,8 @@ class StageWorker:
             hidden = self.engine(x, attention_mask=state.attention_mask, position_ids=position_ids, cache=state.cache)
         finally:
             self._step = None
+        if self.device.type == "cuda":  # the forward's kernels, not only their launch, in busy_s
+            torch.cuda.synchronize(self.device)
         finished = time.time()
         self.timeline.append((mb, started, finished))
         self.busy_s += finished - started

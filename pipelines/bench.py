@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ register()
 REPO = Path(__file__).resolve().parent.parent
 METRICS = (
     "tokens_per_s", "wall_s", "peak_rss", "largest_process_rss", "bytes_written", "positions", "lens_ms_per_row",
-    "gemm_gflops", "layers", "lens_share", "bytes_per_row", "compression",
+    "gemm_gflops", "layers", "lens_share", "bytes_per_row", "compression", "lens_layers", "lens_components",
 )  # fmt: skip
 
 
@@ -120,7 +121,7 @@ def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
     tokenizer = checkpoint.tokenizer()
     prompt = encode_prompt(tokenizer, cfg.prompt)
     hf = checkpoint.config()
-    check_config(cfg, hf.num_hidden_layers)
+    check_config(cfg, hf.num_hidden_layers, len(prompt))
     scratch = out_dir / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     base = {"model_path": str(checkpoint.path), "prompt": prompt, "prompts": cfg.prompts, "scratch": str(scratch)}
@@ -194,12 +195,18 @@ def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
                 "paper_baseline_nocapture", workload, size, repeats=reps, system="paper_baseline", no_capture=True
             )
             for r in rows:
-                if r["T"] == size and r["system"] in ours:
+                if r["workload"] == workload and r["T"] == size and r["system"] in ours:
                     r.update(agreement(ours[r["system"]], base_run, len(prompt)))
             if "peak_rss" in base_row and "peak_rss" in base_nocap:
                 base_row["capture_memory"] = base_row["peak_rss"] - base_nocap["peak_rss"]
         for r in rows:
-            if r["T"] == size and r["system"] == "distlens_local_2stage" and "peak_rss" in r and "peak_rss" in nocap:
+            if (
+                r["workload"] == workload
+                and r["T"] == size
+                and r["system"] == "distlens_local_2stage"
+                and "peak_rss" in r
+                and "peak_rss" in nocap
+            ):
                 r["capture_memory"] = r["peak_rss"] - nocap["peak_rss"]
     if long_t:
         rows.append(extrapolate_baseline(rows, long_t, cfg.long_size))
@@ -225,17 +232,27 @@ def extrapolate_baseline(rows, size: int, positions: int) -> dict:
     return {**out, "wall_s": wall, "tokens_per_s": size / wall, "note": note}
 
 
-def check_config(cfg, n_layers: int) -> None:
+def check_config(cfg, n_layers: int, prompt_len: int) -> None:
     """Refuse settings the workloads cannot run, naming the value and what is valid, before
     anything is measured."""
     from actors.stage import COMPONENTS
     from pipelines.config import ConfigError, _at_least, _choice
 
     try:
-        for name in ("sizes", "stages", "scaling_prompts", "sweep_coefficients"):
+        if not cfg.sizes:
+            raise ConfigError("sizes=[] is empty: give the trajectory's generated tokens T, e.g. sizes=[64,256]")
+        for name in ("sizes", "stages", "ray_stages", "scaling_prompts", "sweep_coefficients"):
             for value in cfg[name]:
                 _at_least(name, value, 1)
-        _at_least("scaling_size", cfg.scaling_size, 1)
+        for name in ("scaling_size", "repeats", "prompts", "sweep_items"):
+            _at_least(name, cfg[name], 1)
+        if cfg.long_size is not None and cfg.long_size <= prompt_len:
+            raise ConfigError(
+                f"long_size={cfg.long_size} is out of range: positions must exceed the prompt's {prompt_len} "
+                "(or long_size=null to skip the long trajectory)"
+            )
+        for value in cfg.sweep_positions:
+            _choice("sweep_positions", value, ("last", "all"))
         for value in cfg.scaling_layers:
             if not 1 <= value <= n_layers:
                 raise ConfigError(f"scaling_layers={value!r} is out of range: layers captured must be 1..{n_layers}")
@@ -253,7 +270,7 @@ def spaced_layers(n_layers: int, n: int) -> list[int]:
 
 
 def scaling_rows(cfg, hf, bench) -> None:
-    """`trajectory_components` (resid_post, attn_out and mlp_out at every layer, T=sizes[0]) and
+    """`trajectory_components` (resid_post, attn_out and mlp_out at every layer, T=min(sizes)) and
     the scaling workloads at T=scaling_size with distlens local 2-stage: throughput against the
     number of layers captured (T column = layers), and against prompts per batch (T column =
     prompts; with capture, without, and HF generate on the same batch). Throughput against T
@@ -480,7 +497,7 @@ def report(rows: list[dict], out_dir: Path) -> None:
     lines += ["", *targets(rows)]
     (out_dir / "table.md").write_text("\n".join(lines) + "\n")
     plt = _pyplot()
-    traj = [r for r in rows if r["workload"] in ("trajectory", "trajectory_1500pos") and "tokens_per_s" in r]
+    traj = [r for r in rows if re.fullmatch(r"trajectory(_\d+pos)?", r["workload"]) and "tokens_per_s" in r]
     for metric, name, ylabel, log in (
         ("tokens_per_s", "throughput_vs_T.png", "generated tokens / s", True),
         ("peak_rss", "memory_vs_T.png", "peak RSS (MiB, all processes)", False),

@@ -248,24 +248,35 @@ def distlens(job) -> dict:
 def lens_figures(stage_info: list[dict], wall: float, in_process: bool) -> dict:
     """Time the stages spent in the lens. In one process (the local executor) stages run one
     after another, so the share is of the generation's wall time; Ray stages run side by side,
-    so there it is the share of the stages' own compute (forward + lens, summed)."""
-    lens = sum(info.get("lens_s", 0.0) for info in stage_info)
-    compute = lens + sum(info.get("busy_s", 0.0) for info in stage_info)
-    return {"lens_s": lens, "lens_share": lens / (wall if in_process else max(compute, 1e-9))}
+    so there it is the share of the stages' own compute (forward + lens, summed). One rank per
+    stage counts: tensor-parallel ranks each run the same lens together."""
+    ranks = [info for info in stage_info if info.get("tp_rank", 0) == 0]
+    lens = sum(info.get("lens_s", 0.0) for info in ranks)
+    compute = lens + sum(info.get("busy_s", 0.0) for info in ranks)
+    return {"lens_s": lens, "lens_share": lens / max(wall if in_process else compute, 1e-9)}
 
 
 def store_figures(store) -> dict:
-    """Bytes on disk per (position x layer x component) row of the lens fields, and their
-    codec compression (the arrays' in-memory size over what Zarr wrote); 0 rows: nothing."""
+    """Bytes on disk per (position x layer x component) row of the lens fields (their chunks,
+    not their zarr.json metadata), and the codec's compression: the arrays' in-memory size
+    (every position of the layout, the last one too, which has no lens) over those bytes.
+    Nothing captured: no figures."""
     from actors.stage import LENS_FIELDS
 
-    arrays = [store.group[name] for name in LENS_FIELDS if name in store.group]
-    if not arrays or not arrays[0].size:
+    names = [name for name in LENS_FIELDS if name in store.group]
+    if not names or not store.group[names[0]].size:
         return {}
     _, layers, components, _ = store.group["entropy"].shape  # [prompts, layers, components, positions]
     rows = layers * components * int(np.asarray(store.group["lens_mask"][:]).sum())  # where a lens exists
-    written = sum(a.nbytes_stored() for a in arrays)
-    return {"bytes_per_row": written / rows, "compression": sum(a.nbytes for a in arrays) / written}
+    written = sum(
+        f.stat().st_size
+        for name in names
+        for f in (store.path / name).rglob("*")
+        if f.is_file() and f.name != "zarr.json"
+    )
+    logical = sum(store.group[name].nbytes for name in names)
+    return {"bytes_per_row": written / rows, "compression": logical / written, "lens_layers": layers,
+            "lens_components": components}  # fmt: skip
 
 
 @torch.no_grad()

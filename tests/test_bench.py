@@ -30,16 +30,21 @@ def test_bench_smoke(tiny_with_tokenizer, tmp_path):
     assert rows["distlens_sweep_one_pass"]["cost_vs_unsteered_pass"] > 0
     by_workload = {(r["workload"], r["system"], r["T"]): r for r in listed}
     traj = by_workload["trajectory", "distlens_local_2stage", 3]
-    positions = traj["positions"]  # the store's; the last has no next token, so no lens
+    # one prompt here, so the positions of its one store row; the last has no next token, so no lens
+    positions = traj["positions"]
     assert 0 < traj["lens_share"] < 1 and 0 < by_workload["trajectory", "paper_baseline", 3]["lens_share"] < 1
     # 10 ids + 10 log-probs + entropy, target log-prob and rank = 92 bytes per row before the codec
     assert traj["bytes_per_row"] * traj["compression"] == pytest.approx(92 * positions / (positions - 1))
+    layers = traj["lens_layers"]
+    assert traj["lens_components"] == 1 and layers > 1
     comps = by_workload["trajectory_components", "distlens_local_2stage", 3]
-    assert comps["positions"] == traj["positions"] and comps["bytes_per_row"] > 0
-    assert by_workload["scaling_layers", "distlens_local_2stage", 1]["tokens_per_s"] > 0
-    batch = by_workload["scaling_prompts", "hf_generate", 2]
-    assert batch["tokens_per_s"] > 0 and by_workload["scaling_prompts", "distlens_local_2stage_nocapture", 2]
-    assert "error" not in by_workload["scaling_prompts", "distlens_local_2stage", 2]
+    assert (comps["lens_layers"], comps["lens_components"]) == (layers, 3)  # resid_post, attn_out, mlp_out
+    assert comps["positions"] == positions and comps["bytes_written"] > traj["bytes_written"]
+    one_layer = by_workload["scaling_layers", "distlens_local_2stage", 1]
+    assert one_layer["lens_layers"] == 1 and one_layer["tokens_per_s"] > 0
+    for system in ("distlens_local_2stage", "distlens_local_2stage_nocapture", "hf_generate"):
+        assert by_workload["scaling_prompts", system, 2]["tokens_per_s"] > 0, system
+    assert by_workload["scaling_prompts", "distlens_local_2stage", 2]["positions"] == 2 * positions
     for name in ("results.csv", "table.md", "throughput_vs_T.png", "memory_vs_T.png", "sweep_cost.png", "scaling.png"):
         assert (out / name).exists()
     # the report again from results.json alone, nothing measured: the same table
@@ -101,3 +106,23 @@ def test_like_for_like_names_where_a_peer_parted_and_targets_take_its_fastest_ag
     lines = targets(rows)
     assert any("faster than transformer_lens_hf_generate (T=64; like for like: ok) | 1.25x | met" in x for x in lines)
     assert not any("| faster than transformer_lens " in x for x in lines)  # the disagreeing way is not the yardstick
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("scaling_layers=[3]", "scaling_layers=3 is out of range: layers captured must be 1..2"),
+        ("sizes=[]", "sizes=[] is empty"),
+        ("sweep_positions=[middle]", "sweep_positions='middle' is not valid: choose one of ['last', 'all']"),
+        ("long_size=2", "long_size=2 is out of range: positions must exceed the prompt's"),
+    ],
+)
+def test_bench_refuses_bad_settings_before_measuring(tiny_with_tokenizer, tmp_path, override, message):
+    result = run_driver(
+        "pipelines.bench", f"model.name={tiny_with_tokenizer}", override, f"storage.root={tmp_path}", "storage.run=b",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("distlens: error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert not (tmp_path / "bench" / "b" / "results.json").exists()  # nothing measured, nothing written
