@@ -571,6 +571,7 @@ def scaling_plot(rows: list[dict], path: Path, plt) -> None:
             ax.text(0.5, 0.5, "not measured in this run", ha="center", va="center", transform=ax.transAxes)
         else:
             ax.legend(fontsize=7)
+        ax.set_ylim(bottom=0)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("generated tokens / s")
     fig.tight_layout()
