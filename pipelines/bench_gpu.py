@@ -151,7 +151,10 @@ def distlens(path: Path, prompt, t: int, device: str, dtype, capture: bool, scra
         summary = Coordinator(spec("run.zarr", t)).run([prompt])
     row = {"T": t, "tokens_per_s": summary["tokens_per_s"], "peak_gib": m.peak_gib}
     if capture:
+        from pipelines.bench_worker import lens_figures, store_figures
+
         store = LensStore.open(scratch / "run.zarr")
+        row.update(lens_figures(summary["stage_info"], summary["generate_s"], True), **store_figures(store))
         top1 = store["topk_ids"][0, :, 0, : t + len(prompt) - 1, 0]
         row.update(
             tokens=store.tokens(0).tolist(), top1=top1.tolist(),

@@ -78,6 +78,8 @@ def test_gpu_bench_path_runs_on_cpu(tmp_path):
     assert base["same_tokens"] and base["top1_agreement"] == 1.0 and base["max_logprob_diff"] < 1e-4
     assert results["ratios"]["tiny"]["throughput_vs_baseline"] > 0
     assert results["device"] == "cpu" and results["dtype"] == "float32"
+    capture = rows["distlens_inprocess_capture"]
+    assert 0 < capture["lens_share"] < 1 and capture["bytes_per_row"] > 0 and capture["lens_layers"] > 1
 
 
 def test_like_for_like_names_where_a_peer_parted_and_targets_take_its_fastest_agreeing_way():
