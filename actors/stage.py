@@ -170,7 +170,7 @@ class StageWorker:
 
     def stats(self) -> dict:
         """Cheap counters for the coordinator's progress bar (per-stage throughput)."""
-        return {"stage": self.spec.stage, "busy_s": self.busy_s, "tokens": self.tokens, "lens_s": self.lens_s}
+        return {"stage": self.spec.stage, "busy_s": self.busy_s, "tokens": self.tokens}
 
     def rejoin(self, spec: StageSpec) -> int:
         """After a stage failure: take `spec` again before `setup`. A survivor keeps its weights
@@ -461,18 +461,13 @@ class StageWorker:
         chunks = []
         while state.pending_start < known_end and (force or known_end - state.pending_start >= window):
             end = min(known_end, state.pending_start + window)
+            started = time.time()
             chunks.append(self._lens_chunk(mb, state, state.pending_start, end))
+            self.lens_s += time.time() - started
             state.pending_start = end
         return chunks
 
     def _lens_chunk(self, mb: int, state: _BatchState, start: int, end: int) -> LensChunk:
-        started = time.time()
-        try:
-            return self._lens_chunk_timed(mb, state, start, end)
-        finally:
-            self.lens_s += time.time() - started
-
-    def _lens_chunk_timed(self, mb: int, state: _BatchState, start: int, end: int) -> LensChunk:
         spec = self.spec.capture
         all_tokens = torch.cat(state.tokens, dim=1)  # [batch, cols (+1 at finish)]
         targets = all_tokens[:, start + 1 : end + 1]  # [batch, n]

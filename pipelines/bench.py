@@ -285,12 +285,11 @@ def scaling_rows(cfg, hf, bench) -> None:
                      **local)  # fmt: skip
         r["note"] = f"T={t}; T column = layers captured"
     for p in cfg.scaling_prompts:
-        for label, system, extra in (
-            ("distlens_local_2stage", "distlens", {}),
-            ("distlens_local_2stage_nocapture", "distlens", {"no_capture": True}),
-            ("hf_generate", "hf_generate", {}),
+        for label, job in (
+            ("distlens_local_2stage", local),
+            ("distlens_local_2stage_nocapture", {**local, "no_capture": True}),
+            ("hf_generate", {"system": "hf_generate"}),
         ):
-            job = {**local, "system": system, **extra} if system == "distlens" else {"system": system}
             r, _ = bench(label, "scaling_prompts", p, T=t, prompts=p, **job)
             r["note"] = f"T={t}; T column = prompts per batch"
 
