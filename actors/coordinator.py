@@ -216,7 +216,7 @@ class Coordinator:
                 executor,
                 [workers[s * spec.tp_size : (s + 1) * spec.tp_size] for s in range(len(bounds))],
             )
-            self._workers, self._specs = workers, specs
+            self._workers, self._specs, self._bounds = workers, specs, bounds
             log.info(
                 "run: %d prompts in %d micro-batches (%d to do), stages %s, executor %s",
                 len(prompts), len(mbs), len(todo), [list(b) for b in bounds], executor.name,
@@ -310,10 +310,19 @@ class Coordinator:
         return [ex.get(a) for a in acks]
 
     # -- generation -----------------------------------------------------------------------------
-    def _submit(self, mb: _MicroBatch, tokens) -> None:
+    def _submit(self, mb: _MicroBatch, tokens, shared_stages: int = 0, base=None, index=None) -> None:
+        """Feed columns `tokens` [rows, new] through every stage. The first `shared_stages`
+        stages get only the distinct prompts' rows `tokens[base]`; the next stage widens their
+        output back to every row (row i takes distinct row `index[i]`)."""
         ex, hidden = self._ex, None
-        for ranks in self._ranks:
-            outs = [ex.call(w, "step", mb.index, tokens, hidden, num_returns=2) for w in ranks]
+        for s, ranks in enumerate(self._ranks):
+            if s < shared_stages:
+                args = (tokens[base], hidden)
+            elif s == shared_stages and s:
+                args = (tokens, hidden, index)
+            else:
+                args = (tokens, hidden)
+            outs = [ex.call(w, "step", mb.index, *args, num_returns=2) for w in ranks]
             hidden = outs[0][0]
             mb.handles += [o[1] for o in outs]
         mb.last = hidden
@@ -332,28 +341,49 @@ class Coordinator:
         starts = [first[e.positions] if isinstance(e.positions, str) else pad + e.positions for e in spec.steering]
         return max(0, min([cols - 1, *starts]))
 
+    def _shared_stages(self, mb: _MicroBatch) -> int:
+        """How many leading stages hold only layers before every steering edit, when the
+        micro-batch repeats prompts (a sweep): their prompt columns are alike for every
+        coefficient. Never the last stage (its logits choose the first token, once per row)."""
+        spec = self.spec
+        sources = self._sources[mb.rows]
+        if not spec.share_prefix or not spec.steering or len(np.unique(sources)) == len(sources):
+            return 0
+        first = min(e.layer for e in spec.steering)
+        return sum(1 for _, end in self._bounds[:-1] if end <= first)
+
     def _start(self, mb: _MicroBatch) -> None:
         ex, spec = self._ex, self.spec
         workers = [w for r in self._ranks for w in r]
-        split = self._shared_columns(mb)
-        if not split:
+        split, early = self._shared_columns(mb), self._shared_stages(mb)
+        if not split and not early:
             mb.handles += [
                 ex.call(w, "start", mb.index, mb.attention_mask, spec.positions, mb.coefficients) for w in workers
             ]
             self._submit(mb, mb.input_ids)
             return
-        # Prompts repeated along the batch (one row per coefficient): the columns before the
-        # first steered one run once per distinct prompt, then every stage replicates its state.
+        # Prompts repeated along the batch (one row per coefficient): what no edit can reach runs
+        # once per distinct prompt, then the stages replicate their state. That is the columns
+        # before the first steered one (causal attention: they cannot see the edit) on every
+        # stage, and the rest of the prompt on the stages before the first steered layer.
         # Rows are prompt-major, so the sorted distinct prompts are also in order of appearance:
         # `base` holds each one's first row and `index` maps every row to its prompt's position.
         _, base, index = np.unique(self._sources[mb.rows], return_index=True, return_inverse=True)
+        earlier, later = ([w for r in ranks for w in r] for ranks in (self._ranks[:early], self._ranks[early:]))
+        shared = earlier + later if split else earlier
         mb.handles += [
             ex.call(w, "start", mb.index, mb.attention_mask[base], spec.positions, np.ones(len(base)), True)
-            for w in workers
+            for w in shared
         ]
-        self._submit(mb, mb.input_ids[base, :split])
-        mb.handles += [ex.call(w, "expand", mb.index, index, mb.coefficients) for w in workers]
-        self._submit(mb, mb.input_ids[:, split:])
+        if split:
+            self._submit(mb, mb.input_ids[base, :split])
+            mb.handles += [ex.call(w, "expand", mb.index, index, mb.coefficients) for w in later]
+        else:
+            mb.handles += [
+                ex.call(w, "start", mb.index, mb.attention_mask, spec.positions, mb.coefficients) for w in later
+            ]
+        self._submit(mb, mb.input_ids[:, split:], early, base, index)
+        mb.handles += [ex.call(w, "expand", mb.index, index, mb.coefficients) for w in earlier]
 
     def _generate(self, todo: list[_MicroBatch], store: LensStore, prompt_texts) -> dict[int, list]:
         spec = self.spec

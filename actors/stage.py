@@ -266,6 +266,7 @@ class StageWorker:
             "device": str(self.device),
             "params": n_params,
             "forward_calls": self.forward_calls,
+            "tokens": self.tokens,  # rows x columns this stage has run
             "busy_s": self.busy_s,  # forward time
             "lens_s": self.lens_s,  # lens time
             "weight_loads": self.loads,  # times this process loaded a slice (pooled runs reuse it)
@@ -379,11 +380,13 @@ class StageWorker:
         state.shared = False
 
     @torch.no_grad()
-    def step(self, mb: int, tokens, upstream=None):
+    def step(self, mb: int, tokens, upstream=None, upstream_rows=None):
         """Feed new columns of micro-batch `mb`.
 
         tokens: [batch, new] ids of the new columns (every stage gets them: they are the lens
-        targets of earlier columns); upstream: the previous stage's hidden [batch, new, d_model].
+        targets of earlier columns); upstream: the previous stage's hidden [batch, new, d_model];
+        upstream_rows: [batch] the upstream row each row takes, when the previous stage ran a
+        shared prefix with fewer rows (see `expand`).
         Returns `(forward_out, lens_chunks)`: forward_out is hidden for the next stage, or on
         the last stage `{"tokens": [batch], "finished": [batch]}`.
         """
@@ -407,6 +410,8 @@ class StageWorker:
             if self.spec.stage == 0
             else torch.as_tensor(upstream).to(self.device, self.lens.weight.dtype)
         )
+        if upstream_rows is not None:
+            x = x[torch.as_tensor(np.asarray(upstream_rows), dtype=torch.long, device=x.device)]
         self._capture = {}
         self._step = (state, state.cols, new)
         started = time.time()

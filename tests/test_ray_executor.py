@@ -47,6 +47,27 @@ def test_ray_stages_equal_unsliced_and_local(family, stage_pool, tiny_checkpoint
         assert_stores_equal(store, local)
 
 
+def test_ray_sweep_shares_the_stage_before_the_edit_and_equals_local(stage_pool, tiny_checkpoints, tmp_path):
+    """A coefficient sweep steering every position at layer 2: the first stage (layers 0-1) runs
+    each prompt once and the second widens its output to one row per coefficient, across actors."""
+    import numpy as np
+
+    from actors.stage import SteeringEdit
+
+    path = tiny_checkpoints["qwen3"]
+    v = np.random.default_rng(4).standard_normal(64).astype(np.float32)
+    common = dict(
+        num_stages=2, max_new_tokens=3, score_ids=(40, 41), micro_batch_size=6, coefficients=(-2.0, 0.0, 2.0),
+        steering=(SteeringEdit(2, "attn_in", v, "all", 1.0),),
+    )  # fmt: skip
+    summary, ray = run_lens(path, tmp_path / "ray.zarr", executor="ray", executor_pool=stage_pool, **common)
+    _, local = run_lens(path, tmp_path / "local.zarr", share_prefix=False, **common)
+    assert_stores_equal(ray, local)
+    np.testing.assert_allclose(ray["scores"], local["scores"], atol=1e-5)
+    first, second = (info["tokens"] for info in summary["stage_info"])
+    assert first < second
+
+
 def test_stages_work_on_different_micro_batches_at_once(ray_cluster, tmp_path):
     from tiny_models import save_tiny
 

@@ -86,30 +86,40 @@ def test_sweep_of_seven_coefficients_is_one_pass_equal_to_seven_passes(tiny_chec
     assert np.ptp(propensity[:7]) > 1e-3  # the coefficient matters
 
 
-@pytest.mark.parametrize("positions", ["last", 2, "generated"])
-def test_sweep_shares_the_unsteered_prefix_and_equals_the_unshared_sweep(positions, tiny_checkpoints, tmp_path):
-    """Edits that start at column c leave columns < c alike for every coefficient: they run once
-    per prompt and every stage replicates its cache and buffers. The store (lens on every
-    layer, activations, generated tokens, scores) must equal the sweep computed row by row;
-    micro-batches of 10 rows cut through a prompt's 7 coefficient rows."""
+@pytest.mark.parametrize(("positions", "layer"), [("last", 1), (2, 1), ("generated", 1), ("all", 2), ("last", 2)])
+def test_sweep_shares_the_unsteered_prefix_and_equals_the_unshared_sweep(positions, layer, tiny_checkpoints, tmp_path):
+    """Edits that start at column c leave columns < c alike for every coefficient, and edits
+    at layer L leave the stages before L alike: that work runs once per prompt and the stages
+    replicate their caches and buffers. The store (lens on every layer, activations, generated
+    tokens, scores) must equal the sweep computed row by row; micro-batches of 10 rows cut
+    through a prompt's 7 coefficient rows. Two stages of the 4-layer model: layers 0-1, 2-3."""
     path = tiny_checkpoints["llama"]
     v = np.random.default_rng(3).standard_normal(64).astype(np.float32)
     coefficients = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0)
     common = dict(
         max_new_tokens=4, score_ids=(40, 41), num_stages=2, micro_batch_size=10, lens_window=2,
-        steering=(SteeringEdit(1, "resid_pre", v, positions, 2.0),), coefficients=coefficients,
+        steering=(SteeringEdit(layer, "resid_pre", v, positions, 2.0),), coefficients=coefficients,
     )  # fmt: skip
     shared_summary, shared = run_lens(path, tmp_path / "shared.zarr", **common)
     plain_summary, plain = run_lens(path, tmp_path / "plain.zarr", share_prefix=False, **common)
+    assert shared_summary["stages"] == [[0, 2], [2, 4]]
     assert_stores_equal(shared, plain)
     np.testing.assert_allclose(shared["scores"], plain["scores"], atol=1e-5)
     assert shared["coefficient"].tolist() == plain["coefficient"].tolist()
     # prefix + rest of the prompt: one more call per micro-batch that repeats a prompt (the
-    # third micro-batch holds one row, nothing to share)
+    # third micro-batch holds one row, nothing to share); an edit at every position leaves no
+    # prefix of columns, so no extra call
     sources = np.repeat(np.arange(len(PROMPTS)), len(coefficients))
     batches = sum(len(set(sources[i : i + 10])) < len(sources[i : i + 10]) for i in range(0, len(sources), 10))
     assert batches == 2
     calls = [i["forward_calls"] for i in shared_summary["stage_info"]]
-    assert calls == [c + batches for c in (i["forward_calls"] for i in plain_summary["stage_info"])]
+    extra = 0 if positions == "all" else batches
+    assert calls == [c + extra for c in (i["forward_calls"] for i in plain_summary["stage_info"])]
+    # rows x columns each stage ran: the first stage runs the whole prompt once per prompt
+    # when the edit is past it; columns before the edit run once per prompt on both
+    ran, plain_ran = ([i["tokens"] for i in s["stage_info"]] for s in (shared_summary, plain_summary))
+    assert plain_ran[0] == plain_ran[1]
+    assert (ran[0] < ran[1]) == (layer == 2)
+    assert (ran[1] < plain_ran[1]) == (positions != "all")
     propensity = shared["scores"][:7, :, 0] - shared["scores"][:7, :, 1]  # [coefficient, step]
     assert np.ptp(propensity, axis=0).max() > 1e-3  # the coefficient still matters
