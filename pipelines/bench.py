@@ -300,7 +300,8 @@ def sweep_rows(cfg, base, tokenizer, hf, bench) -> list[dict]:
     library (one pass per coefficient); answer-letter logits are compared like for like.
     Once per steered span (`sweep_positions`): `last` injects at the label position only (the
     paper's label-position steering; the prompt before it is computed once per item and
-    shared by every coefficient), `all` at every position (nothing to share)."""
+    shared by every coefficient), `all` at every position (the stage before the steered
+    layer is shared)."""
     from actors.mwe import load_items, split_items
     from actors.steering import ab_prompt
     from pipelines.steer import dataset_root
