@@ -63,6 +63,11 @@ class SteeringEdit:
             raise ValueError(
                 f"steering positions={self.positions!r}: choose one of {list(STEERING_POSITIONS)} or an int index"
             )
+        if isinstance(self.positions, int) and self.positions < 0:
+            raise ValueError(
+                f"steering positions={self.positions} is negative: an int i steers every position >= i "
+                "(counted from the prompt's first token, 0 = all); for the last prompt token use 'last'"
+            )
 
 
 @dataclass(frozen=True)
@@ -211,12 +216,12 @@ class StageWorker:
         self._hooks = []
         self._capture: dict | None = None
         self._step: tuple | None = None  # (state, first column, new columns) while a step runs
-        vectors = {(e.layer, e.site): e for e in spec.steering if spec.start <= e.layer < spec.end}
-        self._edits = {
-            key: (e, torch.as_tensor(np.asarray(e.vector), dtype=self.lens.weight.dtype, device=self.device))
-            for key, e in vectors.items()
-        }
-        for e, v in self._edits.values():
+        self._edits: dict[tuple[int, str], list] = {}  # (layer, site) -> [(edit, vector)], applied in order
+        for e in spec.steering:
+            if spec.start <= e.layer < spec.end:
+                v = torch.as_tensor(np.asarray(e.vector), dtype=self.lens.weight.dtype, device=self.device)
+                self._edits.setdefault((e.layer, e.site), []).append((e, v))
+        for e, v in (pair for pairs in self._edits.values() for pair in pairs):
             if v.shape != (self.config.hidden_size,):
                 raise ValueError(
                     f"steering vector for layer {e.layer} has shape {tuple(v.shape)}; "
@@ -296,11 +301,11 @@ class StageWorker:
         for offset, layer in enumerate(self.model.layers):
             index = self.spec.start + offset
             for site in SITES:
-                edit = self._edits.get((index, site))
+                edits = self._edits.get((index, site), [])
                 record = index in capture.layers and site in capture.components
-                if edit is None and not record:
+                if not edits and not record:
                     continue
-                transform = self._transform(index, site, edit, record)
+                transform = self._transform(index, site, edits, record)
                 module, how = self._site(layer, site)
                 if how == "pre":
                     hook = module.register_forward_pre_hook(lambda m, args, t=transform: (t(args[0]), *args[1:]))
@@ -310,14 +315,14 @@ class StageWorker:
                     hook = module.register_forward_hook(lambda m, a, out, t=transform: t(out))
                 self._hooks.append(hook)
 
-    def _transform(self, layer: int, site: str, edit, record: bool):
+    def _transform(self, layer: int, site: str, edits: list, record: bool):
         def transform(hidden: torch.Tensor) -> torch.Tensor:  # hidden: [batch, new, d_model]
-            if edit is not None and self._step is not None:
-                spec, vector = edit
+            for spec, vector in edits if self._step is not None else ():
                 state, start, new = self._step
                 mask = _edit_mask(state, start, start + new, spec.positions).to(hidden.device)
-                scale = mask.to(hidden.dtype) * (spec.coefficient * state.coefficients.to(hidden.device))[:, None]
-                hidden = hidden + scale[:, :, None] * vector
+                # the per-row multipliers are float32: the edit is cast back to the model's dtype
+                scale = mask.float() * (spec.coefficient * state.coefficients.to(hidden.device))[:, None]
+                hidden = hidden + (scale[:, :, None] * vector).to(hidden.dtype)
             if record and self._capture is not None:
                 self._capture.setdefault((layer, site), []).append(hidden.detach())
             return hidden

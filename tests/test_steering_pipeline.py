@@ -46,6 +46,51 @@ def test_steered_pipeline_equals_hooked_hf_model(site, tiny_checkpoints, tmp_pat
             torch.testing.assert_close(acts[layer, :n], ref, atol=1e-5, rtol=0)
 
 
+def test_two_edits_at_one_site_add_up_like_two_hooks(tiny_checkpoints, tmp_path):
+    path = tiny_checkpoints["llama"]
+    model = load_reference(path)
+    torch.manual_seed(2)
+    v1, v2 = torch.randn(64), torch.randn(64)
+    hooks = [_hook_hf(model, 2, "attn_in", v, c) for v, c in ((v1, 1.0), (v2, -2.0))]
+    generated, pad = hf_generate(model, PROMPTS, 4)
+    for h in hooks:
+        h.remove()
+    edits = (SteeringEdit(2, "attn_in", v1.numpy(), "all", 1.0), SteeringEdit(2, "attn_in", v2.numpy(), "all", -2.0))
+    _, store = run_lens(path, tmp_path / "s.zarr", max_new_tokens=4, steering=edits)
+    for row in range(len(PROMPTS)):
+        assert store.tokens(row).tolist() == generated.sequences[row, int(pad[row]) :].tolist()
+        acts = torch.from_numpy(store.activations(row))[:, 0]
+        n = acts.shape[1] - 1
+        torch.testing.assert_close(acts[2, :n], hf_hidden_by_row(generated, pad, row, 3)[:n], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("site", STEERING_SITES)
+def test_steered_bfloat16_pipeline_equals_hooked_bfloat16_hf_model(site, tiny_checkpoints, tmp_path):
+    """In bfloat16 the edit (float32 multipliers) is cast to the model's dtype, as a hook adding a
+    bfloat16 vector does; teacher-forced on the pipeline's own tokens, every layer agrees."""
+    path = tiny_checkpoints["qwen3"]
+    model = load_reference(path).to(torch.bfloat16)
+    vector = torch.randn(64, generator=torch.Generator().manual_seed(5))
+    edit = (SteeringEdit(1, site, vector.numpy(), "all", 2.0),)
+    _, store = run_lens(path, tmp_path / "s.zarr", max_new_tokens=4, dtype="bfloat16", steering=edit)
+    _, plain = run_lens(path, tmp_path / "p.zarr", max_new_tokens=4, dtype="bfloat16")
+    hook = _hook_hf(model, 1, site, vector.to(torch.bfloat16), 2.0)
+    try:
+        for row in range(len(PROMPTS)):
+            tokens = torch.as_tensor(store.tokens(row))[None]
+            with torch.no_grad():
+                hidden = model(tokens, output_hidden_states=True).hidden_states
+            acts = torch.from_numpy(store.activations(row))[:, 0]
+            n = tokens.shape[1] - 1
+            for layer in range(3):
+                ours, ref = acts[layer, :n], hidden[layer + 1][0, :n].float()
+                torch.testing.assert_close(ours, ref, atol=0.05, rtol=0.02)
+            unsteered = torch.from_numpy(plain.activations(row))[2, 0, : min(n, 3)]
+            assert (unsteered - acts[2, : min(n, 3)]).abs().max() > 0.5  # the edit is far above the tolerance
+    finally:
+        hook.remove()
+
+
 def test_steering_positions_last_and_from_index(tiny_checkpoints, tmp_path):
     path = tiny_checkpoints["qwen3"]
     v = np.random.default_rng(0).standard_normal(64).astype(np.float32)
