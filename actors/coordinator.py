@@ -25,7 +25,7 @@ from actors.executor import ClusterError, LocalExecutor, RayExecutor
 from actors.sampling import SamplingSpec
 from actors.slicing import plan_stages
 from actors.stage import COMPONENTS, LENS_FIELDS, CaptureSpec, LostStateError, StageSpec
-from actors.store import LensStore, StoreError, StoreLayout
+from actors.store import LensStore, StoreError, StoreLayout, layout_dict
 
 log = logging.getLogger("distlens")
 
@@ -143,6 +143,10 @@ class Coordinator:
         bad = [c for c in spec.components if c not in COMPONENTS]
         if bad:
             raise ValueError(f"unknown component {bad[0]!r}: choose from {list(COMPONENTS)}")
+        for name, values in (("layers", layers), ("components", spec.components)):
+            twice = sorted({v for v in values if list(values).count(v) > 1})
+            if twice:
+                raise ValueError(f"{name} lists {twice[0]!r} more than once: give each once")
         context = getattr(config, "max_position_embeddings", None)
         longest = max(len(p) for p in prompts)
         if context and longest + spec.max_new_tokens > context:
@@ -274,6 +278,16 @@ class Coordinator:
                 store = LensStore.open(path, mode="r+")
                 same = store.attrs.get("fingerprint") == spec.attrs.get("fingerprint")
                 if spec.existing == "resume" and same:
+                    # micro-batch numbers index rows through the layout (rows per batch): a
+                    # store cut another way cannot be continued
+                    stored, wanted = store.attrs.get("layout") or {}, layout_dict(layout)
+                    differ = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in wanted.items() if stored.get(k) != v]
+                    if differ:
+                        raise StoreError(
+                            f"output path {path} holds this config's run laid out differently ({', '.join(differ)}; "
+                            "batch_rows is cluster.micro_batch_size): resume with the settings it was started "
+                            "with, or pass overwrite=true to start again"
+                        )
                     return store
                 what = "another config" if not same else "this config"
                 raise StoreError(

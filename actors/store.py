@@ -110,7 +110,7 @@ class LensStore:
             g["activations"].attrs["dtype"] = layout.activations
         n_batches = -(-p // b)
         array("batch_done", (n_batches,), (1,), "bool", False, ["batch"])
-        g.attrs.update({**attrs, "schema_version": SCHEMA_VERSION, "layout": _layout_dict(layout), "complete": False})
+        g.attrs.update({**attrs, "schema_version": SCHEMA_VERSION, "layout": layout_dict(layout), "complete": False})
         return cls(path, g)
 
     @classmethod
@@ -270,7 +270,7 @@ class LensStore:
         return values
 
 
-def _layout_dict(layout: StoreLayout) -> dict:
+def layout_dict(layout: StoreLayout) -> dict:
     d = dict(vars(layout))
     d["layers"], d["components"] = list(layout.layers), list(layout.components)
     return json.loads(json.dumps(d))

@@ -234,6 +234,10 @@ def validate(cfg) -> None:
         _choice("capture.components", comp, COMPONENTS)
     if not cap.components:
         raise ConfigError(f"capture.components=[] is empty: choose from {list(COMPONENTS)}")
+    twice = sorted({c for c in cap.components if list(cap.components).count(c) > 1})
+    if twice:
+        raise ConfigError(f"capture.components lists {twice[0]!r} more than once: give each component once")
+    _steer_positions("steer.positions", cfg.steer.positions)
     if isinstance(cap.positions, str):
         _choice("capture.positions", cap.positions, POSITION_WORDS)
     elif not all(isinstance(p, int) and p >= 0 for p in cap.positions):
@@ -258,6 +262,20 @@ def validate(cfg) -> None:
             raise ConfigError(f"prompts[{i}]={p!r} is empty: every prompt needs text")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("resume=true and overwrite=true contradict each other: choose one")
+
+
+def _steer_positions(key: str, value) -> None:
+    from actors.stage import STEERING_POSITIONS
+
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ConfigError(f"{key}={value!r}: choose one of {list(STEERING_POSITIONS)} or an index >= 0")
+    if isinstance(value, str):
+        _choice(key, value, STEERING_POSITIONS)
+    elif value < 0:
+        raise ConfigError(
+            f"{key}={value} is negative: an index i steers every position >= i (0 = all); "
+            "for the last prompt token use 'last'"
+        )
 
 
 def validate_cluster_against_model(c, hf_config) -> None:
@@ -292,7 +310,7 @@ def validate_against_model(cfg, hf_config) -> list[int]:
 
 
 def validate_steer(cfg) -> None:
-    from actors.stage import STEERING_POSITIONS, STEERING_SITES
+    from actors.stage import STEERING_SITES
     from actors.steering import AGGREGATORS
 
     c = cfg.cluster
@@ -303,8 +321,7 @@ def validate_steer(cfg) -> None:
         )
     s = cfg.steering
     _choice("steering.site", s.site, STEERING_SITES)
-    if not isinstance(s.positions, int):
-        _choice("steering.positions", s.positions, STEERING_POSITIONS)
+    _steer_positions("steering.positions", s.positions)
     _choice("steering.aggregator", s.aggregator, tuple(sorted(AGGREGATORS)))
     if not s.layers:
         raise ConfigError("steering.layers=[] is empty: give candidate layer indices")

@@ -78,6 +78,12 @@ CASES = {
         ["cluster.max_restarts=-1"],
         "cluster.max_restarts=-1 is out of range: must be >= 0",
     ),
+    "repeated_component": (
+        LENS,
+        ["capture.components=[resid_post,attn_out,resid_post]"],
+        "capture.components lists 'resid_post' more than once",
+    ),
+    "negative_steer_positions": (LENS, ["steer.positions=-1"], "steer.positions=-1 is negative"),
     "empty_prompt_list": (LENS, ["prompts=[]"], "prompts=[] is empty"),
     "blank_prompt": (LENS, ["prompts=['  ']"], "prompts[0]='  ' is empty"),
     # unknown model or adapter; layers, stages, tp_size out of range
@@ -118,6 +124,7 @@ CASES = {
         ["steering.site=resid_mid"],
         "steering.site='resid_mid' is not valid: choose one of",
     ),
+    "negative_steering_positions": (STEER, ["steering.positions=-1"], "steering.positions=-1 is negative"),
     "unknown_dataset": (STEER, ["dataset=no-such-set"], "unknown dataset 'no-such-set'"),
     "too_few_test_items": (STEER, ["data.max_test=0"], "data.max_test=0 is out of range: must be >= 2"),
     # steering vectors of the wrong shape or from another model

@@ -57,6 +57,22 @@ def test_resume_recomputes_only_unfinished_batches(finished, tiny_checkpoints, t
     assert_stores_equal(resumed, finished)
 
 
+def test_resume_with_other_rows_per_batch_is_refused(finished, tiny_checkpoints, tmp_path):
+    """Batch records index rows through the micro-batch size: resuming with another size would
+    skip rows never computed and mark the store complete."""
+    import shutil
+
+    partial = tmp_path / "partial.zarr"
+    shutil.copytree(finished.path, partial)
+    g = zarr.open_group(str(partial), mode="r+")
+    g["batch_done"][1:] = False
+    g.attrs["complete"] = False
+    with pytest.raises(StoreError, match=r"laid out differently \(batch_rows 2 -> 1"):
+        run_lens(tiny_checkpoints["llama"], partial, prompts=FIVE, micro_batch_size=1, existing="resume")
+    assert not LensStore.open(partial).is_complete
+    assert LensStore.open(partial).done_batches() == {0}
+
+
 def test_refuses_a_store_of_another_config_even_with_resume(finished, tiny_checkpoints):
     with pytest.raises(StoreError, match="another config"):
         run_lens(
