@@ -66,9 +66,14 @@ def resolve_checkpoint(name: str, revision: str | None = None) -> Checkpoint:
     `name` is a built-in name (see BUILTIN_MODELS), a local directory with config.json, or a
     Hugging Face id `org/name` (downloaded with huggingface_hub, safetensors only).
     """
+    local = Path(name).expanduser()
+    if revision and (name in BUILTIN_MODELS or local.is_dir()):
+        raise ValueError(
+            f"model.revision={revision!r} applies to Hugging Face ids only: {name!r} is a "
+            f"{'built-in model' if name in BUILTIN_MODELS else 'local directory'} with one version; drop model.revision"
+        )
     if name in BUILTIN_MODELS:
         return _builtin(name)
-    local = Path(name).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ValueError(f"model={name!r} is a directory without config.json")

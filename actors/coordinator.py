@@ -83,6 +83,33 @@ class _MicroBatch:
     counted: int = 0  # progress-bar units counted for this micro-batch
 
 
+def _config_changes(old, new, limit: int = 3) -> str:
+    """'capture.k 10 -> 3, ...': the settings that differ between two recorded configs, leaving
+    out where results are stored and how stages are spread (they do not change the numbers)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return ""
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(old), flat(new)
+    skip = ("storage.", "cluster.", "resume", "overwrite", "progress", "plot.")
+    keys = [k for k in dict.fromkeys([*a, *b]) if not k.startswith(skip) and a.get(k) != b.get(k)]
+
+    def short(value) -> str:
+        text = repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    parts = [f"{k} {short(a.get(k))} -> {short(b.get(k))}" for k in keys[:limit]]
+    return ", ".join(parts) + (f", and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
 def _progress(total: int, desc: str, enabled: bool):
     try:
         import ray
@@ -211,49 +238,60 @@ class Coordinator:
         try:
             try:
                 workers = executor.create(specs)
-            except ClusterError:
-                if created:  # nothing was computed: leave no store behind
+                self._ex, self._ranks = (
+                    executor,
+                    [workers[s * spec.tp_size : (s + 1) * spec.tp_size] for s in range(len(bounds))],
+                )
+                self._workers, self._specs, self._bounds = workers, specs, bounds
+                log.info(
+                    "run: %d prompts in %d micro-batches (%d to do), stages %s, executor %s",
+                    len(prompts), len(mbs), len(todo), [list(b) for b in bounds], executor.name,
+                )  # fmt: skip
+                self._setup()
+                self._tokenizer()  # loaded before the clock starts: decoding texts is part of writing
+            except BaseException:
+                if created:  # nothing was computed: leave no store behind (and an overwritten one back)
                     shutil.rmtree(store.path, ignore_errors=True)
                     store._write_log_path.unlink(missing_ok=True)
+                    for old, aside in self._replaced:
+                        aside.rename(old)
+                    log.info(
+                        "nothing computed: %s", "the replaced store is back" if self._replaced else "no store left"
+                    )
                 raise
-            self._ex, self._ranks = (
-                executor,
-                [workers[s * spec.tp_size : (s + 1) * spec.tp_size] for s in range(len(bounds))],
-            )
-            self._workers, self._specs, self._bounds = workers, specs, bounds
-            log.info(
-                "run: %d prompts in %d micro-batches (%d to do), stages %s, executor %s",
-                len(prompts), len(mbs), len(todo), [list(b) for b in bounds], executor.name,
-            )  # fmt: skip
-            self._setup()
-            self._tokenizer()  # loaded before the clock starts: decoding texts is part of writing
+            for _, aside in self._replaced:  # the new run is under way: the store it replaces goes
+                shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() else aside.unlink(missing_ok=True)
             t_loaded = time.perf_counter()
             generated = self._generate(todo, store, prompt_texts)
             t_done = time.perf_counter()
             stage_info = [executor.get(executor.call(w, "info")) for w in workers]
+            n_new = int(sum(len(g) for g in generated.values()))
+            n_pos = int(sum(int(store.group["lengths"][mb.rows].sum()) for mb in todo))
+            decode_s = t_done - t_loaded
+            summary = {
+                "store": str(store.path),
+                "stages": [list(b) for b in bounds],
+                "batches_run": [mb.index for mb in todo],
+                "generated_tokens": n_new,
+                "positions": n_pos,
+                "load_s": round(t_loaded - t0, 3),
+                "generate_s": round(decode_s, 3),
+                "tokens_per_s": round(n_new / decode_s, 3) if decode_s else None,
+                "positions_per_s": round(n_pos / decode_s, 3) if decode_s else None,
+                "stage_restarts": self.restarts,
+                "stage_info": stage_info,
+            }
+            store.mark_complete(summary)
+            log.info("complete: %s (%d tokens, %s tokens/s)", store.path, n_new, summary["tokens_per_s"])
+        except BaseException as err:
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+            log.error("stopped: %s%s", type(err).__name__, f": {first}" if first else "")
+            raise
         finally:
             if self._given_executor is None:
                 executor.shutdown()
             log.removeHandler(handler)
             handler.close()
-        n_new = int(sum(len(g) for g in generated.values()))
-        n_pos = int(sum(int(store.group["lengths"][mb.rows].sum()) for mb in todo))
-        decode_s = t_done - t_loaded
-        summary = {
-            "store": str(store.path),
-            "stages": [list(b) for b in bounds],
-            "batches_run": [mb.index for mb in todo],
-            "generated_tokens": n_new,
-            "positions": n_pos,
-            "load_s": round(t_loaded - t0, 3),
-            "generate_s": round(decode_s, 3),
-            "tokens_per_s": round(n_new / decode_s, 3) if decode_s else None,
-            "positions_per_s": round(n_pos / decode_s, 3) if decode_s else None,
-            "stage_restarts": self.restarts,
-            "stage_info": stage_info,
-        }
-        store.mark_complete(summary)
-        log.info("complete: %s (%d tokens, %s tokens/s)", store.path, n_new, summary["tokens_per_s"])
         return summary
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -271,9 +309,15 @@ class Coordinator:
         spec = self.spec
         path = Path(spec.store_path)
         attrs = {**spec.attrs, "stages": [list(b) for b in bounds]}
+        self._replaced = []  # (path, where it was set aside) of an overwritten store and its write log
         if (path / "zarr.json").exists():
-            if spec.existing == "overwrite":
-                shutil.rmtree(path)
+            if spec.existing == "overwrite":  # set aside until the new run is under way
+                for old in (path, path.with_name(path.name + ".writes.jsonl")):
+                    aside = old.with_name(old.name + ".replaced")
+                    shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() else aside.unlink(missing_ok=True)
+                    if old.exists():
+                        old.rename(aside)
+                        self._replaced.append((old, aside))
             else:
                 store = LensStore.open(path, mode="r+")
                 same = store.attrs.get("fingerprint") == spec.attrs.get("fingerprint")
@@ -289,6 +333,13 @@ class Coordinator:
                             "with, or pass overwrite=true to start again"
                         )
                     return store
+                if spec.existing == "resume":  # resume was asked for, and the config differs
+                    changed = _config_changes(store.attrs.get("config"), spec.attrs.get("config"))
+                    raise StoreError(
+                        f"output path {path} already holds a run with another config"
+                        f"{' (' + changed + ')' if changed else ''}: resume continues the same config only; "
+                        "pass overwrite=true to replace it, or choose another storage.run"
+                    )
                 what = "another config" if not same else "this config"
                 raise StoreError(
                     f"output path {path} already holds a run with {what}: pass resume=true to "

@@ -109,11 +109,19 @@ class SteeringVector:
         from safetensors import safe_open
 
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"steering vector {path} is a directory: give the .safetensors file inside it")
         if not path.is_file():
             raise ValueError(f"steering vector {path} does not exist")
-        with safe_open(str(path), framework="numpy") as f:
-            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-            vector = f.get_tensor("vector")
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+                vector = f.get_tensor("vector")
+        except Exception as err:  # not safetensors, truncated, or no "vector" tensor
+            raise ValueError(
+                f"steering vector {path} is not a steering-vector .safetensors file ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); save vectors with SteeringVector.save"
+            ) from err
         missing = [k for k in ("model", "hidden_size", "layer", "site") if k not in meta]
         if missing:
             raise ValueError(f"steering vector {path} lacks metadata {missing}; save vectors with SteeringVector.save")

@@ -29,7 +29,7 @@ def exit_with_error(message: str) -> None:
 
 @dataclass
 class ModelConf:
-    name: str = "smollm2-135m-instruct"  # built-in name, local directory, or Hugging Face id
+    name: str | None = "smollm2-135m-instruct"  # built-in name, local directory, or Hugging Face id
     revision: str | None = None
     dtype: str = "float32"
 
@@ -218,9 +218,19 @@ def _validate_model_and_cluster(cfg) -> None:
         raise ConfigError(
             "model.dtype='float16' is not valid on device cpu (DeepSpeed refuses it): use float32 or bfloat16"
         )
+    _check_storage_root(cfg.storage.root if "storage" in cfg else None)
+    if not cfg.model.name:
+        raise ConfigError(
+            "model.name is not set: give a built-in name, a local directory with config.json or a Hugging "
+            "Face id, e.g. model=hf model.name=meta-llama/Llama-3.1-8B-Instruct"
+        )
     for name in ("num_stages", "tp_size", "micro_batch_size", "micro_batches_in_flight"):
         _at_least(f"cluster.{name}", getattr(c, name), 1)
     _at_least("cluster.max_restarts", c.max_restarts, 0)
+    for name in ("cpus_per_stage", "gpus_per_stage"):
+        _at_least(f"cluster.{name}", getattr(c, name), 0)
+    if c.num_cpus is not None:
+        _at_least("cluster.num_cpus", c.num_cpus, 1)
 
 
 def validate(cfg) -> None:
@@ -238,12 +248,24 @@ def validate(cfg) -> None:
     if twice:
         raise ConfigError(f"capture.components lists {twice[0]!r} more than once: give each component once")
     _steer_positions("steer.positions", cfg.steer.positions)
+    if cfg.steer.coefficients is not None and not cfg.steer.coefficients:
+        raise ConfigError(
+            "steer.coefficients=[] is empty: give coefficients to sweep, or null to use steer.coefficient"
+        )
+    _at_least("plot.max_prompts", cfg.plot.max_prompts, 0)
+    _at_least("plot.max_positions", cfg.plot.max_positions, 1)
+    if cap.layers is not None and not _is_list(cap.layers):
+        raise ConfigError(
+            f"capture.layers={cap.layers!r} is not a list: give a list of indices, e.g. [{cap.layers}], or null"
+        )
     if isinstance(cap.positions, str):
         _choice("capture.positions", cap.positions, POSITION_WORDS)
-    elif not all(isinstance(p, int) and p >= 0 for p in cap.positions):
+    elif not _is_list(cap.positions) or not all(isinstance(p, int) and p >= 0 for p in cap.positions):
         raise ConfigError(
-            f"capture.positions={list(cap.positions)!r}: use {list(POSITION_WORDS)} or a list of positions >= 0"
+            f"capture.positions={cap.positions!r}: use {list(POSITION_WORDS)} or a list of positions >= 0"
         )
+    elif not cap.positions:
+        raise ConfigError(f"capture.positions=[] is empty: use {list(POSITION_WORDS)} or a list of positions >= 0")
     _at_least("capture.k", cap.k, 1)
     _at_least("capture.window", cap.window, 1)
     if cap.activations is not None:
@@ -262,6 +284,27 @@ def validate(cfg) -> None:
             raise ConfigError(f"prompts[{i}]={p!r} is empty: every prompt needs text")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("resume=true and overwrite=true contradict each other: choose one")
+
+
+def _check_storage_root(root, cwd=None) -> None:
+    """A relative storage.root inside a Ray job's temporary working directory would put the
+    results where Ray deletes them with its session: refused, asking for an absolute path."""
+    import os
+    from pathlib import Path
+
+    cwd = Path(cwd or os.getcwd())
+    if root and not Path(root).is_absolute() and "runtime_resources" in cwd.parts:
+        raise ConfigError(
+            f"storage.root={root!r} is relative, and this job runs in Ray's temporary working directory "
+            f"{cwd}, deleted with the Ray session: pass an absolute path every node can reach, e.g. "
+            "storage.root=/shared/distlens"
+        )
+
+
+def _is_list(value) -> bool:
+    from omegaconf import ListConfig
+
+    return isinstance(value, list | tuple | ListConfig)
 
 
 def _steer_positions(key: str, value) -> None:
@@ -297,6 +340,10 @@ def validate_against_model(cfg, hf_config) -> list[int]:
     """Checks that need the model's config; returns the captured layer indices (non-negative)."""
     n = hf_config.num_hidden_layers
     validate_cluster_against_model(cfg.cluster, hf_config)
+    if cfg.capture.k > hf_config.vocab_size:
+        raise ConfigError(
+            f"capture.k={cfg.capture.k} is out of range: valid is 1..{hf_config.vocab_size} (the vocabulary)"
+        )
     if cfg.capture.layers is None:
         return list(range(n))
     layers = []

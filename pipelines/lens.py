@@ -26,6 +26,7 @@ def connect_ray(cluster) -> None:
     if ray.is_initialized():
         return
     if address:
+        _check_reachable(address)
         ray.init(address=address, log_to_driver=True)
         return
     # Ray reads the switch once, when first imported; something may have imported it before
@@ -42,6 +43,26 @@ def connect_ray(cluster) -> None:
         # Workers import actors/ from this checkout, installed or not.
         runtime_env={"env_vars": {"PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}},
     )
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A host:port address that nothing answers at is refused at once (Ray itself retries for
+    minutes); `auto`, `ray://` and other forms are left to Ray."""
+    import socket
+
+    from actors.executor import ClusterError
+
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        source = "cluster.address" if os.environ.get("RAY_ADDRESS") != address else "$RAY_ADDRESS"
+        raise ClusterError(
+            f"no Ray cluster answers at {address} ({source}; {err.strerror or err}): start one with "
+            "`ray start --head`, fix the address, or unset it to start a local cluster"
+        ) from err
 
 
 def run_info() -> dict:
@@ -106,6 +127,14 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
                 f"prompts[{i}] is {len(ids)} tokens; with generation.max_new_tokens="
                 f"{cfg.generation.max_new_tokens} that exceeds the model's context of {context} positions"
             )
+    if not isinstance(cfg.capture.positions, str):
+        n_positions = max(len(ids) for ids in prompts) + cfg.generation.max_new_tokens
+        beyond = [i for i in cfg.capture.positions if i >= n_positions - 1]
+        if beyond:
+            raise ConfigError(
+                f"capture.positions contains {beyond[0]}, out of range: this run's lens positions are "
+                f"0..{n_positions - 2} (the longest prompt plus generation.max_new_tokens, less the last token)"
+            )
     eos, pad = special_ids(tokenizer, hf_config)
     steering, coefficients = steering_edits(cfg, hf_config)
     g, c, cap = cfg.generation, cfg.cluster, cfg.capture
@@ -168,6 +197,8 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
     else:
         summary = Coordinator(spec).run(prompts, texts)
     store = LensStore.open(out_dir / "lens.zarr")
+    for old in out_dir.glob("heatmap_prompt*.png"):  # a replaced run's, maybe of more prompts
+        old.unlink()
     plots = [
         write_heatmap(store, i, tokenizer, out_dir / f"heatmap_prompt{i}.png", cfg.plot.max_positions)
         for i in range(min(cfg.plot.max_prompts, store.group["tokens"].shape[0]))
@@ -200,17 +231,35 @@ def print_summary(store, tokenizer, summary: dict, last: int = 4) -> None:
         ):
             cells = " | ".join(f"{token_label(tokenizer, ids[li, j])!r} {probs[li, j]:.2f}" for j in cols)
             print(f"{store.layers[li]:>5} | {cells}", file=out)
+    captured = int(store.group["lens_mask"][:].sum())
     print(
-        f"\n{summary['generated_tokens']} tokens generated, {summary['positions']} positions captured in "
+        f"\n{summary['generated_tokens']} tokens generated, {summary['positions']} positions run "
+        f"({captured} with a lens) in "
         f"{summary['generate_s']} s ({summary['tokens_per_s']} tokens/s, {summary['positions_per_s']} positions/s; "
         f"stages {summary['stages']})",
         file=out,
     )
-    peaks = [info["peak_rss_bytes"] / 2**20 for info in summary["stage_info"]]
-    print(f"peak RSS per stage process: {', '.join(f'{p:.0f} MiB' for p in peaks)}", file=out)
+    peaks = {info["pid"]: info["peak_rss_bytes"] / 2**20 for info in summary["stage_info"]}
+    if len(peaks) < len(summary["stage_info"]):  # stages in one process (cluster=inprocess)
+        print(f"peak RSS of the process running every stage: {max(peaks.values()):.0f} MiB", file=out)
+    else:
+        print(f"peak RSS per stage process: {', '.join(f'{p:.0f} MiB' for p in peaks.values())}", file=out)
     print(f"store:    {summary['store']}", file=out)
     for p in summary["plots"]:
         print(f"heatmap:  {p}", file=out)
+
+
+def save_run_record(cfg: DictConfig, out_dir: Path) -> None:
+    """`<run>/.hydra/config.yaml` and `overrides.yaml`, written by the driver when its run
+    completes (the config sets `hydra.output_subdir: null`): Hydra writes its record before the
+    app runs, so a run refused for an occupied directory would rewrite the record of the run
+    that lives there. An interrupted run's config is in its store's attrs until it is resumed."""
+    from hydra.core.hydra_config import HydraConfig
+
+    record = out_dir / ".hydra"
+    record.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, record / "config.yaml")
+    OmegaConf.save(OmegaConf.create(list(HydraConfig.get().overrides.task)), record / "overrides.yaml")
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="lens")
@@ -222,7 +271,9 @@ def main(cfg: DictConfig) -> dict | None:
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        return run(cfg, out_dir)
+        summary = run(cfg, out_dir)
+        save_run_record(cfg, out_dir)
+        return summary
     except KeyboardInterrupt:
         store = out_dir / "lens.zarr"
         print(

@@ -23,7 +23,7 @@ def collect(root: Path) -> list[dict]:
         try:
             result = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise SystemExit(f"error: {path} is not a readable summary ({err})") from None
+            raise SystemExit(f"distlens: error: {path} is not a readable summary ({err})") from None
         if not isinstance(result, dict) or "mean_of_slopes" not in result:
             continue  # another tool's summary
         job = path.parent.relative_to(root).as_posix() or "."
@@ -53,12 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dir", type=Path, help="a multirun sweep dir (e.g. outputs/steer-multirun/<time>) or run dir")
     args = parser.parse_args(argv)
     if not args.dir.is_dir():
-        print(f"error: {args.dir} is not a directory: give a run or multirun output directory", file=sys.stderr)
+        print(
+            f"distlens: error: {args.dir} is not a directory: give a run or multirun output directory", file=sys.stderr
+        )
         return 2
     rows = collect(args.dir)
     if not rows:
-        print(f"error: no steerability summary.json under {args.dir}", file=sys.stderr)
-        return 1
+        print(
+            f"distlens: error: no steerability summary.json under {args.dir} (did its jobs fail? each job's "
+            "error is in its own directory's log)",
+            file=sys.stderr,
+        )
+        return 2
     text = table(rows)
     (args.dir / "report.md").write_text(text)
     with open(args.dir / "report.csv", "w", newline="") as f:

@@ -84,6 +84,18 @@ CASES = {
         "capture.components lists 'resid_post' more than once",
     ),
     "negative_steer_positions": (LENS, ["steer.positions=-1"], "steer.positions=-1 is negative"),
+    "layers_not_a_list": (LENS, ["capture.layers=5"], "capture.layers=5 is not a list"),
+    "empty_capture_positions": (LENS, ["capture.positions=[]"], "capture.positions=[] is empty"),
+    "capture_position_past_the_run": (LENS, ["capture.positions=[1000]"], "capture.positions contains 1000"),
+    "k_above_the_vocabulary": (LENS, ["capture.k=100000"], "capture.k=100000 is out of range: valid is 1.."),
+    "negative_cpus_per_stage": (LENS, ["cluster.cpus_per_stage=-1"], "cluster.cpus_per_stage=-1.0 is out of range"),
+    "empty_steer_coefficients": (LENS, ["steer.coefficients=[]"], "steer.coefficients=[] is empty"),
+    "revision_of_a_local_model": (LENS, ["model.revision=v9"], "model.revision='v9' applies to Hugging Face ids only"),
+    "unreachable_ray_address": (
+        LENS,
+        ["cluster.executor=ray", "cluster.address=127.0.0.1:9"],
+        "no Ray cluster answers at 127.0.0.1:9",
+    ),
     "empty_prompt_list": (LENS, ["prompts=[]"], "prompts=[] is empty"),
     "blank_prompt": (LENS, ["prompts=['  ']"], "prompts[0]='  ' is empty"),
     # unknown model or adapter; layers, stages, tp_size out of range
@@ -133,6 +145,12 @@ CASES = {
         lambda tmp, model: [f"steer.vector={_vector(tmp, 7, str(model))}"],
         "has hidden size 7",
     ),
+    "steering_vector_not_safetensors": (
+        LENS,
+        lambda tmp, _: [f"steer.vector={_dataset(tmp, GOOD_LINE)}"],
+        "is not a steering-vector .safetensors file",
+    ),
+    "steering_vector_a_directory": (LENS, lambda tmp, _: [f"steer.vector={tmp}"], "is a directory"),
     "steering_vector_of_another_model": (
         LENS,
         lambda tmp, _: [f"steer.vector={_vector(tmp, 32, 'other-model')}"],
@@ -172,13 +190,51 @@ def test_output_path_with_another_config_is_refused(tiny_with_tokenizer, tmp_pat
     before = LensStore.open(store)
     assert before.is_complete
     tokens = before["tokens"]
+    record = (tmp_path / "r" / ".hydra" / "config.yaml").read_text()
+    assert "max_new_tokens: 3" in record
     second = run_driver("pipelines.lens", *base, "generation.max_new_tokens=4", cwd=tmp_path)
     assert second.returncode == 2
     assert "already holds a run with another config" in second.stderr
-    assert (LensStore.open(store)["tokens"] == tokens).all()  # untouched
+    assert (LensStore.open(store)["tokens"] == tokens).all()  # untouched, and so is its config record
+    assert (tmp_path / "r" / ".hydra" / "config.yaml").read_text() == record
+    other = run_driver("pipelines.lens", *base, "generation.max_new_tokens=4", "resume=true", cwd=tmp_path)
+    assert other.returncode == 2
+    assert "another config (generation.max_new_tokens 3 -> 4): resume continues the same config only" in other.stderr
+    # an overwrite that cannot start puts the store it would replace back, with its write log
+    log = (tmp_path / "r" / "lens.zarr.writes.jsonl").read_text()
+    unplaceable = ["cluster.executor=ray", "cluster.cpus_per_stage=64", "cluster.placement_timeout_s=2"]
+    failed = run_driver("pipelines.lens", *base, "overwrite=true", *unplaceable, cwd=tmp_path)
+    assert failed.returncode == 2 and "cannot place" in failed.stderr
+    assert LensStore.open(store).is_complete and (LensStore.open(store)["tokens"] == tokens).all()
+    assert (tmp_path / "r" / "lens.zarr.writes.jsonl").read_text() == log
+    run_log = (tmp_path / "r" / "run.log").read_text().splitlines()
+    assert "the replaced store is back" in run_log[-2] and "stopped: ClusterError" in run_log[-1]
     # the same config resumes (nothing left to do); overwrite replaces
     again = run_driver("pipelines.lens", *base, "generation.max_new_tokens=3", "resume=true", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
-    replaced = run_driver("pipelines.lens", *base, "generation.max_new_tokens=4", "overwrite=true", cwd=tmp_path)
+    replaced = run_driver(
+        "pipelines.lens", *base, "generation.max_new_tokens=4", "overwrite=true", "prompts=[hello]", cwd=tmp_path
+    )
     assert replaced.returncode == 0, replaced.stderr[-2000:]
     assert LensStore.open(store).is_complete
+    assert "max_new_tokens: 4" in (tmp_path / "r" / ".hydra" / "config.yaml").read_text()
+    assert sorted(p.name for p in (tmp_path / "r").glob("heatmap_*.png")) == ["heatmap_prompt0.png"]
+    assert "complete:" in (tmp_path / "r" / "run.log").read_text().splitlines()[-1]
+
+
+def test_hf_model_group_needs_a_model_name(tmp_path):
+    result = run_driver("pipelines.lens", "model=hf", "cluster=inprocess", f"storage.root={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "distlens: error: model.name is not set" in result.stderr
+
+
+def test_relative_storage_root_inside_a_ray_job_working_dir_is_refused(tmp_path):
+    """`ray job submit --working-dir .` runs the driver in Ray's temporary copy of the directory:
+    a relative storage.root would write the results where Ray deletes them."""
+    from pipelines.config import ConfigError, _check_storage_root
+
+    job_dir = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_1"
+    with pytest.raises(ConfigError, match="storage.root='outputs' is relative, and this job runs in Ray's temporary"):
+        _check_storage_root("outputs", job_dir)
+    _check_storage_root(str(tmp_path / "out"), job_dir)  # absolute: fine
+    _check_storage_root("outputs", tmp_path)  # relative outside a job: fine
