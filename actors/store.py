@@ -218,7 +218,10 @@ class LensStore:
             problems.append(
                 f"batch_done: batches {np.flatnonzero(~done).tolist()} not done but the store says complete"
             )
-        for name in sorted(names):
+        # A run that captured no layer (a steering sweep scores answers only) writes no lens: its
+        # lens_mask stays all False by its fill value, and the lens arrays have no chunks at all.
+        unwritten = {"lens_mask", *LENS_ARRAYS} if not layout.get("layers") else set()
+        for name in sorted(names - unwritten):
             arr = g[name]
             if arr.nchunks_initialized != arr.nchunks:
                 problems.append(f"{name}: {arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunks missing")
@@ -260,6 +263,11 @@ class LensStore:
     def activations(self, prompt: int):
         """Raw activations `[layer, component, position, hidden]` in their stored dtype
         (bfloat16 comes back as a torch tensor, since numpy has none)."""
+        if "activations" not in self.group:
+            raise StoreError(
+                f"store {self.path} has no activations: they were not captured; capture them with "
+                "capture.activations=float32|bfloat16|float16"
+            )
         arr = self.group["activations"]
         n = int(self.group["lengths"][prompt])
         values = arr[prompt, :, :, :n]

@@ -141,6 +141,7 @@ class SteerConf:
     layer: int | None = None  # steer at this layer instead of choosing one on train
     chat_template: bool = True
     bootstrap: int = 1000
+    overwrite: bool = False  # replace the steer run in <root>/<run> (refused otherwise)
     progress: bool = True
 
 

@@ -42,6 +42,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     from actors.steering import SteeringVector
     from actors.store import LensStore
     from pipelines import lens
+    from pipelines.config import validate, validate_cluster_against_model
 
     if cfg.site not in STEERING_SITES:
         raise ConfigError(f"site={cfg.site!r} is not valid: choose one of {list(STEERING_SITES)}")
@@ -51,10 +52,24 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         )
     if len(cfg.coefficients) < 2:
         raise ConfigError(f"coefficients={list(cfg.coefficients)}: give at least 2")
+    if cfg.max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} is out of range: must be >= 1")
+    # The steered generation's config, checked before the contrast pass computes anything: the
+    # keys its errors can name (model.*, cluster.*, prompts) are the demo's too.
+    lens_cfg = OmegaConf.structured(LensConf)
+    lens_cfg.model, lens_cfg.cluster, lens_cfg.storage = cfg.model, cfg.cluster, cfg.storage
+    lens_cfg.prompts = list(cfg.prompts)
+    lens_cfg.generation.max_new_tokens = cfg.max_new_tokens
+    lens_cfg.steer.coefficients = list(cfg.coefficients)
+    lens_cfg.plot.max_prompts = len(cfg.coefficients) * len(cfg.prompts)
+    lens_cfg.overwrite = True
+    lens_cfg.progress = cfg.progress
+    validate(lens_cfg)
     checkpoint = resolve_checkpoint(cfg.model.name, cfg.model.revision)
     hf_config = checkpoint.config()
     if not 0 <= cfg.layer < hf_config.num_hidden_layers:
         raise ConfigError(f"layer={cfg.layer} is out of range: valid is 0..{hf_config.num_hidden_layers - 1}")
+    validate_cluster_against_model(cfg.cluster, hf_config)
     tokenizer = checkpoint.tokenizer()
     out_dir.mkdir(parents=True, exist_ok=True)
     from actors.prompting import encode_prompt
@@ -71,15 +86,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         means[:n], means[n:], model=cfg.model.name, layer=cfg.layer, site=cfg.site, dataset="sentiment-contrast"
     )
     vector_path = vector.save(out_dir / "sentiment_vector.safetensors")
-    lens_cfg = OmegaConf.structured(LensConf)
-    lens_cfg.model, lens_cfg.cluster, lens_cfg.storage = cfg.model, cfg.cluster, cfg.storage
-    lens_cfg.prompts = list(cfg.prompts)
-    lens_cfg.generation.max_new_tokens = cfg.max_new_tokens
     lens_cfg.steer.vector = str(vector_path)
-    lens_cfg.steer.coefficients = list(cfg.coefficients)
-    lens_cfg.plot.max_prompts = len(cfg.coefficients) * len(cfg.prompts)
-    lens_cfg.overwrite = True
-    lens_cfg.progress = cfg.progress
     ids = word_ids(tokenizer, cfg.positive_words) + word_ids(tokenizer, cfg.negative_words)
     lens.run(lens_cfg, out_dir, score_ids=tuple(ids))
     store = LensStore.open(out_dir / "lens.zarr")

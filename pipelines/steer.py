@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import replace
@@ -21,6 +22,12 @@ from pipelines.config import ConfigError, exit_with_error, register, validate_cl
 register()
 REPO = Path(__file__).resolve().parent.parent
 _POOLS: dict = {}  # stage actors kept across datasets and multirun jobs: the model loads once
+# What a steer run writes into its directory, or into each dataset's folder of it (dataset=all).
+# The logs (run.log, steer.log) are appended to, as the lens driver's are.
+RUN_OUTPUTS = (
+    "*.zarr", "*.zarr.writes.jsonl", "*.zarr.replaced", "vector_layer*.safetensors", "sweep.csv", "summary.json",
+    "propensity_vs_coefficient.png", "steerability_by_layer.png", "summary.md", "results.json",
+)  # fmt: skip
 
 
 def dataset_root(root: str | None) -> Path:
@@ -149,26 +156,29 @@ def cluster_identity(cfg) -> dict | None:
     return {"address": ray.get_runtime_context().gcs_address}
 
 
-def run_dataset(study: Study, dataset: str, path: Path, cfg, cluster: dict | None = None) -> dict:
+def train_test_items(path: Path, data) -> tuple[list, list]:
+    """One dataset's items, split and cut to `data.max_train` / `data.max_test`."""
     from actors.mwe import load_items, split_items
+
+    items = load_items(path, skip_malformed=data.skip_malformed)
+    train, test = split_items(items, data.train_fraction, data.seed)
+    return train[: data.max_train], test[: data.max_test]
+
+
+def run_dataset(study: Study, dataset: str, train: list, test: list, cfg, cluster: dict | None = None) -> dict:
     from actors.steerability import steerability
     from actors.steering import ab_prompt
     from pipelines.plots import plot_layers, plot_propensity
 
     d = cfg.data
-    items = load_items(path, skip_malformed=d.skip_malformed)
-    train, test = split_items(items, d.train_fraction, d.seed)
-    train, test = train[: d.max_train], test[: d.max_test]
     ab_train = [ab_prompt(study.tokenizer, item, cfg.chat_template) for item in train]
     ab_test = [ab_prompt(study.tokenizer, item, cfg.chat_template) for item in test]
     t0 = time.perf_counter()
     vectors = study.build_vectors(dataset, train, ab_train)
     s = cfg.steering
     by_layer = {}
-    if cfg.layer is not None:
+    if cfg.layer is not None:  # among steering.layers: `run` checked
         best = int(cfg.layer)
-        if best not in vectors:
-            raise ConfigError(f"layer={best} is not among steering.layers={list(s.layers)}")
     else:  # choose on train: the steepest mean per-example slope
         n_sel = min(len(train), s.select_items)
         for layer, vec in vectors.items():
@@ -217,11 +227,38 @@ def summary_table(results: list[dict]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def previous_run(out_dir: Path) -> list[Path]:
+    """What an earlier steer run left in `out_dir` (and its dataset folders): stores, vectors,
+    plots, summaries."""
+    if not out_dir.is_dir():
+        return []
+    return sorted({p for pattern in RUN_OUTPUTS for p in [*out_dir.glob(pattern), *out_dir.glob(f"*/{pattern}")]})
+
+
+def clear_previous_run(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a directory that holds a steer run, or with `overwrite` remove that run's outputs
+    (so none of them is left beside the new run's)."""
+    from actors.store import StoreError
+
+    old = previous_run(out_dir)
+    if old and not overwrite:
+        raise StoreError(
+            f"output path {out_dir} already holds a steer run (e.g. {old[0].relative_to(out_dir)}): "
+            "pass overwrite=true to replace it, or choose another storage.run"
+        )
+    for path in old:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
     from actors.adapters import adapter_for
     from actors.checkpoint import resolve_checkpoint
     from actors.mwe import resolve_dataset
     from pipelines.config import validate_steer
+    from pipelines.lens import save_run_record
 
     validate_steer(cfg)
     root = dataset_root(cfg.data.root)
@@ -229,6 +266,7 @@ def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
     if not names:
         raise ConfigError(f"dataset=all found no .jsonl files in {root}")
     paths = {name: resolve_dataset(name, root) for name in names}
+    splits = {name: train_test_items(paths[name], cfg.data) for name in names}
     checkpoint = resolve_checkpoint(cfg.model.name, cfg.model.revision)
     hf_config = checkpoint.config()
     adapter_for(hf_config.model_type)
@@ -236,8 +274,20 @@ def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
     bad = [layer for layer in cfg.steering.layers if not 0 <= layer < n]
     if bad:
         raise ConfigError(f"steering.layers contains {bad[0]}, out of range: valid is 0..{n - 1}")
+    candidates = list(cfg.steering.layers)
+    if cfg.layer is not None and cfg.layer not in candidates:
+        fix = (
+            f"add it, e.g. steering.layers=[{','.join(map(str, [*candidates, cfg.layer]))}], or choose one of them"
+            if 0 <= cfg.layer < n
+            else f"choose one of them (the model's layers are 0..{n - 1})"
+        )
+        raise ConfigError(
+            f"layer={cfg.layer} is not among steering.layers={candidates} (vectors are built there only): {fix}"
+        )
     validate_cluster_against_model(cfg.cluster, hf_config)
     tokenizer = checkpoint.tokenizer()
+    clear_previous_run(out_dir, overwrite=cfg.overwrite)
+    save_run_record(cfg, out_dir)
     executor = executor_for(cfg)
     cluster = cluster_identity(cfg)
     results = []
@@ -248,7 +298,7 @@ def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
         sub = out_dir / name if len(names) > 1 else out_dir
         sub.mkdir(parents=True, exist_ok=True)
         study = Study(cfg, checkpoint, tokenizer, hf_config, executor, sub)
-        result = run_dataset(study, name, paths[name], cfg, cluster)
+        result = run_dataset(study, name, *splits[name], cfg, cluster)
         results.append(result)
         print(
             f"{name}: layer {result['best_layer']}, mean of slopes {result['mean_of_slopes']:.3f} "

@@ -74,9 +74,78 @@ def test_multirun_over_datasets_and_layers_joins_one_cluster_and_reports_one_tab
         assert len(f.read().strip().splitlines()) == 1 + 4
 
 
+def _steer_one(model, tmp_path, *extra: str):
+    return run_driver(
+        "pipelines.steer", f"model.name={model}", "cluster=inprocess", "dataset=survival-instinct",
+        f"data.root={MWE}", f"storage.root={tmp_path}", "storage.run=t9", "progress=false", *SMALL, *extra, cwd=tmp_path,
+    )  # fmt: skip
+
+
+def test_steer_refuses_a_directory_holding_a_steer_run_and_leaves_it_as_it_was(tiny_with_tokenizer, tmp_path):
+    first = _steer_one(tiny_with_tokenizer, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = tmp_path / "steer" / "t9"
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.suffix != ".log"}
+    again = _steer_one(tiny_with_tokenizer, tmp_path, "layer=0")
+    assert again.returncode == 2
+    (line,) = [x for x in again.stderr.splitlines() if x.startswith("distlens: error:")]
+    assert f"output path {out} already holds a steer run" in line
+    assert "pass overwrite=true to replace it, or choose another storage.run" in line
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.suffix != ".log"}
+    assert after == before  # the run and its .hydra record untouched
+    for store in out.glob("*.zarr"):  # its stores (no lens layers captured) are whole
+        assert LensStore.open(store).verify() == [], store.name
+    verified = run_driver("pipelines.verify", str(out / "test_sweep.zarr"), cwd=tmp_path)
+    assert verified.returncode == 0, verified.stderr
+
+
+def test_steer_overwrite_replaces_every_output_of_the_previous_run_once_inputs_validate(tiny_with_tokenizer, tmp_path):
+    first = _steer_one(tiny_with_tokenizer, tmp_path)  # chooses between layers 0 and 1 on train
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = tmp_path / "steer" / "t9"
+    selection = {"select_layer0.zarr", "select_layer1.zarr", "steerability_by_layer.png"}
+    assert selection <= {p.name for p in out.iterdir()}
+    refused = _steer_one(tiny_with_tokenizer, tmp_path, "layer=1", "steering.layers=[0]", "overwrite=true")
+    assert refused.returncode == 2 and "layer=1 is not among steering.layers=[0]" in refused.stderr
+    assert selection <= {p.name for p in out.iterdir()}  # a refused run removes nothing
+    second = _steer_one(tiny_with_tokenizer, tmp_path, "layer=0", "overwrite=true")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert not selection & {p.name for p in out.iterdir()}
+    assert json.loads((out / "summary.json").read_text())["best_layer"] == 0
+    assert "- layer=0" in (out / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_layer_outside_steering_layers_is_refused_before_any_compute(tiny_with_tokenizer, tmp_path):
+    for layer, candidates, fix in [
+        (1, "[0]", "add it, e.g. steering.layers=[0,1], or choose one of them"),
+        (-1, "[0,1]", "choose one of them (the model's layers are 0..1)"),
+        (99, "[0,1]", "choose one of them (the model's layers are 0..1)"),
+    ]:
+        run = f"layer{layer}"
+        result = run_driver(
+            "pipelines.steer", f"model.name={tiny_with_tokenizer}", "cluster=inprocess", f"data.root={MWE}",
+            "dataset=survival-instinct", f"storage.root={tmp_path}", f"storage.run={run}", *SMALL,
+            f"steering.layers={candidates}", f"layer={layer}", cwd=tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 2
+        assert f"layer={layer} is not among steering.layers=" in result.stderr and fix in result.stderr
+        assert not [*(tmp_path / "steer" / run).glob("*.zarr"), *(tmp_path / "steer" / run).glob("*.safetensors")]
+
+
+def test_demo_refuses_max_new_tokens_by_its_own_key_before_any_compute(tiny_with_tokenizer, tmp_path):
+    result = run_driver(
+        "pipelines.demo", f"model.name={tiny_with_tokenizer}", "cluster=inprocess", "layer=1", "max_new_tokens=0",
+        f"storage.root={tmp_path}", "storage.run=d", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "distlens: error: max_new_tokens=0 is out of range: must be >= 1" in result.stderr
+    assert "generation." not in result.stderr
+    assert not [*(tmp_path / "demo" / "d").glob("*.zarr"), *(tmp_path / "demo" / "d").glob("*.safetensors")]
+
+
 def test_report_refuses_a_directory_without_results(tmp_path):
     result = run_driver("pipelines.report", str(tmp_path), cwd=tmp_path)
-    assert result.returncode == 1 and f"no steerability summary.json under {tmp_path}" in result.stderr
+    assert result.returncode == 2 and f"distlens: error: no steerability summary.json under {tmp_path}" in result.stderr
 
 
 def test_malformed_dataset_line_stops_the_study(tiny_with_tokenizer, tmp_path):
