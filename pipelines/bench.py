@@ -140,6 +140,8 @@ def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
         runs = [measure({**base, "T": size, **job}, python) for _ in range(repeats or cfg.repeats)]
         r = row(label, workload, size, runs, **{k: v for k, v in job.items() if k in ("stages", "executor")})
         rows.append(r)
+        # every row as it is measured: a run that stops later keeps what it measured
+        (out_dir / "results.partial.json").write_text(json.dumps({"rows": rows}, indent=2))
         if "error" in r:
             shown = f"error: {r['error']}"
         elif workload == "sweep":
@@ -213,6 +215,7 @@ def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
     scaling_rows(cfg, hf, bench)
     rows += sweep_rows(cfg, base, tokenizer, hf, bench)
     write(rows, cfg, out_dir)
+    (out_dir / "results.partial.json").unlink(missing_ok=True)
     report(rows, out_dir)
     return rows
 
@@ -258,6 +261,15 @@ def check_config(cfg, n_layers: int, prompt_len: int) -> None:
                 raise ConfigError(f"scaling_layers={value!r} is out of range: layers captured must be 1..{n_layers}")
         for value in cfg.components:
             _choice("components", value, COMPONENTS)
+        if cfg.sweep_coefficients:
+            from pipelines.steer import dataset_root
+
+            path = dataset_root(cfg.data_root) / f"{cfg.sweep_dataset}.jsonl"
+            if not path.is_file():
+                raise ConfigError(
+                    f"sweep_dataset={cfg.sweep_dataset!r}: {path} does not exist; set data_root (or "
+                    "$DISTLENS_MWE_DIR) to the directory of the A/B datasets, or sweep_coefficients=[] to skip the sweep"
+                )
     except ConfigError as err:
         exit_with_error(str(err))
 

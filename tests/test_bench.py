@@ -19,6 +19,7 @@ def test_bench_smoke(tiny_with_tokenizer, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "bench" / "b"
     listed = json.loads((out / "results.json").read_text())["rows"]
+    assert not (out / "results.partial.json").exists()  # rows as measured, gone once results.json is whole
     rows = {r["system"]: r for r in listed if r["workload"] in ("trajectory", "sweep")}
     swept = {r["steer_positions"] for r in listed if r["system"] == "distlens_sweep_one_pass"}
     assert swept == {"last", "all"}  # label-position (shared prefix) and every position
@@ -117,11 +118,15 @@ def test_like_for_like_names_where_a_peer_parted_and_targets_take_its_fastest_ag
         ("sizes=[]", "sizes=[] is empty"),
         ("sweep_positions=[middle]", "sweep_positions='middle' is not valid: choose one of ['last', 'all']"),
         ("long_size=2", "long_size=2 is out of range: positions must exceed the prompt's"),
+        (
+            "data_root=/nonexistent scaling_layers=[1]",
+            "sweep_dataset='corrigible-neutral-HHH': /nonexistent/corrigible-neutral-HHH.jsonl",
+        ),
     ],
 )
 def test_bench_refuses_bad_settings_before_measuring(tiny_with_tokenizer, tmp_path, override, message):
     result = run_driver(
-        "pipelines.bench", f"model.name={tiny_with_tokenizer}", override, f"storage.root={tmp_path}", "storage.run=b",
+        "pipelines.bench", f"model.name={tiny_with_tokenizer}", *override.split(), f"storage.root={tmp_path}", "storage.run=b",
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
