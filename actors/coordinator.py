@@ -25,7 +25,7 @@ from actors.executor import ClusterError, LocalExecutor, RayExecutor
 from actors.sampling import SamplingSpec
 from actors.slicing import plan_stages
 from actors.stage import COMPONENTS, LENS_FIELDS, CaptureSpec, LostStateError, StageSpec
-from actors.store import LensStore, StoreError, StoreLayout, layout_dict
+from actors.store import LensStore, StoreError, StoreLayout, layout_dict, remove_path, write_log_path
 
 log = logging.getLogger("distlens")
 
@@ -260,7 +260,7 @@ class Coordinator:
                     )
                 raise
             for _, aside in self._replaced:  # the new run is under way: the store it replaces goes
-                shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() else aside.unlink(missing_ok=True)
+                remove_path(aside, ignore_errors=True)
             t_loaded = time.perf_counter()
             generated = self._generate(todo, store, prompt_texts)
             t_done = time.perf_counter()
@@ -312,9 +312,9 @@ class Coordinator:
         self._replaced = []  # (path, where it was set aside) of an overwritten store and its write log
         if (path / "zarr.json").exists():
             if spec.existing == "overwrite":  # set aside until the new run is under way
-                for old in (path, path.with_name(path.name + ".writes.jsonl")):
+                for old in (path, write_log_path(path)):
                     aside = old.with_name(old.name + ".replaced")
-                    shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() else aside.unlink(missing_ok=True)
+                    remove_path(aside, ignore_errors=True)
                     if old.exists():
                         old.rename(aside)
                         self._replaced.append((old, aside))

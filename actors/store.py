@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,7 @@ class LensStore:
     def create(cls, path, layout: StoreLayout, attrs: dict) -> LensStore:
         """All arrays and their metadata up front; data arrives batch by batch."""
         path = Path(path)
-        path.with_name(path.name + ".writes.jsonl").unlink(missing_ok=True)  # a replaced store's log goes too
+        write_log_path(path).unlink(missing_ok=True)  # a replaced store's log goes too
         g = zarr.open_group(str(path), mode="w", zarr_format=3)
         p, pos, b = layout.n_prompts, layout.n_positions, layout.batch_rows
         pc = min(layout.position_chunk, pos)
@@ -155,7 +156,7 @@ class LensStore:
 
     @property
     def _write_log_path(self) -> Path:
-        return self.path.with_name(self.path.name + ".writes.jsonl")
+        return write_log_path(self.path)
 
     def write_log(self) -> list[dict]:
         """Every batch write so far, in order (over resumed runs too)."""
@@ -276,6 +277,19 @@ class LensStore:
 
             return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
         return values
+
+
+def write_log_path(store_path: Path) -> Path:
+    """`<store>.writes.jsonl`, beside the store: its record of batch writes."""
+    return store_path.with_name(store_path.name + ".writes.jsonl")
+
+
+def remove_path(path: Path, ignore_errors: bool = False) -> None:
+    """Remove a file or a directory tree, if it is there."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def layout_dict(layout: StoreLayout) -> dict:

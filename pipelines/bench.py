@@ -262,9 +262,7 @@ def check_config(cfg, n_layers: int, prompt_len: int) -> None:
         for value in cfg.components:
             _choice("components", value, COMPONENTS)
         if cfg.sweep_coefficients:
-            from pipelines.steer import dataset_root
-
-            path = dataset_root(cfg.data_root) / f"{cfg.sweep_dataset}.jsonl"
+            path = sweep_dataset_path(cfg)
             if not path.is_file():
                 raise ConfigError(
                     f"sweep_dataset={cfg.sweep_dataset!r}: {path} does not exist; set data_root (or "
@@ -306,6 +304,13 @@ def scaling_rows(cfg, hf, bench) -> None:
             r["note"] = f"T={t}; T column = prompts per batch"
 
 
+def sweep_dataset_path(cfg) -> Path:
+    """The A/B dataset the sweep workload scores (checked before anything is measured)."""
+    from pipelines.steer import dataset_root
+
+    return dataset_root(cfg.data_root) / f"{cfg.sweep_dataset}.jsonl"
+
+
 def sweep_rows(cfg, base, tokenizer, hf, bench) -> list[dict]:
     """(e) A steering sweep on one dataset's test items: M coefficients as a batch dimension in
     one pass, against one unsteered pass, one pass per coefficient, and the steering-vectors
@@ -316,10 +321,8 @@ def sweep_rows(cfg, base, tokenizer, hf, bench) -> list[dict]:
     layer is shared)."""
     from actors.mwe import load_items, split_items
     from actors.steering import ab_prompt
-    from pipelines.steer import dataset_root
 
-    root = dataset_root(cfg.data_root)
-    _, test = split_items(load_items(root / f"{cfg.sweep_dataset}.jsonl"), 0.5, 0)
+    _, test = split_items(load_items(sweep_dataset_path(cfg)), 0.5, 0)
     ab = [ab_prompt(tokenizer, item) for item in test[: cfg.sweep_items]]
     vector = (np.random.default_rng(0).standard_normal(hf.hidden_size) * 4).astype(np.float32).tolist()
     job = dict(system="distlens", executor="local", stages=2, no_capture=True, prompt_list=[p.prefix for p in ab],

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import replace
@@ -238,7 +237,7 @@ def previous_run(out_dir: Path) -> list[Path]:
 def clear_previous_run(out_dir: Path, overwrite: bool) -> None:
     """Refuse a directory that holds a steer run, or with `overwrite` remove that run's outputs
     (so none of them is left beside the new run's)."""
-    from actors.store import StoreError
+    from actors.store import StoreError, remove_path
 
     old = previous_run(out_dir)
     if old and not overwrite:
@@ -247,10 +246,7 @@ def clear_previous_run(out_dir: Path, overwrite: bool) -> None:
             "pass overwrite=true to replace it, or choose another storage.run"
         )
     for path in old:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+        remove_path(path)
 
 
 def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
