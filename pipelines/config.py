@@ -170,6 +170,8 @@ class BenchConf:
     prompts: int = 1
     sizes: list[int] = field(default_factory=lambda: [64, 256])
     long_size: int | None = 1500  # positions of the long trajectory (None: skip)
+    long_prompts: list[int] = field(default_factory=lambda: [1, 8])  # distlens prompts per batch there
+    baseline_long: bool = True  # measure the baseline at long_size (else extrapolate it)
     report_only: bool = False  # rebuild table.md and plots from the run's results.json
     baseline_max: int = 256  # largest T the paper's baseline runs at
     stages: list[int] = field(default_factory=lambda: [1, 2, 4])

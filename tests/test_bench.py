@@ -11,7 +11,7 @@ from driver import run_driver
 
 def test_bench_smoke(tiny_with_tokenizer, tmp_path):
     result = run_driver(
-        "pipelines.bench", f"model.name={tiny_with_tokenizer}", "sizes=[3]", "long_size=null", "baseline_max=3",
+        "pipelines.bench", f"model.name={tiny_with_tokenizer}", "sizes=[3]", "long_size=42", "long_prompts=[1,2]", "baseline_max=3",
         "stages=[2]", "ray_stages=[]", "repeats=1", "sweep_coefficients=[3]", "sweep_items=2", "peers=[]",
         "scaling_size=3", "scaling_layers=[1]", "scaling_prompts=[2]", f"storage.root={tmp_path}", "storage.run=b",
         cwd=tmp_path,
@@ -41,6 +41,16 @@ def test_bench_smoke(tiny_with_tokenizer, tmp_path):
     comps = by_workload["trajectory_components", "distlens_local_2stage", 3]
     assert (comps["lens_layers"], comps["lens_components"]) == (layers, 3)  # resid_post, attn_out, mlp_out
     assert comps["positions"] == positions and comps["bytes_written"] > traj["bytes_written"]
+    # the long trajectory (39 prompt positions + 3): the baseline measured there, not extrapolated
+    long = {r["system"]: r for r in listed if r["workload"] == "trajectory_42pos"}
+    assert {"hf_generate", "distlens_local_2stage", "distlens_local_2stage_batch2", "paper_baseline"} <= set(long)
+    assert not long["paper_baseline"].get("extrapolated") and long["paper_baseline"]["T"] == 3
+    assert long["distlens_local_2stage"]["top1_agreement"] == 1.0
+    assert long["distlens_local_2stage_batch2"]["positions"] == 2 * 42
+    assert all(long[s]["capture_memory"] > 0 for s in ("paper_baseline", "distlens_local_2stage"))
+    assert "(trajectory_42pos, T=3, the largest T it was measured at; 2 prompts in one batch" in (
+        (out / "table.md").read_text()
+    )
     one_layer = by_workload["scaling_layers", "distlens_local_2stage", 1]
     assert one_layer["lens_layers"] == 1 and one_layer["tokens_per_s"] > 0
     for system in ("distlens_local_2stage", "distlens_local_2stage_nocapture", "hf_generate"):
