@@ -582,7 +582,8 @@ def report(rows: list[dict], out_dir: Path) -> None:
         ("peak_rss", "memory_vs_T.png", "peak RSS (MiB, all processes)", False),
     ):
         fig, ax = plt.subplots(figsize=(6.5, 4))
-        for system in dict.fromkeys(r["system"] for r in traj):
+        colors = plt.get_cmap("tab20").colors  # more systems than the default ten colours
+        for i, system in enumerate(dict.fromkeys(r["system"] for r in traj)):
             pts = sorted(
                 (r["T"], r[metric] / (2**20 if metric == "peak_rss" else 1))
                 for r in traj
@@ -591,7 +592,8 @@ def report(rows: list[dict], out_dir: Path) -> None:
             if pts:
                 ax.plot(
                     *zip(*pts),
-                    marker="o",
+                    marker="osD^v<>"[i % 7],
+                    color=colors[i % len(colors)],
                     ls="--" if any(r.get("extrapolated") for r in traj if r["system"] == system) else "-",
                     label=system,
                 )
