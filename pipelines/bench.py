@@ -157,15 +157,15 @@ def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
         floor, _ = bench("lens_floor", "lens_floor", 0, system="lens_floor")
         floor["prompt_tokens"] = len(prompt)
     long_t = cfg.long_size - len(prompt) if cfg.long_size else None
-    long_runs = {}  # prompts per batch -> distlens's run at the long size
+    long_workload = f"trajectory_{cfg.long_size}pos"
+    long_ours = {}  # prompts per batch -> (row, run) of distlens at the long size
     if long_t:  # the long trajectory: distlens and plain generation, one repeat (minutes each)
-        workload = f"trajectory_{cfg.long_size}pos"
-        bench("hf_generate", workload, long_t, repeats=1, system="hf_generate")
+        bench("hf_generate", long_workload, long_t, repeats=1, system="hf_generate")
         for p in cfg.long_prompts:
-            r, long_runs[p] = bench(long_label(p), workload, long_t, repeats=1, system="distlens", executor="local",
-                                    stages=2, prompts=p)  # fmt: skip
+            r, got = long_ours[p] = bench(long_label(p), long_workload, long_t, repeats=1, system="distlens",
+                                          executor="local", stages=2, prompts=p)  # fmt: skip
             r["prompts"] = p
-            r.update(long_memory(long_runs[p]))
+            r.update(long_memory(got))
             if p > 1:
                 r["note"] = f"{p} prompts in one batch; tokens/s over all of them"
     for size in cfg.sizes:
@@ -220,12 +220,11 @@ def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
     if long_t and cfg.baseline_long:  # measured, not extrapolated: the slowest row of the run
         print(f"[bench] paper_baseline at T={long_t}: every token re-runs the whole prefix (about an hour here)",
               flush=True)  # fmt: skip
-        workload = f"trajectory_{cfg.long_size}pos"
-        base_row, base_run = bench("paper_baseline", workload, long_t, repeats=1, system="paper_baseline")
+        base_row, base_run = bench("paper_baseline", long_workload, long_t, repeats=1, system="paper_baseline")
         base_row.update(long_memory(base_run), prompts=1, note="measured; prompts run one at a time")
-        for r in rows:
-            if r["workload"] == workload and r["system"] == long_label(1):
-                r.update(agreement(long_runs.get(1, {}), base_run, len(prompt)))
+        if 1 in long_ours:  # like for like: the one-prompt run sees the baseline's trajectory
+            ours_row, ours_run = long_ours[1]
+            ours_row.update(agreement(ours_run, base_run, len(prompt)))
     elif long_t:
         rows.append(extrapolate_baseline(rows, long_t, cfg.long_size))
     scaling_rows(cfg, hf, bench)
