@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from actors.adapters import check_sites, check_tensor_parallel
 from actors.executor import ClusterError, LocalExecutor, RayExecutor
 from actors.sampling import SamplingSpec
 from actors.slicing import plan_stages
@@ -170,6 +171,9 @@ class Coordinator:
         bad = [c for c in spec.components if c not in COMPONENTS]
         if bad:
             raise ValueError(f"unknown component {bad[0]!r}: choose from {list(COMPONENTS)}")
+        check_sites(config, spec.components, "capture.components")
+        check_sites(config, [e.site for e in spec.steering], "steering.site")
+        check_tensor_parallel(config, spec.tp_size)
         for name, values in (("layers", layers), ("components", spec.components)):
             twice = sorted({v for v in values if list(values).count(v) > 1})
             if twice:

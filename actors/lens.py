@@ -1,6 +1,7 @@
 """The logit lens: decode a hidden state through the model's own final norm and unembedding.
 
-`lens(h) = log_softmax(lm_head(final_norm(h)))`, summarised without ever materialising more
+`lens(h) = log_softmax(cap(lm_head(final_norm(h))))`, where `cap` is the family's final logit
+soft-cap `c * tanh(z / c)` (Gemma) or nothing, summarised without ever materialising more
 than one window's logits: top-k ids and their exact (not renormalised) log-probs, the entropy,
 and the log-prob and rank of the token that actually came next. With tensor parallelism the
 unembedding is vocab-sharded; each rank summarises its shard and the merge is exact (a global
@@ -51,9 +52,11 @@ class LogitLens(nn.Module):
         tp_size: int = 1,
         rows_per_matmul: int = ROWS_PER_MATMUL,
         rows_per_pass: int = 32,
+        softcap: float | None = None,
     ):
         super().__init__()
         self.norm = final_norm
+        self.softcap = softcap  # logits -> softcap * tanh(logits / softcap), as the model's own head does
         weight = lm_head.weight  # [vocab, d_model]
         self.vocab_size = weight.shape[0]
         bounds = torch.tensor_split(torch.arange(self.vocab_size), tp_size)[tp_rank]
@@ -70,8 +73,14 @@ class LogitLens(nn.Module):
         """hidden: [n, d_model] (not yet normalised) -> float32 logits of this shard [n, vocab_shard]."""
         x = self.norm(hidden)
         if x.dim() == 2 and x.device.type == "cpu":  # a decoding step's few sampling rows: split
-            return linear_no_bias(x, self.weight).float()
-        return (x @ self.weight.T).float()
+            return self._cap(linear_no_bias(x, self.weight)).float()
+        return self._cap(x @ self.weight.T).float()
+
+    def _cap(self, logits: torch.Tensor) -> torch.Tensor:
+        """The final logit soft-cap, in place, in the head's dtype (where the model applies it)."""
+        if self.softcap is None:
+            return logits
+        return logits.div_(self.softcap).tanh_().mul_(self.softcap)
 
     def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits [n, vocab], gathered across the stage's TP ranks; for
@@ -121,6 +130,7 @@ class LogitLens(nn.Module):
             starts.pop()
         for a, b in zip(starts, [*starts[1:], vocab]):
             torch.mm(x, self.weight[a:b].T, out=z_all[:, a:b])
+            self._cap(z_all[:, a:b])
         kk = min(k, vocab)
         local_t = targets.to(z_all.device) - self.vocab_offset
         in_shard = (local_t >= 0) & (local_t < vocab)

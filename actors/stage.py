@@ -151,6 +151,26 @@ def _edit_mask(state: _BatchState, start: int, end: int, positions) -> torch.Ten
     return _wanted(state, start, end, positions)
 
 
+def _hook_input(module, transform):
+    """Rewrite the tensor `module` reads: its first positional argument or `hidden_states=`."""
+
+    def pre(m, args, kwargs):
+        if args:
+            return (transform(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": transform(kwargs["hidden_states"])}
+
+    return module.register_forward_pre_hook(pre, with_kwargs=True)
+
+
+def _hook_output(module, transform):
+    """Rewrite the tensor `module` returns (the first element of a returned tuple)."""
+
+    def post(m, args, out):
+        return (transform(out[0]), *out[1:]) if isinstance(out, tuple) else transform(out)
+
+    return module.register_forward_hook(post)
+
+
 class StageWorker:
     """Holds layers `[spec.start, spec.end)` and runs prefill/decode steps for micro-batches."""
 
@@ -246,8 +266,10 @@ class StageWorker:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             init_stage_group(init_method, spec.tp_rank, spec.tp_size, backend)
         dtype = DTYPES[spec.dtype]
-        self.config = AutoConfig.from_pretrained(spec.model_path)
-        model, norm, lm_head = build_stage(spec.model_path, self.config, spec.start, spec.end, dtype, self.device)
+        model, norm, lm_head = build_stage(
+            spec.model_path, AutoConfig.from_pretrained(spec.model_path), spec.start, spec.end, dtype, self.device
+        )
+        self.config = model.config
         self.engine = deepspeed.init_inference(
             model,
             dtype=dtype,
@@ -255,11 +277,16 @@ class StageWorker:
             replace_with_kernel_inject=False,
         )
         self.model = self.engine.module
+        if spec.tp_size > 1:
+            from actors.distributed import adapt_to_tensor_parallel
+
+            adapt_to_tensor_parallel(self.model, self.model.adapter)
         if self.device.type == "cpu":  # decoding steps' matrix-vector products on every thread
             from actors.gemv import split_linears
 
             split_linears(self.model)
-        self.lens = LogitLens(norm, lm_head, spec.tp_rank, spec.tp_size)
+        softcap = self.model.adapter.softcap(self.config)
+        self.lens = LogitLens(norm, lm_head, spec.tp_rank, spec.tp_size, softcap=softcap)
 
     def info(self) -> dict:
         n_params = sum(p.numel() for p in self.model.parameters()) + sum(p.numel() for p in self.lens.parameters())
@@ -280,24 +307,12 @@ class StageWorker:
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }
 
-    def _site(self, layer, site: str):
-        """(module, how): the tensor at `site` is that module's first input ("pre"), its output
-        ("post") or the first element of its output tuple ("post0")."""
-        a = self.model.adapter
-        return {
-            "resid_pre": (layer, "pre"),
-            "attn_in": (get_path(layer, a.attn_norm), "post"),
-            "attn_out": (get_path(layer, a.attn), "post0"),
-            "resid_mid": (get_path(layer, a.mlp_norm), "pre"),
-            "mlp_in": (get_path(layer, a.mlp_norm), "post"),
-            "mlp_out": (get_path(layer, a.mlp), "post"),
-            "resid_post": (layer, "post"),
-        }[site]
-
     def _install_hooks(self) -> None:
         """One hook per (layer, site) that is steered or captured: the edit first, so a capture
-        at the same site records the steered activation that flows on."""
+        at the same site records the steered activation that flows on. Where a site sits in a
+        layer is the family's adapter row."""
         capture = self.spec.capture
+        sites = self.model.adapter.sites_for(self.config)
         for offset, layer in enumerate(self.model.layers):
             index = self.spec.start + offset
             for site in SITES:
@@ -305,14 +320,11 @@ class StageWorker:
                 record = index in capture.layers and site in capture.components
                 if not edits and not record:
                     continue
-                transform = self._transform(index, site, edits, record)
-                module, how = self._site(layer, site)
-                if how == "pre":
-                    hook = module.register_forward_pre_hook(lambda m, args, t=transform: (t(args[0]), *args[1:]))
-                elif how == "post0":
-                    hook = module.register_forward_hook(lambda m, a, out, t=transform: (t(out[0]), *out[1:]))
-                else:
-                    hook = module.register_forward_hook(lambda m, a, out, t=transform: t(out))
+                path, which = sites[site]
+                module = get_path(layer, path)
+                hook = (_hook_input if which == "in" else _hook_output)(
+                    module, self._transform(index, site, edits, record)
+                )
                 self._hooks.append(hook)
 
     def _transform(self, layer: int, site: str, edits: list, record: bool):

@@ -331,6 +331,9 @@ def validate_cluster_against_model(c, hf_config) -> None:
         raise ConfigError(
             f"cluster.num_stages={c.num_stages} is out of range: valid is 1..{n} (the model's layer count)"
         )
+    from actors.adapters import check_tensor_parallel
+
+    check_tensor_parallel(hf_config, c.tp_size)
     heads = hf_config.num_attention_heads
     kv = getattr(hf_config, "num_key_value_heads", heads) or heads
     if heads % c.tp_size or kv % c.tp_size:
@@ -341,8 +344,11 @@ def validate_cluster_against_model(c, hf_config) -> None:
 
 def validate_against_model(cfg, hf_config) -> list[int]:
     """Checks that need the model's config; returns the captured layer indices (non-negative)."""
+    from actors.adapters import check_sites
+
     n = hf_config.num_hidden_layers
     validate_cluster_against_model(cfg.cluster, hf_config)
+    check_sites(hf_config, cfg.capture.components, "capture.components")
     if cfg.capture.k > hf_config.vocab_size:
         raise ConfigError(
             f"capture.k={cfg.capture.k} is out of range: valid is 1..{hf_config.vocab_size} (the vocabulary)"

@@ -114,9 +114,6 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
     validate(cfg)
     checkpoint = resolve_checkpoint(cfg.model.name, cfg.model.revision)
     hf_config = checkpoint.config()
-    from actors.adapters import adapter_for
-
-    adapter_for(hf_config.model_type)
     layers = validate_against_model(cfg, hf_config)
     tokenizer = checkpoint.tokenizer()
     prompts = [encode_prompt(tokenizer, p, cfg.generation.chat_template) for p in cfg.prompts]

@@ -250,7 +250,7 @@ def clear_previous_run(out_dir: Path, overwrite: bool) -> None:
 
 
 def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
-    from actors.adapters import adapter_for
+    from actors.adapters import check_sites
     from actors.checkpoint import resolve_checkpoint
     from actors.mwe import resolve_dataset
     from pipelines.config import validate_steer
@@ -265,7 +265,7 @@ def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
     splits = {name: train_test_items(paths[name], cfg.data) for name in names}
     checkpoint = resolve_checkpoint(cfg.model.name, cfg.model.revision)
     hf_config = checkpoint.config()
-    adapter_for(hf_config.model_type)
+    check_sites(hf_config, [cfg.steering.site], "steering.site")
     n = hf_config.num_hidden_layers
     bad = [layer for layer in cfg.steering.layers if not 0 <= layer < n]
     if bad:
