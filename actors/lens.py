@@ -29,6 +29,12 @@ COLS_PER_MATMUL = 2048
 _SCRATCH: dict[tuple, torch.Tensor] = {}  # (device, dtype, vocab shard) -> logits buffer of this process
 
 
+def release_scratch() -> None:
+    """Drop this process's reused logits buffers; the next lens call allocates afresh (a
+    measurement that must not start out holding them, as the benchmark's, calls this first)."""
+    _SCRATCH.clear()
+
+
 @dataclass
 class LensSummary:
     """Per position: `topk_ids`/`topk_logprobs` [n, k], `entropy`, `target_logprob`,

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,7 +20,7 @@ def _pyplot():
 
 
 def plot_propensity(result: dict, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     x = np.asarray(result["coefficients"])
     mean = np.asarray(result["mean_propensity"])
     band = np.asarray(result["mean_propensity_ci95"])
@@ -42,7 +43,7 @@ def plot_propensity(result: dict, path: Path) -> Path:
 
 
 def plot_layers(by_layer: dict, best: int, dataset: str, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     layers = sorted(by_layer)
     slopes = [by_layer[layer]["mean_of_slopes"] for layer in layers]
     ci = np.asarray([by_layer[layer]["mean_of_slopes_ci95"] for layer in layers])

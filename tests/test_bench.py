@@ -73,7 +73,7 @@ def test_gpu_bench_path_runs_on_cpu(tmp_path):
     """The GPU script, on the CPU with a tiny random model: every system runs, the paper's
     baseline and distlens see the same trajectory, and the ratio is recorded."""
     result = run_driver(
-        "pipelines.bench_gpu", "--out", str(tmp_path), "--device", "cpu", "--shapes", "tiny",
+        "pipelines.bench.gpu", "--out", str(tmp_path), "--device", "cpu", "--shapes", "tiny",
         "--tokens", "12", "--baseline-tokens", "6", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -94,7 +94,8 @@ def test_gpu_bench_path_runs_on_cpu(tmp_path):
 
 
 def test_like_for_like_names_where_a_peer_parted_and_targets_take_its_fastest_agreeing_way():
-    from pipelines.bench import like_for_like, targets
+    from pipelines.bench.agreement import like_for_like
+    from pipelines.bench.targets import check
 
     ours = {
         "tokens": [5, 6, 7, 8], "top1": [[6, 7, 8], [6, 7, 9]], "top1_logprob": [[-1.0, -2.0, -3.0], [-0.1, -0.2, -0.3]],
@@ -116,7 +117,7 @@ def test_like_for_like_names_where_a_peer_parted_and_targets_take_its_fastest_ag
         r("distlens_local_2stage", 10.0), r("hf_generate", 15.0), r("transformer_lens", 30.0, "disagrees"),
         r("transformer_lens_nocache", 4.0, "ok"), r("transformer_lens_hf_generate", 8.0, "ok"),
     ]  # fmt: skip
-    lines = targets(rows)
+    lines = check(rows)
     assert any("faster than transformer_lens_hf_generate (T=64; like for like: ok) | 1.25x | met" in x for x in lines)
     assert not any("| faster than transformer_lens " in x for x in lines)  # the disagreeing way is not the yardstick
 
@@ -143,3 +144,44 @@ def test_bench_refuses_bad_settings_before_measuring(tiny_with_tokenizer, tmp_pa
     errors = [line for line in result.stderr.splitlines() if line.startswith("distlens: error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert not (tmp_path / "bench" / "b" / "results.json").exists()  # nothing measured, nothing written
+
+
+def test_kept_cpu_results_rebuild_the_kept_table():
+    """The measured run kept in the package (results.json of `storage.run=readme8`) gives, read by
+    today's report and targets, the very table kept beside it: an old results.json still reads."""
+    from pathlib import Path
+
+    from pipelines.bench import report, targets
+
+    kept = Path(report.__file__).with_name("results")
+    rows = json.loads((kept / "bench_cpu.json").read_text())["rows"]
+    rebuilt = "\n".join([*report.table(rows), "", *targets.check(rows)]) + "\n"
+    assert rebuilt == (kept / "bench_cpu_table.md").read_text()
+
+
+def test_bench_modules_read_no_private_name_of_another_module():
+    """No module of the benchmark imports, or reads off an imported module, a name starting with `_`."""
+    import ast
+    from pathlib import Path
+
+    import pipelines.bench
+
+    found = []
+    for path in Path(pipelines.bench.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        modules = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+                found += [
+                    f"{path.name}: from {node.module} import {a.name}" for a in node.names if a.name.startswith("_")
+                ]
+                modules |= {a.asname or a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                modules |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        found += [
+            f"{path.name}: {node.value.id}.{node.attr}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
+            and node.attr.startswith("_") and not node.attr.startswith("__")
+        ]  # fmt: skip
+    assert not found, found

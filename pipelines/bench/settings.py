@@ -1,0 +1,47 @@
+"""The benchmark's own settings checks, made before anything is measured: a bad value raises
+`ConfigError` naming it and what is valid (the driver prints it as one line)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from actors.vocabulary import COMPONENTS
+from pipelines.config import ConfigError, at_least, choice
+
+
+def sweep_dataset_path(cfg) -> Path:
+    """The A/B dataset the sweep workload scores."""
+    from pipelines.steer import dataset_root
+
+    return dataset_root(cfg.data_root) / f"{cfg.sweep_dataset}.jsonl"
+
+
+def check(cfg, n_layers: int, prompt_len: int) -> None:
+    """Refuse settings the workloads cannot run, for a model of `n_layers` layers and a prompt of
+    `prompt_len` tokens."""
+    if not cfg.sizes:
+        raise ConfigError("sizes=[] is empty: give the trajectory's generated tokens T, e.g. sizes=[64,256]")
+    for name in ("sizes", "stages", "ray_stages", "scaling_prompts", "sweep_coefficients", "long_prompts"):
+        for value in cfg[name]:
+            at_least(name, value, 1)
+    for name in ("scaling_size", "repeats", "prompts", "sweep_items"):
+        at_least(name, cfg[name], 1)
+    if cfg.long_size is not None and cfg.long_size <= prompt_len:
+        raise ConfigError(
+            f"long_size={cfg.long_size} is out of range: positions must exceed the prompt's {prompt_len} "
+            "(or long_size=null to skip the long trajectory)"
+        )
+    for value in cfg.sweep_positions:
+        choice("sweep_positions", value, ("last", "all"))
+    for value in cfg.scaling_layers:
+        if not 1 <= value <= n_layers:
+            raise ConfigError(f"scaling_layers={value!r} is out of range: layers captured must be 1..{n_layers}")
+    for value in cfg.components:
+        choice("components", value, COMPONENTS)
+    if cfg.sweep_coefficients:
+        path = sweep_dataset_path(cfg)
+        if not path.is_file():
+            raise ConfigError(
+                f"sweep_dataset={cfg.sweep_dataset!r}: {path} does not exist; set data_root (or "
+                "$DISTLENS_MWE_DIR) to the directory of the A/B datasets, or sweep_coefficients=[] to skip the sweep"
+            )

@@ -1,0 +1,42 @@
+"""One measurement in a fresh process, so its peak memory is its own: `measure(job)` starts
+`python -m pipelines.bench.worker '<json job>'`, which runs the job's system (`systems`,
+`peers`) and prints its figures as one `BENCH_RESULT <json>` line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PREFIX = "BENCH_RESULT "
+
+
+def measure(job: dict, python: str = sys.executable) -> dict:
+    """The job's figures, or {"error": the last line the process wrote on stderr}."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    proc = subprocess.run(
+        [python, "-m", "pipelines.bench.worker", json.dumps(job)], capture_output=True, text=True, env=env
+    )
+    line = next((x for x in proc.stdout.splitlines() if x.startswith(PREFIX)), None)
+    if proc.returncode != 0 or line is None:
+        lines = [x for x in proc.stderr.strip().splitlines() if x.strip()] or ["no output"]
+        return {"error": lines[-1][:300]}
+    return json.loads(line[len(PREFIX) :])
+
+
+def main() -> None:
+    import torch
+
+    from pipelines.bench import peers, systems
+
+    job = json.loads(sys.argv[1])
+    torch.manual_seed(0)
+    result = {**systems.RUNNERS, **peers.RUNNERS}[job["system"]](job)
+    print(PREFIX + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
