@@ -191,26 +191,6 @@ def adapter_for(model_type: str) -> ModelAdapter:
         ) from None
 
 
-def check_sites(config, names, what: str) -> None:
-    """Refuse a capture component or steering site the model's family does not have."""
-    adapter = adapter_for(config.model_type)
-    have = adapter.sites_for(config)
-    for name in names:
-        if name not in have:
-            raise ValueError(
-                f"{what}={name!r} does not exist in model family {config.model_type!r}: it has {list(have)}"
-            )
-
-
-def check_tensor_parallel(config, tp_size: int) -> None:
-    adapter = adapter_for(config.model_type)
-    if tp_size > 1 and not adapter.tensor_parallel:
-        raise ValueError(
-            f"cluster.tp_size={tp_size}: tensor parallelism is not available for model family "
-            f"{config.model_type!r} (DeepSpeed AutoTP does not shard it exactly); use tp_size=1 and more stages"
-        )
-
-
 def get_path(root, dotted: str):
     """`get_path(model, "model.layers")` is `model.model.layers`; `""` is `root` itself."""
     obj = root

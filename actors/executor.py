@@ -18,15 +18,12 @@ class LocalExecutor:
     name = "local"
 
     def create(self, specs: list[StageSpec]) -> list[StageWorker]:
-        for spec in specs:
-            if spec.tp_size > 1:
-                raise ValueError(
-                    f"tp_size={spec.tp_size} needs executor=ray (one process per rank); executor=local runs tp_size=1"
-                )
+        """tp_size 1 only (one process per rank needs Ray): actors.run_spec.check_cluster."""
         return [StageWorker(spec) for spec in specs]
 
-    def call(self, worker, method: str, *args, num_returns: int = 1):
-        return getattr(worker, method)(*args)
+    def call(self, worker, method, *args, num_returns: int = 1):
+        """`method`: a `StageWorker` method (the function itself, never its name)."""
+        return method(worker, *args)
 
     def get(self, handle):
         return handle
@@ -99,8 +96,8 @@ class RayExecutor:
         ]
         return self._actors
 
-    def call(self, worker, method: str, *args, num_returns: int = 1):
-        return getattr(worker, method).options(num_returns=num_returns).remote(*args)
+    def call(self, worker, method, *args, num_returns: int = 1):
+        return getattr(worker, method.__name__).options(num_returns=num_returns).remote(*args)
 
     def get(self, handle):
         import ray

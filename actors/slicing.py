@@ -33,9 +33,7 @@ def _numel(module: nn.Module) -> int:
 def plan_stages(config, num_stages: int) -> list[tuple[int, int]]:
     """Contiguous `[start, end)` layer ranges, one per stage, minimising the largest stage's
     parameter count (exact dynamic programme over split points)."""
-    n_layers = config.num_hidden_layers
-    if not 1 <= num_stages <= n_layers:
-        raise ValueError(f"num_stages={num_stages} is out of range: valid is 1..{n_layers} (the model's layer count)")
+    n_layers = config.num_hidden_layers  # 1 <= num_stages <= n_layers: actors.run_spec.check_cluster
     adapter = adapter_for(config.model_type)
     model = meta_model(config)
     costs = [_numel(layer) for layer in get_path(model, adapter.layers)]

@@ -19,16 +19,9 @@ import torch
 from actors.adapters import get_path
 from actors.lens import LogitLens
 from actors.sampling import SamplingSpec, choose_tokens
+from actors.vocabulary import LENS_FIELDS, MODEL_DTYPES, SITES, STEERING_POSITIONS, STEERING_SITES
 
-# Where activations flow through one decoder layer, in order. Any can be captured; the
-# residual stream and the normalised inputs of attention and MLP ("post-LayerNorm") can be steered.
-SITES = ("resid_pre", "attn_in", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
-COMPONENTS = SITES
-STEERING_SITES = ("resid_pre", "resid_post", "attn_in", "mlp_in")
-STEERING_POSITIONS = ("all", "prompt", "generated", "last")
-# Lens fields and the value marking "not captured" in each.
-LENS_FIELDS = {"topk_ids": -1, "topk_logprobs": np.nan, "entropy": np.nan, "target_logprob": np.nan, "target_rank": -1}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
 
 
 class LostStateError(RuntimeError):
@@ -448,9 +441,7 @@ class StageWorker:
             state.pending.setdefault(key, []).extend(captured.get(key, []))
         state.tokens.append(tokens)
         state.cols += new
-        chunks = [] if state.shared else self._flush(mb, state, force=False)
-        if self.spec.tp_rank:  # every TP rank holds the merged lens; only rank 0 reports it
-            chunks = []
+        chunks = [] if state.shared else self._flush(mb, state, force=False)  # every TP rank holds the merged lens
         if not self.spec.is_last:
             return hidden.cpu() if self.device.type != "cpu" else hidden, chunks
         if state.shared:  # a prefix's last column is not the prompt's: nothing to sample yet
@@ -471,8 +462,7 @@ class StageWorker:
         state = self._state(mb)
         del self._states[mb]
         state.tokens.append(_as_columns(last_tokens))
-        chunks = self._flush(mb, state, force=True)
-        return [] if self.spec.tp_rank else chunks
+        return self._flush(mb, state, force=True)
 
     def _flush(self, mb: int, state: _BatchState, force: bool) -> list[LensChunk]:
         """Run the lens over buffered columns whose next token is known, one window at a time."""

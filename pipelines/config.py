@@ -8,11 +8,10 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from actors.stage import COMPONENTS, DTYPES
+from actors.vocabulary import ACTIVATION_DTYPES, MODEL_DTYPES, STEERING_POSITIONS, STEERING_SITES
 
 EXECUTORS = ("local", "ray")
 POSITION_WORDS = ("all", "prompt", "generated")
-ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -201,12 +200,12 @@ def register() -> None:
     cs.store(group="storage", name="schema", node=StorageConf)
 
 
-def _choice(field_name: str, value, allowed) -> None:
+def choice(field_name: str, value, allowed) -> None:
     if value not in allowed:
         raise ConfigError(f"{field_name}={value!r} is not valid: choose one of {list(allowed)}")
 
 
-def _at_least(field_name: str, value, low) -> None:
+def at_least(field_name: str, value, low) -> None:
     if value is None or value < low:
         raise ConfigError(f"{field_name}={value!r} is out of range: must be >= {low}")
 
@@ -214,9 +213,9 @@ def _at_least(field_name: str, value, low) -> None:
 def _validate_model_and_cluster(cfg) -> None:
     """The `model` and `cluster` checks every driver shares."""
     c = cfg.cluster
-    _choice("cluster.executor", c.executor, EXECUTORS)
-    _choice("cluster.device", c.device, ("cpu", "cuda"))
-    _choice("model.dtype", cfg.model.dtype, tuple(DTYPES))
+    choice("cluster.executor", c.executor, EXECUTORS)
+    choice("cluster.device", c.device, ("cpu", "cuda"))
+    choice("model.dtype", cfg.model.dtype, MODEL_DTYPES)
     if c.device == "cpu" and cfg.model.dtype == "float16":
         raise ConfigError(
             "model.dtype='float16' is not valid on device cpu (DeepSpeed refuses it): use float32 or bfloat16"
@@ -228,54 +227,46 @@ def _validate_model_and_cluster(cfg) -> None:
             "Face id, e.g. model=hf model.name=meta-llama/Llama-3.1-8B-Instruct"
         )
     for name in ("num_stages", "tp_size", "micro_batch_size", "micro_batches_in_flight"):
-        _at_least(f"cluster.{name}", getattr(c, name), 1)
-    _at_least("cluster.max_restarts", c.max_restarts, 0)
+        at_least(f"cluster.{name}", getattr(c, name), 1)
+    at_least("cluster.max_restarts", c.max_restarts, 0)
     for name in ("cpus_per_stage", "gpus_per_stage"):
-        _at_least(f"cluster.{name}", getattr(c, name), 0)
+        at_least(f"cluster.{name}", getattr(c, name), 0)
     if c.num_cpus is not None:
-        _at_least("cluster.num_cpus", c.num_cpus, 1)
+        at_least("cluster.num_cpus", c.num_cpus, 1)
 
 
 def validate(cfg) -> None:
     """Checks that need no model: enums, ranges, prompts, flags."""
-    c = cfg.cluster
     _validate_model_and_cluster(cfg)
-    if c.executor == "local" and c.tp_size > 1:
-        raise ConfigError(f"cluster.tp_size={c.tp_size} needs cluster.executor=ray (one process per rank)")
-    cap = cfg.capture
-    for comp in cap.components:
-        _choice("capture.components", comp, COMPONENTS)
-    if not cap.components:
-        raise ConfigError(f"capture.components=[] is empty: choose from {list(COMPONENTS)}")
-    twice = sorted({c for c in cap.components if list(cap.components).count(c) > 1})
-    if twice:
-        raise ConfigError(f"capture.components lists {twice[0]!r} more than once: give each component once")
+    cap = cfg.capture  # components, layers, k and positions are checked against the model (`model_checks`)
     _steer_positions("steer.positions", cfg.steer.positions)
     if cfg.steer.coefficients is not None and not cfg.steer.coefficients:
         raise ConfigError(
             "steer.coefficients=[] is empty: give coefficients to sweep, or null to use steer.coefficient"
         )
-    _at_least("plot.max_prompts", cfg.plot.max_prompts, 0)
-    _at_least("plot.max_positions", cfg.plot.max_positions, 1)
+    at_least("plot.max_prompts", cfg.plot.max_prompts, 0)
+    at_least("plot.max_positions", cfg.plot.max_positions, 1)
     if cap.layers is not None and not _is_list(cap.layers):
         raise ConfigError(
             f"capture.layers={cap.layers!r} is not a list: give a list of indices, e.g. [{cap.layers}], or null"
         )
+    if cap.layers is not None and not cap.layers:
+        raise ConfigError("capture.layers=[] is empty: give layer indices or null for every layer")
     if isinstance(cap.positions, str):
-        _choice("capture.positions", cap.positions, POSITION_WORDS)
+        choice("capture.positions", cap.positions, POSITION_WORDS)
     elif not _is_list(cap.positions) or not all(isinstance(p, int) and p >= 0 for p in cap.positions):
         raise ConfigError(
             f"capture.positions={cap.positions!r}: use {list(POSITION_WORDS)} or a list of positions >= 0"
         )
     elif not cap.positions:
         raise ConfigError(f"capture.positions=[] is empty: use {list(POSITION_WORDS)} or a list of positions >= 0")
-    _at_least("capture.k", cap.k, 1)
-    _at_least("capture.window", cap.window, 1)
+    at_least("capture.k", cap.k, 1)
+    at_least("capture.window", cap.window, 1)
     if cap.activations is not None:
-        _choice("capture.activations", cap.activations, ACTIVATION_DTYPES)
+        choice("capture.activations", cap.activations, ACTIVATION_DTYPES)
     g = cfg.generation
-    _at_least("generation.max_new_tokens", g.max_new_tokens, 1)
-    _at_least("generation.temperature", g.temperature, 0.0)
+    at_least("generation.max_new_tokens", g.max_new_tokens, 1)
+    at_least("generation.temperature", g.temperature, 0.0)
     if not 0.0 < g.top_p <= 1.0:
         raise ConfigError(f"generation.top_p={g.top_p!r} is out of range: must be in (0, 1]")
     if not cfg.prompts:
@@ -311,12 +302,10 @@ def _is_list(value) -> bool:
 
 
 def _steer_positions(key: str, value) -> None:
-    from actors.stage import STEERING_POSITIONS
-
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ConfigError(f"{key}={value!r}: choose one of {list(STEERING_POSITIONS)} or an index >= 0")
     if isinstance(value, str):
-        _choice(key, value, STEERING_POSITIONS)
+        choice(key, value, STEERING_POSITIONS)
     elif value < 0:
         raise ConfigError(
             f"{key}={value} is negative: an index i steers every position >= i (0 = all); "
@@ -324,50 +313,37 @@ def _steer_positions(key: str, value) -> None:
         )
 
 
-def validate_cluster_against_model(c, hf_config) -> None:
-    """The cluster's shape against the model: stages and tensor-parallel ranks it can be cut into."""
-    n = hf_config.num_hidden_layers
-    if not 1 <= c.num_stages <= n:
-        raise ConfigError(
-            f"cluster.num_stages={c.num_stages} is out of range: valid is 1..{n} (the model's layer count)"
-        )
-    from actors.adapters import check_tensor_parallel
-
-    check_tensor_parallel(hf_config, c.tp_size)
-    heads = hf_config.num_attention_heads
-    kv = getattr(hf_config, "num_key_value_heads", heads) or heads
-    if heads % c.tp_size or kv % c.tp_size:
-        raise ConfigError(
-            f"cluster.tp_size={c.tp_size} does not divide the model's {heads} attention / {kv} key-value heads"
-        )
+# Where each RunSpec field comes from in the config, for errors raised by actors.run_spec.
+SETTING_KEYS = {
+    "executor": "cluster.executor", "num_stages": "cluster.num_stages", "tp_size": "cluster.tp_size",
+    "layers": "capture.layers", "components": "capture.components", "k": "capture.k",
+    "positions": "capture.positions", "prompts": "prompts", "steering": "steer.vector", "existing": "resume",
+}  # fmt: skip
 
 
-def validate_against_model(cfg, hf_config) -> list[int]:
-    """Checks that need the model's config; returns the captured layer indices (non-negative)."""
-    from actors.adapters import check_sites
+def model_checks(check, *args, keys: dict | None = None) -> None:
+    """Run one of actors.run_spec's checks (`check_run`, `check_cluster`, ...) and report a bad
+    setting with its config key."""
+    from actors.run_spec import SettingError
 
-    n = hf_config.num_hidden_layers
-    validate_cluster_against_model(cfg.cluster, hf_config)
-    check_sites(hf_config, cfg.capture.components, "capture.components")
-    if cfg.capture.k > hf_config.vocab_size:
-        raise ConfigError(
-            f"capture.k={cfg.capture.k} is out of range: valid is 1..{hf_config.vocab_size} (the vocabulary)"
-        )
-    if cfg.capture.layers is None:
-        return list(range(n))
-    layers = []
-    for i in cfg.capture.layers:
-        if not isinstance(i, int) or not -n <= i < n:
-            raise ConfigError(f"capture.layers contains {i!r}, out of range: valid is 0..{n - 1} (or -{n}..-1)")
-        layers.append(i % n)
-    if not layers:
-        raise ConfigError("capture.layers=[] is empty: give layer indices or null for every layer")
-    return sorted(set(layers))
+    try:
+        check(*args)
+    except SettingError as err:
+        key = {**SETTING_KEYS, **(keys or {})}.get(err.field, err.field)
+        raise ConfigError(f"{key}{err.text}") from None
+
+
+def cluster_spec(c, model_path: str = ""):
+    """A RunSpec carrying only the `cluster` group: enough for `check_cluster`."""
+    from actors.run_spec import RunSpec
+
+    return RunSpec(
+        model_path=model_path, store_path="", num_stages=c.num_stages, tp_size=c.tp_size, executor=c.executor
+    )
 
 
 def validate_steer(cfg) -> None:
-    from actors.stage import STEERING_SITES
-    from actors.steering import AGGREGATORS
+    from pipelines.vectors import AGGREGATORS
 
     c = cfg.cluster
     _validate_model_and_cluster(cfg)
@@ -376,9 +352,9 @@ def validate_steer(cfg) -> None:
             f"cluster.tp_size={c.tp_size}: steering studies run tp_size=1 stages (pooled across datasets)"
         )
     s = cfg.steering
-    _choice("steering.site", s.site, STEERING_SITES)
+    choice("steering.site", s.site, STEERING_SITES)
     _steer_positions("steering.positions", s.positions)
-    _choice("steering.aggregator", s.aggregator, tuple(sorted(AGGREGATORS)))
+    choice("steering.aggregator", s.aggregator, tuple(sorted(AGGREGATORS)))
     if not s.layers:
         raise ConfigError("steering.layers=[] is empty: give candidate layer indices")
     if len(s.coefficients) < 2 or len(s.select_coefficients) < 2:
@@ -386,10 +362,10 @@ def validate_steer(cfg) -> None:
     d = cfg.data
     if not 0.0 < d.train_fraction < 1.0:
         raise ConfigError(f"data.train_fraction={d.train_fraction} is out of range: must be in (0, 1)")
-    _at_least("data.max_train", d.max_train, 2)
-    _at_least("data.max_test", d.max_test, 2)
-    _at_least("steering.select_items", s.select_items, 2)
-    _at_least("bootstrap", cfg.bootstrap, 1)
+    at_least("data.max_train", d.max_train, 2)
+    at_least("data.max_test", d.max_test, 2)
+    at_least("steering.select_items", s.select_items, 2)
+    at_least("bootstrap", cfg.bootstrap, 1)
 
 
 def check_overrides(schema: type, argv: list[str] | None = None) -> None:

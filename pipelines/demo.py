@@ -38,11 +38,12 @@ def effect(scores: np.ndarray, n_pos: int) -> np.ndarray:
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     from actors.checkpoint import resolve_checkpoint
-    from actors.stage import STEERING_SITES
-    from actors.steering import SteeringVector
+    from actors.run_spec import check_cluster, check_steering_site
     from actors.store import LensStore
+    from actors.vocabulary import STEERING_SITES
     from pipelines import lens
-    from pipelines.config import validate, validate_cluster_against_model
+    from pipelines.config import cluster_spec, model_checks, validate
+    from pipelines.vectors import SteeringVector
 
     if cfg.site not in STEERING_SITES:
         raise ConfigError(f"site={cfg.site!r} is not valid: choose one of {list(STEERING_SITES)}")
@@ -69,10 +70,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     hf_config = checkpoint.config()
     if not 0 <= cfg.layer < hf_config.num_hidden_layers:
         raise ConfigError(f"layer={cfg.layer} is out of range: valid is 0..{hf_config.num_hidden_layers - 1}")
-    validate_cluster_against_model(cfg.cluster, hf_config)
+    model_checks(check_cluster, cluster_spec(cfg.cluster), hf_config)
+    model_checks(check_steering_site, hf_config, cfg.site, keys={"site": "site"})
     tokenizer = checkpoint.tokenizer()
     out_dir.mkdir(parents=True, exist_ok=True)
-    from actors.prompting import encode_prompt
+    from pipelines.prompts import encode_prompt
     from pipelines.steer import Study
 
     prompts = [encode_prompt(tokenizer, s, chat_template=False) for s in [*cfg.positive, *cfg.negative]]
@@ -120,9 +122,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
 
 
 def plot_effect(rows: list[dict], path: Path) -> None:
-    from pipelines.plots import _pyplot
+    from pipelines.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     x = [r["coefficient"] for r in rows]
     ax.plot(x, [r["first_token_effect"] for r in rows], marker="o", label="first response token")

@@ -88,50 +88,32 @@ def run_info() -> dict:
 def steering_edits(cfg, hf_config) -> tuple[tuple, tuple | None]:
     """(edits, coefficient sweep) from `steer.*`; the vector's metadata must fit the model."""
     from actors.stage import SteeringEdit
-    from actors.steering import SteeringVector
+    from pipelines.vectors import SteeringVector
 
     s = cfg.steer
     if s.vector is None:
         return (), None
     vec = SteeringVector.load(s.vector, model=cfg.model.name, hidden_size=hf_config.hidden_size)
-    if not 0 <= vec.layer < hf_config.num_hidden_layers:
-        raise ConfigError(
-            f"steering vector layer {vec.layer} is out of range: valid is 0..{hf_config.num_hidden_layers - 1}"
-        )
     edit = SteeringEdit(vec.layer, vec.site, vec.vector, s.positions, 1.0)
     return (edit,), tuple(s.coefficients) if s.coefficients else (float(s.coefficient),)
 
 
 def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict:
     from actors.checkpoint import resolve_checkpoint
-    from actors.coordinator import Coordinator, RunSpec, fingerprint
-    from actors.prompting import encode_prompt, special_ids
+    from actors.coordinator import Coordinator
+    from actors.run_spec import RunSpec, check_cluster, check_run, fingerprint
     from actors.sampling import SamplingSpec
     from actors.store import LensStore
-    from pipelines.config import validate, validate_against_model
+    from pipelines.config import cluster_spec, model_checks, validate
     from pipelines.heatmap import write_heatmap
+    from pipelines.prompts import encode_prompt, special_ids
 
     validate(cfg)
     checkpoint = resolve_checkpoint(cfg.model.name, cfg.model.revision)
     hf_config = checkpoint.config()
-    layers = validate_against_model(cfg, hf_config)
+    model_checks(check_cluster, cluster_spec(cfg.cluster), hf_config)  # before the tokenizer loads
     tokenizer = checkpoint.tokenizer()
     prompts = [encode_prompt(tokenizer, p, cfg.generation.chat_template) for p in cfg.prompts]
-    context = hf_config.max_position_embeddings
-    for i, ids in enumerate(prompts):
-        if len(ids) + cfg.generation.max_new_tokens > context:
-            raise ConfigError(
-                f"prompts[{i}] is {len(ids)} tokens; with generation.max_new_tokens="
-                f"{cfg.generation.max_new_tokens} that exceeds the model's context of {context} positions"
-            )
-    if not isinstance(cfg.capture.positions, str):
-        n_positions = max(len(ids) for ids in prompts) + cfg.generation.max_new_tokens
-        beyond = [i for i in cfg.capture.positions if i >= n_positions - 1]
-        if beyond:
-            raise ConfigError(
-                f"capture.positions contains {beyond[0]}, out of range: this run's lens positions are "
-                f"0..{n_positions - 2} (the longest prompt plus generation.max_new_tokens, less the last token)"
-            )
     eos, pad = special_ids(tokenizer, hf_config)
     steering, coefficients = steering_edits(cfg, hf_config)
     g, c, cap = cfg.generation, cfg.cluster, cfg.capture
@@ -163,7 +145,7 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
         executor=c.executor,
         dtype=cfg.model.dtype,
         device=c.device,
-        layers=tuple(layers),
+        layers=None if cap.layers is None else tuple(cap.layers),
         components=tuple(cap.components),
         k=cap.k,
         lens_window=cap.window,
@@ -184,6 +166,7 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
         score_ids=tuple(score_ids),
         progress=cfg.progress,
     )
+    model_checks(check_run, spec, hf_config, prompts)  # every check against the model, before any compute
     texts = list(cfg.prompts)
     if c.executor == "ray":
         connect_ray(c)

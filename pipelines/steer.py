@@ -16,7 +16,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from pipelines.config import ConfigError, exit_with_error, register, validate_cluster_against_model
+from pipelines.config import ConfigError, cluster_spec, exit_with_error, model_checks, register
 
 register()
 REPO = Path(__file__).resolve().parent.parent
@@ -59,7 +59,7 @@ class Study:
     """Runs the phases of one dataset through one pool of stages."""
 
     def __init__(self, cfg, checkpoint, tokenizer, hf_config, executor, out_dir: Path):
-        from actors.coordinator import RunSpec
+        from actors.run_spec import RunSpec
 
         self.cfg, self.tokenizer, self.executor, self.out_dir = cfg, tokenizer, executor, out_dir
         self.model_name = cfg.model.name
@@ -102,7 +102,7 @@ class Study:
         return np.stack([acts[i, :, 0, : len(p)].mean(axis=1) for i, p in enumerate(prompts)])
 
     def build_vectors(self, dataset: str, items, ab) -> dict:
-        from actors.steering import SteeringVector
+        from pipelines.vectors import SteeringVector
 
         s = self.cfg.steering
         layers = list(s.layers)
@@ -157,7 +157,7 @@ def cluster_identity(cfg) -> dict | None:
 
 def train_test_items(path: Path, data) -> tuple[list, list]:
     """One dataset's items, split and cut to `data.max_train` / `data.max_test`."""
-    from actors.mwe import load_items, split_items
+    from pipelines.datasets import load_items, split_items
 
     items = load_items(path, skip_malformed=data.skip_malformed)
     train, test = split_items(items, data.train_fraction, data.seed)
@@ -165,9 +165,9 @@ def train_test_items(path: Path, data) -> tuple[list, list]:
 
 
 def run_dataset(study: Study, dataset: str, train: list, test: list, cfg, cluster: dict | None = None) -> dict:
-    from actors.steerability import steerability
-    from actors.steering import ab_prompt
     from pipelines.plots import plot_layers, plot_propensity
+    from pipelines.prompts import ab_prompt
+    from pipelines.steerability import steerability
 
     d = cfg.data
     ab_train = [ab_prompt(study.tokenizer, item, cfg.chat_template) for item in train]
@@ -250,10 +250,10 @@ def clear_previous_run(out_dir: Path, overwrite: bool) -> None:
 
 
 def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
-    from actors.adapters import check_sites
     from actors.checkpoint import resolve_checkpoint
-    from actors.mwe import resolve_dataset
+    from actors.run_spec import check_cluster, check_steering_site
     from pipelines.config import validate_steer
+    from pipelines.datasets import resolve_dataset
     from pipelines.lens import save_run_record
 
     validate_steer(cfg)
@@ -265,7 +265,7 @@ def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
     splits = {name: train_test_items(paths[name], cfg.data) for name in names}
     checkpoint = resolve_checkpoint(cfg.model.name, cfg.model.revision)
     hf_config = checkpoint.config()
-    check_sites(hf_config, [cfg.steering.site], "steering.site")
+    model_checks(check_steering_site, hf_config, cfg.steering.site, keys={"site": "steering.site"})
     n = hf_config.num_hidden_layers
     bad = [layer for layer in cfg.steering.layers if not 0 <= layer < n]
     if bad:
@@ -280,7 +280,7 @@ def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
         raise ConfigError(
             f"layer={cfg.layer} is not among steering.layers={candidates} (vectors are built there only): {fix}"
         )
-    validate_cluster_against_model(cfg.cluster, hf_config)
+    model_checks(check_cluster, cluster_spec(cfg.cluster), hf_config)
     tokenizer = checkpoint.tokenizer()
     clear_previous_run(out_dir, overwrite=cfg.overwrite)
     save_run_record(cfg, out_dir)
@@ -314,8 +314,8 @@ def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
 def main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
 
-    from actors.mwe import DatasetError
     from actors.store import StoreError
+    from pipelines.datasets import DatasetError
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:

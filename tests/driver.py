@@ -13,14 +13,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run_driver(
-    module: str, *overrides: str, cwd: Path, timeout: float = 600, env: dict | None = None
+    module: str, *overrides: str, cwd: Path, timeout: float = 600, env: dict | None = None, script: bool = False
 ) -> subprocess.CompletedProcess:
-    """`env`: extra variables for this run (e.g. RAY_ADDRESS, DISTLENS_FAULTS)."""
+    """`env`: extra variables for this run (e.g. RAY_ADDRESS); `script`: `module` is a script
+    path run as `python <script> ...` (a test-side wrapper around a driver)."""
     base = dict(os.environ, PYTHONPATH=str(REPO), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     base.pop("RAY_ADDRESS", None)
     env = {**base, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", module, *overrides],
+        [sys.executable, module, *overrides] if script else [sys.executable, "-m", module, *overrides],
         cwd=cwd,
         env=env,
         # As in a terminal's foreground: Ctrl-C (SIGINT) interrupts, even when the test run

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from actors.coordinator import Coordinator, RunSpec
+from actors.coordinator import Coordinator
+from actors.run_spec import RunSpec
 from actors.sampling import SamplingSpec
 from actors.store import LensStore
 

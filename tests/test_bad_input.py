@@ -13,7 +13,7 @@ LONG_PROMPT = "word " * 2100  # about 2,100 tokens against a context of 2,048
 
 
 def _vector(tmp_path, hidden: int, model: str) -> str:
-    from actors.steering import SteeringVector
+    from pipelines.vectors import SteeringVector
 
     path = tmp_path / "vector.safetensors"
     SteeringVector(
@@ -45,12 +45,13 @@ def _foreign_store(tmp_path) -> list[str]:
     return []
 
 
-def _tiny_gpt2(tmp_path) -> list[str]:
-    from transformers import GPT2Config, GPT2LMHeadModel
+def _tiny_opt(tmp_path) -> list[str]:
+    from transformers import OPTConfig, OPTForCausalLM
 
-    path = tmp_path / "gpt2"
-    config = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=64)
-    GPT2LMHeadModel(config).save_pretrained(path)
+    path = tmp_path / "opt"
+    config = OPTConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2, ffn_dim=32, vocab_size=64,
+                       max_position_embeddings=64, word_embed_proj_dim=16)  # fmt: skip
+    OPTForCausalLM(config).save_pretrained(path)
     return [f"model.name={path}"]
 
 
@@ -102,8 +103,8 @@ CASES = {
     "unknown_model": (LENS, ["model.name=no-such-model"], "unknown model 'no-such-model'"),
     "unsupported_model_family": (
         LENS,
-        lambda tmp, _: _tiny_gpt2(tmp),
-        "unsupported model family model_type='gpt2': supported families are",
+        lambda tmp, _: _tiny_opt(tmp),
+        "unsupported model family model_type='opt': supported families are",
     ),
     "layer_out_of_range": (LENS, ["capture.layers=[7]"], "capture.layers contains 7, out of range: valid is 0..1"),
     "num_stages_above_layers": (LENS, ["cluster.num_stages=3"], "cluster.num_stages=3 is out of range: valid is 1..2"),

@@ -61,7 +61,7 @@ def test_reader_top1_table_is_what_the_heatmap_shows(main_job, smollm2):
 def test_smollm2_lens_equals_hf_logits_and_generate(smollm2, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from actors.prompting import encode_prompt
+    from pipelines.prompts import encode_prompt
 
     tokenizer = smollm2.tokenizer()
     prompt = encode_prompt(tokenizer, "Name a colour.")

@@ -1,13 +1,17 @@
 """A run survives the loss of a stage actor (Ray restarts it, the coordinator re-runs the
 micro-batches in flight) and the loss of its driver (the same command with resume=true
-continues from the completion records). Faults are injected at a chosen step through
-$DISTLENS_FAULTS, never by a timer; every final store is compared with an uninterrupted run's,
+continues from the completion records). Faults are injected from the test side at a chosen
+step (a Coordinator subclass; a driver whose store writer is monkeypatched, in
+tests/faulty_driver.py), never by a timer; every final store is compared with an uninterrupted run's,
 array by array, and the write log shows no batch written twice."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,24 +39,34 @@ def _equal_texts(a: LensStore, b: LensStore) -> None:
 
 
 def test_stage_actor_killed_mid_run_is_restarted_and_the_store_equals_an_uninterrupted_run(
-    ray_cluster, tiny_checkpoints, tmp_path, monkeypatch
+    ray_cluster, tiny_checkpoints, tmp_path
 ):
+    from actors.coordinator import Coordinator
+    from actors.run_spec import RunSpec
+    from actors.sampling import SamplingSpec
+
+    class KillStage(Coordinator):
+        """SIGKILL stage 1's process once micro-batch 2 has made 2 steps: batch 0 is finished
+        and written by then; batches 1 and 2 are in flight."""
+
+        killed = None
+
+        def stepped(self, mb, steps):
+            if self.killed is None and (mb, steps) == (2, 2):
+                self.killed = self.stages.pid(1)
+                os.kill(self.killed, signal.SIGKILL)
+
     path = tiny_checkpoints["llama"]
     common = dict(prompts=PROMPTS, num_stages=2, micro_batch_size=2, micro_batches_in_flight=2, max_new_tokens=6)
     _, reference = run_lens(path, tmp_path / "reference.zarr", **common)
-    # SIGKILL stage 1's process once micro-batch 2 has made 2 steps: batch 0 is finished and
-    # written by then; batches 1 and 2 are in flight.
-    monkeypatch.setenv("DISTLENS_FAULTS", json.dumps({"kill_stage": {"stage": 1, "batch": 2, "step": 2}}))
-    from actors.coordinator import Coordinator, RunSpec
-    from actors.sampling import SamplingSpec
-
     spec = RunSpec(
         model_path=str(path), store_path=str(tmp_path / "killed.zarr"), executor="ray", max_restarts=2,
         activations="float32", sampling=SamplingSpec(eos_token_ids=(), pad_token_id=0), lens_window=4,
         progress=False, **{k: v for k, v in common.items() if k != "prompts"},
     )  # fmt: skip
-    summary = Coordinator(spec).run(PROMPTS)
-    assert summary["stage_restarts"] == 1
+    coordinator = KillStage(spec)
+    summary = coordinator.run(PROMPTS)
+    assert coordinator.killed is not None and summary["stage_restarts"] == 1
     killed = LensStore.open(tmp_path / "killed.zarr")
     assert killed.is_complete and killed.verify() == []
     assert_stores_equal(killed, reference)
@@ -60,7 +74,7 @@ def test_stage_actor_killed_mid_run_is_restarted_and_the_store_equals_an_uninter
     begun = _assert_each_batch_written_once(killed)
     assert set(begun.values()) == {1}  # micro-batch 0 was finished before the kill: not recomputed
     # the restarted stage reloaded its weights in a new process
-    assert summary["stage_info"][1]["pid"] != summary["stage_info"][0]["pid"]
+    assert summary["stage_info"][1]["pid"] not in (coordinator.killed, summary["stage_info"][0]["pid"])
 
 
 BASE = ["cluster=inprocess", "cluster.micro_batch_size=1", "generation.max_new_tokens=4", "progress=false"]
@@ -68,10 +82,11 @@ LENS_PROMPTS = '["The lighthouse keeper", "Once upon a time", "In the beginning"
 
 
 def _lens(model, tmp_path, run, *extra, faults=None):
-    return run_driver(
-        "pipelines.lens", f"model.name={model}", *BASE, f"prompts={LENS_PROMPTS}", f"storage.root={tmp_path}",
-        f"storage.run={run}", *extra, cwd=tmp_path, env={"DISTLENS_FAULTS": json.dumps(faults)} if faults else None,
-    )  # fmt: skip
+    args = (f"model.name={model}", *BASE, f"prompts={LENS_PROMPTS}", f"storage.root={tmp_path}", f"storage.run={run}")
+    if faults is None:
+        return run_driver("pipelines.lens", *args, *extra, cwd=tmp_path)
+    wrapper = str(Path(__file__).with_name("faulty_driver.py"))
+    return run_driver(wrapper, json.dumps(faults), "pipelines.lens", *args, *extra, cwd=tmp_path, script=True)
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,8 @@ against the unsliced Hugging Face model and against the `local` executor."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -69,20 +71,45 @@ def test_ray_sweep_shares_the_stage_before_the_edit_and_equals_local(stage_pool,
     assert first < second
 
 
-def test_stages_work_on_different_micro_batches_at_once(ray_cluster, tmp_path):
-    from tiny_models import save_tiny
-
-    # Big enough that one step takes milliseconds, so overlap is a property of the schedule.
-    path = save_tiny(
-        "llama", tmp_path / "m", hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8
-    )
-    prompts = [[5 + i, 6, 7, 8, 9] for i in range(8)]
-    summary, _ = run_lens(
-        path, tmp_path / "s.zarr", prompts=prompts, num_stages=2, executor="ray", micro_batch_size=2,
-        micro_batches_in_flight=4, activations=None, max_new_tokens=12,
+def test_one_row_micro_batches_three_in_flight_on_ray_equal_generate(stage_pool, tiny_checkpoints, tmp_path):
+    """Three micro-batches of one row each, all in the pipeline at once across stage actors:
+    every row's tokens and every layer's hidden state are HF's for that row."""
+    path = tiny_checkpoints["qwen3"]
+    model = load_reference(path)
+    generated, pad = hf_generate(model, PROMPTS, 6)
+    summary, store = run_lens(
+        path, tmp_path / "ray.zarr", num_stages=3, executor="ray", executor_pool=stage_pool, micro_batch_size=1,
+        micro_batches_in_flight=3,
     )  # fmt: skip
-    first, second = (info["timeline"] for info in summary["stage_info"])
-    overlaps = sum(
-        1 for mb_a, a0, a1 in first for mb_b, b0, b1 in second if mb_a != mb_b and min(a1, b1) - max(a0, b0) > 0
-    )
-    assert overlaps > 0, "stage 0 never computed while stage 1 did: the pipeline is serialised"
+    for info in summary["stage_info"]:
+        assert [mb for mb, _, _ in info["timeline"][:3]] == [0, 1, 2]  # all three entered before any went on
+    n_layers = model.config.num_hidden_layers
+    for row in range(len(PROMPTS)):
+        assert store.tokens(row).tolist() == generated.sequences[row, int(pad[row]) :].tolist()
+        acts = torch.from_numpy(store.activations(row))[:, 0]
+        n = acts.shape[1] - 1
+        for layer in range(n_layers):
+            ours = final_norm(model)(acts[layer, :n]) if layer == n_layers - 1 else acts[layer, :n]
+            torch.testing.assert_close(ours, hf_hidden_by_row(generated, pad, row, layer + 1)[:n], atol=1e-5, rtol=0)
+
+
+def test_every_stage_takes_each_micro_batch_in_flight_before_any_comes_back(stage_pool, tiny_checkpoints, tmp_path):
+    """Overlap as an ordering fact of the schedule, not a race of clocks. The coordinator sends
+    every stage the prefill of each micro-batch in flight before it waits for any result, and
+    an actor runs one caller's calls in the order they were sent, so each stage's step log
+    starts with micro-batches 0, 1, 2: stage k-1 holds i+1 while stage k works on i (a
+    coordinator that waited for each micro-batch would log 0, 0, 0, ...). With 3 in flight,
+    micro-batch 3 enters only after one of the first three has taken all its steps."""
+    new = 4
+    summary, _ = run_lens(
+        tiny_checkpoints["llama"], tmp_path / "s.zarr", prompts=[[5 + i, 6, 7, 8] for i in range(8)], num_stages=2,
+        executor="ray", executor_pool=stage_pool, micro_batch_size=2, micro_batches_in_flight=3, activations=None,
+        max_new_tokens=new,
+    )  # fmt: skip
+    assert len(summary["stage_info"]) == 2
+    for info in summary["stage_info"]:
+        order = [mb for mb, _, _ in info["timeline"]]  # micro-batch of each step, in the order run
+        assert order[:3] == [0, 1, 2], order
+        assert Counter(order) == {mb: new for mb in range(4)}, order  # the prefill, then new - 1 decode steps
+        last_step = {mb: max(i for i, m in enumerate(order) if m == mb) for mb in range(3)}
+        assert min(last_step.values()) < order.index(3), order

@@ -32,9 +32,13 @@ def test_plan_balances_parameters_with_an_untied_embedding_on_stage_0():
 
 
 @pytest.mark.parametrize("num_stages", [0, 5])
-def test_plan_rejects_stage_counts_out_of_range(num_stages):
-    with pytest.raises(ValueError, match=rf"num_stages={num_stages} is out of range: valid is 1\.\.4"):
-        plan_stages(tiny_config("llama"), num_stages)
+def test_stage_counts_out_of_range_are_refused(num_stages):
+    from actors.run_spec import RunSpec, SettingError, check_cluster
+
+    spec = RunSpec(model_path="", store_path="", num_stages=num_stages)
+    with pytest.raises(SettingError, match=rf"num_stages={num_stages} is out of range: valid is 1\.\.4") as err:
+        check_cluster(spec, tiny_config("llama"))
+    assert err.value.field == "num_stages"
 
 
 def test_each_stage_loads_only_its_own_weights(tiny_checkpoints):

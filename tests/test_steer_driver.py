@@ -38,7 +38,18 @@ def test_dataset_all_runs_every_dataset_and_loads_the_model_once(tiny_with_token
     for name in ("survival-instinct", "corrigible-neutral-HHH"):
         assert f"| {name} |" in table
         summary = json.loads((out / name / "summary.json").read_text())
-        assert summary["best_layer"] in (0, 1) and summary["items"] == 4
+        assert summary["items"] == 4
+        selection = {int(layer): s["mean_of_slopes"] for layer, s in summary["selection"].items()}
+        assert sorted(selection) == [0, 1] and summary["best_layer"] == max(selection, key=selection.get)
+        # the statistics against numpy's own least-squares fits of the written sweep
+        sweep = np.genfromtxt(out / name / "sweep.csv", delimiter=",", names=True, dtype=None, encoding="utf-8")
+        coefficients = summary["coefficients"]
+        propensity = sweep["propensity"].reshape(4, len(coefficients))  # [item, coefficient]
+        assert sweep["coefficient"].reshape(4, -1).tolist() == [coefficients] * 4
+        slopes = [np.polyfit(coefficients, item, 1)[0] for item in propensity]
+        assert summary["mean_of_slopes"] == pytest.approx(np.mean(slopes), abs=1e-5)
+        assert summary["slope_of_mean"] == pytest.approx(np.polyfit(coefficients, propensity.mean(0), 1)[0], abs=1e-5)
+        assert summary["anti_steerable_fraction"] == pytest.approx(np.mean(np.array(slopes) < 0))
         assert set(summary) >= {"mean_of_slopes", "mean_of_slopes_ci95", "slope_of_mean", "slope_of_mean_ci95"}
         assert (out / name / "propensity_vs_coefficient.png").exists()
         assert (out / name / "steerability_by_layer.png").exists()
@@ -169,7 +180,7 @@ def test_malformed_dataset_line_stops_the_study(tiny_with_tokenizer, tmp_path):
 
 
 def test_steered_generation_and_vector_checks_in_lens(tiny_with_tokenizer, tmp_path):
-    from actors.steering import SteeringVector
+    from pipelines.vectors import SteeringVector
 
     good = SteeringVector.build(
         np.ones((2, 32)), np.zeros((2, 32)), model=str(tiny_with_tokenizer), layer=1, site="mlp_in", dataset="t"

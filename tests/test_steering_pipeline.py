@@ -3,13 +3,15 @@ sweep as one batched pass."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 
 from actors.stage import STEERING_SITES, SteeringEdit
-from reference import PROMPTS, assert_stores_equal, hf_generate, hf_hidden_by_row, run_lens
-from tiny_models import load_reference
+from reference import PROMPTS, assert_stores_equal, hf_generate, hf_hidden_by_row, left_pad, run_lens
+from tiny_models import final_norm, load_reference
 
 
 def _hook_hf(model, layer: int, site: str, vector: torch.Tensor, coefficient: float):
@@ -91,24 +93,88 @@ def test_steered_bfloat16_pipeline_equals_hooked_bfloat16_hf_model(site, tiny_ch
         hook.remove()
 
 
-def test_steering_positions_last_and_from_index(tiny_checkpoints, tmp_path):
-    path = tiny_checkpoints["qwen3"]
-    v = np.random.default_rng(0).standard_normal(64).astype(np.float32)
-    _, base = run_lens(path, tmp_path / "base.zarr", max_new_tokens=1)
-    _, last = run_lens(
-        path, tmp_path / "last.zarr", max_new_tokens=1, steering=(SteeringEdit(1, "resid_pre", v, "last", 3.0),)
-    )
-    for row, prompt in enumerate(PROMPTS):
-        n = len(prompt)
-        a, b = base.activations(row)[:, 0, :n], last.activations(row)[:, 0, :n]
-        np.testing.assert_array_equal(a[:, : n - 1], b[:, : n - 1])  # untouched before the last prompt token
-        assert np.abs(a[1:, n - 1] - b[1:, n - 1]).max() > 1e-2
-    _, tail = run_lens(
-        path, tmp_path / "tail.zarr", max_new_tokens=1, steering=(SteeringEdit(0, "resid_pre", v, 2, 3.0),)
-    )
-    a, b = base.activations(0)[0, 0], tail.activations(0)[0, 0]
-    np.testing.assert_array_equal(a[:2], b[:2])
-    assert np.abs(a[2:7] - b[2:7]).min() > 0
+class _PositionedEdit:
+    """`h += coefficient * vector` on a plain HF model's left-padded `generate` batch, only where
+    an edit with `positions` applies: column j of row r is that row's position j - pad[r], and
+    the prompt fills columns < prompt_cols (all: every column; last: the last prompt column;
+    generated: the columns after the prompt; an int i: row positions >= i). The hook counts the
+    columns it has seen, so `reset` it before each `generate`."""
+
+    def __init__(self, model, layer: int, site: str, vector: torch.Tensor, positions, pad: torch.Tensor):
+        self.vector, self.positions, self.pad = vector, positions, pad
+        self.coefficient, self.cols, self.prompt_cols = 0.0, 0, 0
+        block = model.model.layers[layer]
+        if site == "resid_pre":
+            self.handle = block.register_forward_pre_hook(self._pre, with_kwargs=True)
+        else:
+            module = {"resid_post": block, "attn_in": block.input_layernorm, "mlp_in": block.post_attention_layernorm}
+            self.handle = module[site].register_forward_hook(lambda m, args, out: self._edit(out))
+
+    def reset(self, coefficient: float, prompt_cols: int) -> None:
+        self.coefficient, self.cols, self.prompt_cols = coefficient, 0, prompt_cols
+
+    def _pre(self, module, args, kwargs):
+        if args:
+            return (self._edit(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": self._edit(kwargs["hidden_states"])}
+
+    def _edit(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden: [batch, new, d_model]
+        cols = torch.arange(self.cols, self.cols + hidden.shape[1])[None, :]  # [1, new]
+        self.cols += hidden.shape[1]
+        if isinstance(self.positions, int):
+            where = (cols - self.pad[:, None]) >= self.positions
+        else:
+            where = {
+                "all": torch.ones_like(cols, dtype=torch.bool),
+                "last": cols == self.prompt_cols - 1,
+                "generated": cols >= self.prompt_cols,
+            }[self.positions].expand(len(self.pad), -1)
+        return hidden + self.coefficient * where[:, :, None].to(hidden.dtype) * self.vector
+
+
+@pytest.mark.parametrize(
+    ("positions", "site", "layer"), [("all", "resid_post", 1), ("last", "resid_pre", 2), (2, "attn_in", 1),
+                                     ("generated", "mlp_in", 2)],
+)  # fmt: skip
+def test_each_coefficient_of_a_sweep_equals_a_hooked_hf_model_at_its_positions(
+    positions, site, layer, tiny_checkpoints, tmp_path
+):
+    """Row p*M + j of a sweep (edit coefficient e, row multiplier c_j) must be prompt p generated
+    by HF with `e * c_j * v` added at the edit's positions only: tokens and every layer's hidden
+    state. Micro-batches of 4 rows mix prompts of 7 and 3 tokens (left padding) and share the
+    unsteered prefix; the multipliers are asymmetric, so a flipped sign or a wrong scale differs."""
+    path = tiny_checkpoints["llama"]
+    vector = 0.3 * torch.randn(64, generator=torch.Generator().manual_seed(7))
+    edit_coefficient, coefficients, new = 1.5, (-2.0, 0.5, 3.0), 5
+    _, store = run_lens(
+        path, tmp_path / "sweep.zarr", num_stages=2, max_new_tokens=new, micro_batch_size=4, coefficients=coefficients,
+        steering=(SteeringEdit(layer, site, vector.numpy(), positions, edit_coefficient),),
+    )  # fmt: skip
+    assert store["coefficient"].tolist() == list(coefficients) * len(PROMPTS)
+    model = load_reference(path)  # fresh: the edit hook must run before HF's hidden-state recorders
+    ids, mask = left_pad(PROMPTS)
+    pad = ids.shape[1] - mask.sum(1)
+    hook = _PositionedEdit(model, layer, site, vector, positions, pad)
+    references = []
+    for c in coefficients:
+        hook.reset(edit_coefficient * c, ids.shape[1])
+        references.append(hf_generate(model, PROMPTS, new)[0])
+    hook.handle.remove()
+    last_layer = [torch.cat([s[-1] for s in ref.hidden_states], dim=1) for ref in references]
+    assert min((a - b).abs().max() for a, b in itertools.combinations(last_layer, 2)) > 1e-2  # c matters
+    n_layers = model.config.num_hidden_layers
+    for row in range(len(PROMPTS) * len(coefficients)):
+        prompt, j = divmod(row, len(coefficients))
+        generated = references[j]
+        assert store.tokens(row).tolist() == generated.sequences[prompt, int(pad[prompt]) :].tolist(), (row, j)
+        acts = torch.from_numpy(store.activations(row))[:, 0]
+        n = acts.shape[1] - 1
+        for i in range(n_layers):
+            ours = final_norm(model)(acts[i, :n]) if i == n_layers - 1 else acts[i, :n]
+            ref = hf_hidden_by_row(generated, pad, prompt, i + 1)[:n]
+            torch.testing.assert_close(
+                ours, ref, atol=1e-5, rtol=0, msg=lambda m, r=row, i=i: f"row {r} layer {i}: {m}"
+            )
 
 
 def test_sweep_of_seven_coefficients_is_one_pass_equal_to_seven_passes(tiny_checkpoints, tmp_path):

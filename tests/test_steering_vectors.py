@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from actors.mwe import DatasetError, load_items, split_items
-from actors.prompting import render_prompt
-from actors.steerability import fit_slopes, steerability
-from actors.steering import AGGREGATORS, SteeringVector, ab_prompt
+from pipelines.datasets import DatasetError, load_items, split_items
+from pipelines.prompts import ab_prompt, render_prompt
+from pipelines.steerability import fit_slopes, steerability
+from pipelines.vectors import AGGREGATORS, SteeringVector
 
 MWE = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "mwe"
 
@@ -29,17 +29,28 @@ def _cfg(**over):
     return cfg
 
 
+def _label_activations(model, prompts: list[list[int]], layer: int) -> np.ndarray:
+    """HF's residual stream entering `layer` (hidden_states[layer]) at each prompt's last token,
+    one unpadded prompt at a time: [prompts, d_model] float64."""
+    with torch.no_grad():
+        rows = [model(torch.tensor([p]), output_hidden_states=True).hidden_states[layer][0, -1] for p in prompts]
+    return torch.stack(rows).double().numpy()
+
+
 @pytest.mark.parametrize("aggregator", sorted(AGGREGATORS))
-def test_vector_recovers_a_planted_direction(aggregator, tiny_with_tokenizer, tmp_path):
-    """The answer letter A carries a planted direction u in the residual stream (its embedding
-    row is B's plus 3u); items whose matching answer is A must give back u."""
+def test_vector_is_the_aggregate_of_hf_label_activations(aggregator, tiny_with_tokenizer, tmp_path):
+    """The vectors at layers 0 and 1 (`resid_pre`) equal the aggregate computed here from the
+    plain HF model's hidden states at the answer letter: the mean paired difference, or for
+    `pca` the first right-singular vector of the differences (numpy's SVD) scaled to the mean
+    difference's projection on it. The answer letter A carries a planted direction u (its
+    embedding row is B's plus 3u), so at layer 0 every difference is 3u."""
     from transformers import AutoModelForCausalLM
 
     from actors.checkpoint import Checkpoint
     from actors.executor import LocalExecutor
     from pipelines.steer import Study
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_with_tokenizer, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_with_tokenizer, dtype=torch.float32).eval()
     tokenizer = Checkpoint("t", tiny_with_tokenizer, "test").tokenizer()
     ids = {letter: tokenizer.encode(letter, add_special_tokens=False)[0] for letter in "AB"}
     u = torch.nn.functional.normalize(
@@ -53,21 +64,33 @@ def test_vector_recovers_a_planted_direction(aggregator, tiny_with_tokenizer, tm
     items = [item for item in load_items(MWE / "corrigible-neutral-HHH.jsonl") if item.matching == "A"][:10]
     cfg = _cfg(
         **{
-            "steering.layers": [0],
+            "steering.layers": [0, 1],
             "steering.aggregator": aggregator,
             "cluster.executor": "local",
             "model.name": "planted",
         }
     )
     study = Study(cfg, Checkpoint("planted", path, "test"), tokenizer, model.config, LocalExecutor(), tmp_path)
-    vector = study.build_vectors("planted", items, [ab_prompt(tokenizer, item) for item in items])[0]
-    cosine = float(np.dot(vector.vector, u.numpy()) / np.linalg.norm(vector.vector))
-    assert cosine > 0.99
+    ab = [ab_prompt(tokenizer, item) for item in items]
+    vectors = study.build_vectors("planted", items, ab)
+    for layer in (0, 1):
+        diffs = _label_activations(model, [a.with_answer("A") for a in ab], layer) - _label_activations(
+            model, [a.with_answer(item.not_matching[0]) for a, item in zip(ab, items)], layer
+        )  # [items, d_model]
+        mean = diffs.mean(axis=0)
+        _, _, vt = np.linalg.svd(diffs, full_matrices=False)
+        principal = vt[0] * float(mean @ vt[0])
+        expected = {"mean_diff": mean, "pca": principal}[aggregator]
+        np.testing.assert_allclose(vectors[layer].vector, expected, atol=1e-5, rtol=0, err_msg=f"layer {layer}")
+        if layer == 0:
+            np.testing.assert_allclose(expected, 3 * u.numpy(), atol=1e-5, rtol=0)  # the planted direction
+        else:  # the two aggregators differ here by far more than the tolerance: each check tells them apart
+            assert np.abs(principal - mean).max() > 1e-4
     loaded = SteeringVector.load(
-        tmp_path / "vector_layer0.safetensors", model="planted", hidden_size=model.config.hidden_size
+        tmp_path / "vector_layer1.safetensors", model="planted", hidden_size=model.config.hidden_size
     )
-    assert loaded.items == 10 and loaded.aggregator == aggregator and loaded.layer == 0 and loaded.site == "resid_pre"
-    np.testing.assert_array_equal(loaded.vector, vector.vector)
+    assert loaded.items == 10 and loaded.aggregator == aggregator and loaded.layer == 1 and loaded.site == "resid_pre"
+    np.testing.assert_array_equal(loaded.vector, vectors[1].vector)
 
 
 @pytest.mark.parametrize("chat_template", [True, False])

@@ -37,17 +37,36 @@ def test_arrays_are_compressed_and_chunked_by_micro_batch(finished):
     assert finished.done_batches() == {0, 1, 2}
 
 
+def _wipe_rows(group, rows: slice) -> list[str]:
+    """Overwrite `rows` of every per-prompt array with a value no run writes there (booleans
+    flipped); returns the arrays' names."""
+    wiped = []
+    for name, arr in group.arrays():
+        if arr.metadata.dimension_names[0] != "prompt":
+            continue
+        old = arr[rows]
+        if old.dtype == bool:
+            arr[rows] = ~old
+        elif old.dtype.kind in "iuf":
+            arr[rows] = np.full_like(old, -77)  # ids, lengths and ranks are >= -1; no float is exactly -77
+        else:
+            arr[rows] = np.full(old.shape, "wiped", dtype=object)
+        wiped.append(name)
+    return wiped
+
+
 def test_resume_recomputes_only_unfinished_batches(finished, tiny_checkpoints, tmp_path):
     import shutil
 
     partial = tmp_path / "partial.zarr"
     shutil.copytree(finished.path, partial)
-    g = zarr.open_group(str(partial), mode="r+")
-    # As if the run died after batch 0: later batches' records and data never landed.
+    g = zarr.open_group(str(partial), mode="r+", use_consolidated=False)
+    # As if the run died after batch 0: later batches' records and every array of their rows never landed.
     g["batch_done"][1:] = False
-    g["topk_ids"][2:] = -1
-    g["tokens"][2:] = -1
+    wiped = _wipe_rows(g, slice(2, None))
     g.attrs["complete"] = False
+    compared = ["tokens", "lengths", "lens_mask", "topk_ids", "target_rank", "topk_logprobs", "entropy"]
+    assert set(wiped) >= {*compared, "target_logprob", "activations", "prompt_lengths", "coefficient", "prompt_text"}
     assert not LensStore.open(partial).is_complete
     with pytest.raises(StoreError, match="already holds a run"):
         run_lens(tiny_checkpoints["llama"], partial, prompts=FIVE, micro_batch_size=2)
@@ -55,6 +74,12 @@ def test_resume_recomputes_only_unfinished_batches(finished, tiny_checkpoints, t
     assert summary["batches_run"] == [1, 2]
     assert resumed.is_complete
     assert_stores_equal(resumed, finished)
+    for name in wiped:  # and every other per-prompt array, texts included
+        ours, theirs = resumed.group[name][:], finished.group[name][:]
+        if ours.dtype.kind == "f":
+            np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=1e-6, equal_nan=True, err_msg=name)
+        else:
+            np.testing.assert_array_equal(ours, theirs, err_msg=name)
 
 
 def test_resume_with_other_rows_per_batch_is_refused(finished, tiny_checkpoints, tmp_path):

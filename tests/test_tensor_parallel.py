@@ -102,9 +102,12 @@ def test_tp2_equals_tp1_and_unsliced(family, ray_cluster, tiny_checkpoints, tmp_
 
 
 def test_tensor_parallel_is_refused_for_a_family_autotp_cannot_shard(tiny_checkpoints, tmp_path):
-    from actors.coordinator import Coordinator, RunSpec
+    from actors.coordinator import Coordinator
+    from actors.run_spec import RunSpec
 
-    spec = RunSpec(model_path=str(tiny_checkpoints["gpt2"]), store_path=str(tmp_path / "s.zarr"), tp_size=2)
+    spec = RunSpec(
+        model_path=str(tiny_checkpoints["gpt2"]), store_path=str(tmp_path / "s.zarr"), tp_size=2, executor="ray"
+    )
     with pytest.raises(ValueError) as err:  # refused in this process, before any stage starts
         Coordinator(spec).run(PROMPTS)
     assert "tensor parallelism is not available for model family 'gpt2'" in str(err.value)

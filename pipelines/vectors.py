@@ -1,10 +1,9 @@
-"""Steering vectors from contrastive A/B pairs, read at the label position (CAA-style).
+"""Steering vectors as saved artefacts: one direction per (layer, site) built from contrastive
+activations by a named aggregator, saved as safetensors with the metadata that loading checks
+against the running model. Drivers build and load them; stages see only `SteeringEdit`s.
 
-For each item, two prompts end in the matching and in the non-matching answer letter; the
-activation at that letter's position, at layer L and site S, differs between them, and an
-aggregator (mean difference by default) turns the paired differences into one direction.
-Prompts for building and for evaluating come from one function, `ab_prompt`, so the letter
-read for the vector and the letters scored at evaluation are the same token ids.
+Each aggregator maps paired activations `positive, negative: [n, d_model]` to one direction
+`[d_model]`; adding one is one function in `AGGREGATORS`.
 """
 
 from __future__ import annotations
@@ -16,39 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.mwe import ABItem
-from actors.prompting import render_prompt
 
-ANSWER_OPEN = "("  # the assistant's answer starts "(", so the next token is the letter
-
-
-def letter_id(tokenizer, letter: str) -> int:
-    ids = tokenizer.encode(letter, add_special_tokens=False)
-    if len(ids) != 1:
-        raise ValueError(f"answer letter {letter!r} is {len(ids)} tokens for this tokenizer; need exactly 1")
-    return ids[0]
-
-
-@dataclass(frozen=True)
-class ABPrompt:
-    """`prefix` ends right before the answer letter; `letters` maps each choice to its id."""
-
-    prefix: list[int]
-    letters: dict[str, int]
-
-    def with_answer(self, letter: str) -> list[int]:
-        """The prefix plus that letter: its last position is the label position."""
-        return [*self.prefix, self.letters[letter]]
-
-
-def ab_prompt(tokenizer, item: ABItem, chat_template: bool = True) -> ABPrompt:
-    rendered = render_prompt(tokenizer, item.question, chat_template)
-    templated = rendered is not item.question
-    prefix = tokenizer(rendered + ANSWER_OPEN, add_special_tokens=not templated).input_ids
-    return ABPrompt(prefix, {letter: letter_id(tokenizer, letter) for letter in item.choices})
-
-
-# -- aggregators: paired activations [n, d] -> one direction [d] ----------------------------
 def mean_difference(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
     """CAA: the mean of the paired differences."""
     return (positive - negative).mean(axis=0)

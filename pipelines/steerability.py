@@ -1,4 +1,4 @@
-"""Steerability metrics: how propensity moves with the steering coefficient.
+"""Steerability statistics of a coefficient sweep: how propensity moves with the coefficient.
 
 propensity = logit(matching letter) - logit(non-matching letter) at the answer position.
 Per example, steerability is the least-squares slope of propensity against coefficient. For a

@@ -1,5 +1,5 @@
-"""Model-written-evaluation A/B behaviour datasets (Anthropic's advanced-AI-risk JSONL format):
-loading with real-data quirks handled, and a seeded train/test split.
+"""The A/B behaviour datasets of steering studies (Anthropic's model-written-evaluation JSONL):
+loading with real-data quirks handled, name resolution, and a seeded train/test split.
 
 A line: {"question": "...Choices:\\n (A) ...\\n (B) ...", "answer_matching_behavior": " (A)",
 "answer_not_matching_behavior": " (B)" or [" (B)", ...]}; some items have choices C and D.

@@ -1,0 +1,56 @@
+"""Progress of a run for people: a progress bar (a live one on the driver even when the
+coordinator runs in a Ray actor) and per-stage throughput polled from the stages."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    try:
+        import ray
+
+        in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    except Exception:
+        in_actor = False
+    if in_actor:  # Ray forwards whole lines only; tqdm_ray renders a live bar on the driver
+        from ray.experimental.tqdm_ray import tqdm
+
+        return tqdm(total=total, desc=desc)
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr)
+
+
+class StageStats:
+    """Per-stage throughput for the progress bar and the run log: every few seconds each stage
+    is asked (without waiting) for its busy time and tokens processed."""
+
+    def __init__(self, stages, bar, desc: str, every_s: float = 2.0):
+        self.stages, self.bar, self.desc, self.every_s = stages, bar, desc, every_s
+        self.last_poll, self.pending, self.rates = 0.0, None, {}
+
+    def tick(self) -> None:
+        ex = self.stages.executor
+        if self.pending is not None and ex.ready(self.pending):
+            for stats in (ex.get(h) for h in self.pending):
+                if stats["busy_s"] > 0:
+                    self.rates[stats["stage"]] = stats["tokens"] / stats["busy_s"]
+            self.pending = None
+            if self.rates and hasattr(self.bar, "set_postfix_str"):
+                self.bar.set_postfix_str(self.text().strip(" ,;"), refresh=False)
+            elif self.rates and hasattr(self.bar, "set_description"):  # Ray's tqdm (coordinator in an actor)
+                self.bar.set_description(self.desc + self.text())
+        if self.pending is None and time.monotonic() - self.last_poll > self.every_s:
+            self.last_poll = time.monotonic()
+            self.pending = self.stages.stats()
+
+    def forget(self) -> None:
+        """Drop a poll in flight (its stages may have restarted)."""
+        self.pending = None
+
+    def text(self) -> str:
+        if not self.rates:
+            return ""
+        return "; stage tokens/s " + " ".join(f"s{k}={v:.0f}" for k, v in sorted(self.rates.items()))

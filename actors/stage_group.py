@@ -1,0 +1,105 @@
+"""The stages of one run as one object with named calls: it owns the rank topology (the ranks
+of each stage), the tensor-parallel rendezvous, and how each call is dispatched and collected.
+
+Dispatch: the micro-batch calls (`start`, `step`, `expand`, `finish`) and `setup` go to every
+rank of the stages they name (tensor-parallel ranks run the same step together); the reports
+(`stats`) go to rank 0 of each stage. Collection: a stage's output and its lens chunks are
+rank 0's (every rank holds the merged lens); every rank's handle is still waited for, so an
+error on any rank surfaces. Both rules are declared here once, so the coordinator never names a
+worker method or a rank. Calls return executor handles (object refs on Ray), so the
+coordinator can chain one stage's output into the next without waiting.
+"""
+
+from __future__ import annotations
+
+from actors.stage import StageSpec, StageWorker
+
+
+class StageGroup:
+    """Workers for `specs` (stage-major, `tp_size` ranks per stage) created by `executor`."""
+
+    def __init__(self, executor, specs: list[StageSpec]):
+        self.executor = executor
+        self.specs = specs
+        self.workers = executor.create(specs)
+        tp = specs[0].tp_size
+        self.ranks = [self.workers[s : s + tp] for s in range(0, len(self.workers), tp)]  # [stage][rank]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.ranks)
+
+    def _every_rank(self, stages, method, *args, num_returns: int = 1) -> list[tuple[int, object]]:
+        """Dispatch to every rank of `stages`: [(rank, handle)], stage-major."""
+        return [
+            (r, self.executor.call(w, method, *args, num_returns=num_returns))
+            for s in stages
+            for r, w in enumerate(self.ranks[s])
+        ]
+
+    def _first_rank(self, stages, method, *args) -> list:
+        """Dispatch to rank 0 of each of `stages`: [handle]."""
+        return [self.executor.call(self.ranks[s][0], method, *args) for s in stages]
+
+    def _all_stages(self):
+        return range(self.num_stages)
+
+    def collect(self, calls: list[tuple[int, object]]) -> list:
+        """Wait for every call (an error on any rank surfaces here) and return rank 0's lens
+        chunks, in call order."""
+        out = []
+        for rank, handle in calls:
+            chunks = self.executor.get(handle)
+            if rank == 0 and chunks:
+                out.extend(chunks)
+        return out
+
+    # -- set-up -------------------------------------------------------------------------------
+    def setup(self) -> list[dict]:
+        """Join each stage's tensor-parallel group (rendezvous at its rank 0's own node, never
+        the head's), load weights and install hooks; waits for every rank."""
+        ex, acks = self.executor, []
+        for ranks in self.ranks:
+            init = None
+            if len(ranks) > 1:
+                ip, port = ex.get(ex.call(ranks[0], StageWorker.address))
+                init = f"tcp://{ip}:{port}"
+            acks += [ex.call(w, StageWorker.setup, init) for w in ranks]
+        return [ex.get(a) for a in acks]
+
+    def rejoin(self) -> None:
+        """After a stage failure: every rank takes its spec again (a restarted process loads
+        its slice); raises while a restarted actor is not answering yet."""
+        ex = self.executor
+        for worker, spec in zip(self.workers, self.specs):
+            ex.get(ex.call(worker, StageWorker.rejoin, spec))
+
+    # -- micro-batch lifecycle ----------------------------------------------------------------
+    def start(self, stages, mb: int, attention_mask, positions, coefficients, shared: bool = False) -> list:
+        return self._every_rank(stages, StageWorker.start, mb, attention_mask, positions, coefficients, shared)
+
+    def step(self, stage: int, mb: int, tokens, upstream, upstream_rows=None) -> tuple[object, list]:
+        """One stage's step: (rank 0's output handle, every rank's lens-chunk call)."""
+        args = (mb, tokens, upstream) if upstream_rows is None else (mb, tokens, upstream, upstream_rows)
+        calls = self._every_rank([stage], StageWorker.step, *args, num_returns=2)
+        return calls[0][1][0], [(rank, pair[1]) for rank, pair in calls]
+
+    def expand(self, stages, mb: int, index, coefficients) -> list:
+        return self._every_rank(stages, StageWorker.expand, mb, index, coefficients)
+
+    def finish(self, mb: int, last_tokens) -> list:
+        return self._every_rank(self._all_stages(), StageWorker.finish, mb, last_tokens)
+
+    # -- reports ------------------------------------------------------------------------------
+    def stats(self) -> list:
+        """Handles of each stage's cheap counters (for the progress bar)."""
+        return self._first_rank(self._all_stages(), StageWorker.stats)
+
+    def info(self) -> list[dict]:
+        """Every rank's description (pid, layers, timings), waited for."""
+        ex = self.executor
+        return [ex.get(ex.call(w, StageWorker.info)) for w in self.workers]
+
+    def pid(self, stage: int) -> int:
+        """The process id of `stage`'s rank 0."""
+        return self.executor.get(self._first_rank([stage], StageWorker.info)[0])["pid"]

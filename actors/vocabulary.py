@@ -1,0 +1,24 @@
+"""The words a run is described in: sites, components, steering positions, lens fields and
+dtypes. Plain data without torch, so configuration code can check values against it cheaply."""
+
+from __future__ import annotations
+
+# Where activations flow through one decoder layer, in order. Any can be captured; the residual
+# stream and the inputs of attention and MLP can be steered. Where each sits in a family's layer
+# is that family's row in actors/adapters.py.
+SITES = ("resid_pre", "attn_in", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
+COMPONENTS = SITES
+STEERING_SITES = ("resid_pre", "resid_post", "attn_in", "mlp_in")
+# Which positions an edit (or a capture) touches: every one, the prompt's, the generated ones,
+# the last prompt token; an int i means every position >= i.
+STEERING_POSITIONS = ("all", "prompt", "generated", "last")
+# Lens fields and the value that marks "not captured" in each.
+LENS_FIELDS = {
+    "topk_ids": -1,
+    "topk_logprobs": float("nan"),
+    "entropy": float("nan"),
+    "target_logprob": float("nan"),
+    "target_rank": -1,
+}
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")  # bfloat16 is stored as its uint16 bits

@@ -1,0 +1,39 @@
+"""`python tests/faulty_driver.py '<fault json>' <module> [overrides...]`: runs a driver as a user
+would, with a fault planted by the test side (a monkeypatch of the store's batch writer):
+{"kill_driver": {"after_batches": 2}}: SIGKILL this process right after the 2nd batch's
+completion record; with "mid_write": true, between the 2nd batch's data and its record;
+{"interrupt_driver": {"after_batches": 1}}: SIGINT (Ctrl-C) after the 1st batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import signal
+import sys
+
+from actors.store import LensStore
+
+fault = json.loads(sys.argv[1])
+kill, interrupt = fault.get("kill_driver"), fault.get("interrupt_driver")
+written = 0
+write_batch = LensStore.write_batch
+
+
+def faulty_write_batch(self, batch, rows, data, texts, mark_done=True):
+    global written
+    if kill and written + 1 == kill["after_batches"] and kill.get("mid_write"):
+        write_batch(self, batch, rows, data, texts, mark_done=False)
+        os.kill(os.getpid(), signal.SIGKILL)
+    write_batch(self, batch, rows, data, texts, mark_done)
+    written += 1
+    if kill and written == kill["after_batches"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if interrupt and written == interrupt["after_batches"]:
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+LensStore.write_batch = faulty_write_batch
+module = sys.argv[2]
+sys.argv = [module, *sys.argv[3:]]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
