@@ -66,66 +66,67 @@ class Coordinator:
         spec = self.spec
         # A coefficient sweep is a batch dimension: prompt p runs as rows p*M .. p*M + M-1, one
         # per coefficient, all in the same forward passes.
-        sweep = spec.coefficients or (1.0,)
+        sweep = spec.steering.coefficients or (1.0,)
         self._sources = np.repeat(np.arange(len(prompts)), len(sweep))
         row_coefficients = np.tile(np.asarray(sweep, np.float32), len(prompts))
         prompts = [prompts[p] for p in self._sources]
-        config = AutoConfig.from_pretrained(spec.model_path)
+        config = AutoConfig.from_pretrained(spec.model.path)
         check_run(spec, config, prompts)
         n_layers = config.num_hidden_layers
-        layers = tuple(range(n_layers)) if spec.layers is None else tuple(sorted(i % n_layers for i in spec.layers))
+        cap = spec.capture
+        layers = tuple(range(n_layers)) if cap.layers is None else tuple(sorted(i % n_layers for i in cap.layers))
         longest = max(len(p) for p in prompts)
-        bounds = plan_stages(config, spec.num_stages)
-        n_positions = longest + spec.max_new_tokens
+        bounds = plan_stages(config, spec.cluster.num_stages)
+        n_positions = longest + spec.generation.max_new_tokens
         layout = StoreLayout(
             n_prompts=len(prompts),
             n_positions=n_positions,
             layers=layers,
-            components=tuple(spec.components),
-            k=spec.k,
-            batch_rows=spec.micro_batch_size,
+            components=tuple(spec.capture.components),
+            k=spec.capture.k,
+            batch_rows=spec.cluster.micro_batch_size,
             hidden=config.hidden_size,
-            activations=spec.activations,
-            n_scores=len(spec.score_ids),
-            n_steps=spec.max_new_tokens,
+            activations=spec.capture.activations,
+            n_scores=len(spec.steering.score_ids),
+            n_steps=spec.generation.max_new_tokens,
         )
         run_store = RunStore.open(
-            spec.store_path, layout, {**spec.attrs, "stages": [list(b) for b in bounds]}, spec.existing
+            spec.storage.path, layout, {**spec.attrs, "stages": [list(b) for b in bounds]}, spec.storage.existing
         )
         store = run_store.store
-        mbs = self._micro_batches(prompts, row_coefficients, spec.sampling.pad_token_id)
+        mbs = self._micro_batches(prompts, row_coefficients, spec.generation.sampling.pad_token_id)
         todo = [mb for mb in mbs if mb.index not in store.done_batches()]
         if not todo and store.is_complete:  # a resumed run that had already finished
             return dict(store.attrs["summary"], batches_run=[])
-        capture = CaptureSpec(layers, tuple(spec.components), spec.k, spec.lens_window, spec.activations)
+        capture = CaptureSpec(layers, tuple(cap.components), cap.k, cap.window, cap.activations)
         specs = [
             StageSpec(
                 stage=s,
                 num_stages=len(bounds),
                 start=a,
                 end=b,
-                model_path=spec.model_path,
-                dtype=spec.dtype,
-                device=spec.device,
+                model_path=spec.model.path,
+                dtype=spec.model.dtype,
+                device=spec.cluster.device,
                 tp_rank=r,
-                tp_size=spec.tp_size,
+                tp_size=spec.cluster.tp_size,
                 capture=capture,
-                sampling=spec.sampling,
-                steering=tuple(spec.steering),
-                score_ids=tuple(spec.score_ids),
+                sampling=spec.generation.sampling,
+                steering=tuple(spec.steering.edits),
+                score_ids=tuple(spec.steering.score_ids),
             )  # fmt: skip
             for s, (a, b) in enumerate(bounds)
-            for r in range(spec.tp_size)
+            for r in range(spec.cluster.tp_size)
         ]
-        handler = self._run_log(Path(spec.store_path).parent / "run.log")
+        handler = self._run_log(Path(spec.storage.path).parent / "run.log")
         executor = self._given_executor or (
             LocalExecutor()
-            if spec.executor == "local"
+            if spec.cluster.executor == "local"
             else RayExecutor(
-                spec.cpus_per_stage,
-                spec.gpus_per_stage,
-                spec.placement_timeout_s,
-                max_restarts=spec.max_restarts if spec.tp_size == 1 else 0,
+                spec.cluster.cpus_per_stage,
+                spec.cluster.gpus_per_stage,
+                spec.cluster.placement_timeout_s,
+                max_restarts=spec.cluster.max_restarts if spec.cluster.tp_size == 1 else 0,
             )
         )
         t0 = time.perf_counter()
@@ -189,7 +190,7 @@ class Coordinator:
 
     def _micro_batches(self, prompts, coefficients, pad_id: int) -> list[_MicroBatch]:
         out = []
-        b = self.spec.micro_batch_size
+        b = self.spec.cluster.micro_batch_size
         for index, start in enumerate(range(0, len(prompts), b)):
             group = prompts[start : start + b]
             coefs = np.asarray(coefficients[start : start + b], np.float32)
@@ -224,12 +225,14 @@ class Coordinator:
         always left out: its logits choose the first token, once per row."""
         spec = self.spec
         sources = self._sources[mb.rows]
-        if not spec.share_prefix or len(np.unique(sources)) == len(sources):
+        if not spec.steering.share_prefix or len(np.unique(sources)) == len(sources):
             return 0
         cols = mb.input_ids.shape[1]
         pad = int((mb.attention_mask == 0).sum(1).min())
         first = {"all": 0, "prompt": 0, "last": cols - 1, "generated": cols}
-        starts = [first[e.positions] if isinstance(e.positions, str) else pad + e.positions for e in spec.steering]
+        starts = [
+            first[e.positions] if isinstance(e.positions, str) else pad + e.positions for e in spec.steering.edits
+        ]
         return max(0, min([cols - 1, *starts]))
 
     def _shared_stages(self, mb: _MicroBatch) -> int:
@@ -238,9 +241,9 @@ class Coordinator:
         coefficient. Never the last stage (its logits choose the first token, once per row)."""
         spec = self.spec
         sources = self._sources[mb.rows]
-        if not spec.share_prefix or not spec.steering or len(np.unique(sources)) == len(sources):
+        if not spec.steering.share_prefix or not spec.steering.edits or len(np.unique(sources)) == len(sources):
             return 0
-        first = min(e.layer for e in spec.steering)
+        first = min(e.layer for e in spec.steering.edits)
         return sum(1 for _, end in self._bounds[:-1] if end <= first)
 
     def _start(self, mb: _MicroBatch) -> None:
@@ -248,7 +251,7 @@ class Coordinator:
         every = range(stages.num_stages)
         split, early = self._shared_columns(mb), self._shared_stages(mb)
         if not split and not early:
-            mb.calls += stages.start(every, mb.index, mb.attention_mask, spec.positions, mb.coefficients)
+            mb.calls += stages.start(every, mb.index, mb.attention_mask, spec.capture.positions, mb.coefficients)
             self._submit(mb, mb.input_ids)
             return
         # Prompts repeated along the batch (one row per coefficient): what no edit can reach runs
@@ -260,19 +263,21 @@ class Coordinator:
         _, base, index = np.unique(self._sources[mb.rows], return_index=True, return_inverse=True)
         earlier, later = range(early), range(early, stages.num_stages)
         shared = every if split else earlier
-        mb.calls += stages.start(shared, mb.index, mb.attention_mask[base], spec.positions, np.ones(len(base)), True)
+        mb.calls += stages.start(
+            shared, mb.index, mb.attention_mask[base], spec.capture.positions, np.ones(len(base)), True
+        )
         if split:
             self._submit(mb, mb.input_ids[base, :split])
             mb.calls += stages.expand(later, mb.index, index, mb.coefficients)
         else:
-            mb.calls += stages.start(later, mb.index, mb.attention_mask, spec.positions, mb.coefficients)
+            mb.calls += stages.start(later, mb.index, mb.attention_mask, spec.capture.positions, mb.coefficients)
         self._submit(mb, mb.input_ids[:, split:], early, base, index)
         mb.calls += stages.expand(earlier, mb.index, index, mb.coefficients)
 
     def _generate(self, todo: list[_MicroBatch], store, prompt_texts) -> dict[int, list]:
         spec = self.spec
         queue, inflight, generated = list(todo), {}, {}
-        self._bar = progress_bar(len(todo) * spec.max_new_tokens, self.DESC, spec.progress)
+        self._bar = progress_bar(len(todo) * spec.generation.max_new_tokens, self.DESC, spec.progress)
         self._stats = StageStats(self.stages, self._bar, self.DESC)
         while queue or inflight:
             try:
@@ -280,9 +285,9 @@ class Coordinator:
             except Exception as err:
                 if not self._stage_lost(err):
                     raise
-                if spec.tp_size > 1:
+                if spec.cluster.tp_size > 1:
                     raise ClusterError(
-                        f"a stage actor died and is not restarted (tp_size={spec.tp_size}: a tensor-parallel "
+                        f"a stage actor died and is not restarted (tp_size={spec.cluster.tp_size}: a tensor-parallel "
                         "group cannot re-form mid-run); finished micro-batches are in the store: run again "
                         "with resume=true"
                     ) from err
@@ -293,7 +298,7 @@ class Coordinator:
     def _advance(self, queue, inflight, generated, store, prompt_texts) -> None:
         """Fill the pipeline, then take one step's result from whichever micro-batch is ready."""
         spec, ex, bar = self.spec, self.stages.executor, self._bar
-        while queue and len(inflight) < spec.micro_batches_in_flight:
+        while queue and len(inflight) < spec.cluster.micro_batches_in_flight:
             mb = queue.pop(0)
             self._start(mb)
             inflight[mb.index] = mb
@@ -308,11 +313,11 @@ class Coordinator:
         mb.counted += 1
         self._stats.tick()
         self.stepped(mb.index, mb.steps)
-        if mb.steps < spec.max_new_tokens and not out["finished"].all():
+        if mb.steps < spec.generation.max_new_tokens and not out["finished"].all():
             self._submit(mb, mb.last)
             return
-        bar.update(spec.max_new_tokens - mb.steps)
-        mb.counted = spec.max_new_tokens
+        bar.update(spec.generation.max_new_tokens - mb.steps)
+        mb.counted = spec.generation.max_new_tokens
         mb.calls += self.stages.finish(mb.index, mb.last)
         generated.update(self._write(mb, self.stages.collect(mb.calls), store, prompt_texts))
         del inflight[mb.index]
@@ -336,14 +341,14 @@ class Coordinator:
         spec = self.spec
         self.restarts += 1
         reason = str(err).strip().splitlines()[0][:200]
-        log.warning("stage failure %d of at most %d: %s", self.restarts, spec.max_restarts, reason)
+        log.warning("stage failure %d of at most %d: %s", self.restarts, spec.cluster.max_restarts, reason)
         print(f"[distlens] a stage failed ({reason}); re-running {len(inflight)} micro-batch(es)", file=sys.stderr)
-        if self.restarts > spec.max_restarts:
+        if self.restarts > spec.cluster.max_restarts:
             raise ClusterError(
-                f"stages failed {self.restarts} times (cluster.max_restarts={spec.max_restarts}); "
+                f"stages failed {self.restarts} times (cluster.max_restarts={spec.cluster.max_restarts}); "
                 "finished micro-batches are in the store: run again with resume=true"
             ) from err
-        deadline = time.monotonic() + spec.restart_timeout_s
+        deadline = time.monotonic() + spec.cluster.restart_timeout_s
         while True:
             try:
                 self.stages.rejoin()
@@ -352,7 +357,9 @@ class Coordinator:
                 if not self._stage_lost(again):
                     raise
                 if time.monotonic() > deadline:
-                    raise ClusterError(f"the stages did not come back within {spec.restart_timeout_s:.0f}s") from again
+                    raise ClusterError(
+                        f"the stages did not come back within {spec.cluster.restart_timeout_s:.0f}s"
+                    ) from again
                 time.sleep(0.2)
         self.stages.setup()
         self._stats.forget()
@@ -371,7 +378,9 @@ class Coordinator:
             generated=np.stack(mb.generated, axis=1), coefficients=mb.coefficients,
             scores=np.stack(mb.scores, axis=1) if mb.scores else None, chunks=chunks,
         )  # fmt: skip
-        data, gen_len = lay_out_batch(finished, store.attrs["layout"], spec.sampling.eos_token_ids, spec.max_new_tokens)
+        data, gen_len = lay_out_batch(
+            finished, store.attrs["layout"], spec.generation.sampling.eos_token_ids, spec.generation.max_new_tokens
+        )
         gen = finished.generated
         rows, prompt_cols = mb.input_ids.shape
         pad = (mb.attention_mask == 0).sum(1)
@@ -392,7 +401,7 @@ class Coordinator:
             try:
                 from transformers import AutoTokenizer
 
-                self._tok = AutoTokenizer.from_pretrained(self.spec.model_path)
+                self._tok = AutoTokenizer.from_pretrained(self.spec.model.path)
             except Exception:  # tiny test checkpoints may carry no tokenizer
                 self._tok = None
         return self._tok

@@ -18,8 +18,8 @@ EXISTING = ("refuse", "resume", "overwrite")
 
 
 class SettingError(ValueError):
-    """A run setting that cannot work: `field` names it (a `RunSpec` field), `text` says the
-    value and what is valid; `str(err)` is `field + text`."""
+    """A run setting that cannot work: `field` names it as a path into `RunSpec`
+    ("capture.layers"), `text` says the value and what is valid; `str(err)` is `field + text`."""
 
     def __init__(self, field: str, text: str):
         super().__init__(f"{field}{text}")
@@ -27,34 +27,66 @@ class SettingError(ValueError):
 
 
 @dataclass(frozen=True)
-class RunSpec:
-    model_path: str
-    store_path: str
+class ModelSettings:
+    path: str  # a local checkpoint directory (config.json + safetensors)
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    path: str  # the run's lens.zarr
+    existing: str = "refuse"  # a store already at `path`: refuse | resume | overwrite
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    executor: str = "local"  # local: every stage in this process; ray: stage actors
     num_stages: int = 2
     tp_size: int = 1
-    executor: str = "local"
-    dtype: str = "float32"
     device: str = "cpu"
-    layers: tuple[int, ...] | None = None  # None = every layer
-    components: tuple[str, ...] = ("resid_post",)
-    k: int = 10
-    lens_window: int = 64
-    activations: str | None = None
-    positions: str | tuple[int, ...] = "all"
-    sampling: SamplingSpec = field(default_factory=SamplingSpec)
-    max_new_tokens: int = 16
-    micro_batch_size: int = 4
-    micro_batches_in_flight: int = 2
     cpus_per_stage: float = 1.0
     gpus_per_stage: float = 0.0
+    micro_batch_size: int = 4
+    micro_batches_in_flight: int = 2
     placement_timeout_s: float = 60.0  # how long to wait for the cluster to place the stages
     max_restarts: int = 3  # stage-actor failures a run survives (Ray restarts the actor; tp_size 1)
     restart_timeout_s: float = 300.0  # how long to wait for a restarted stage to answer
-    steering: tuple = ()  # SteeringEdits; each stage applies those on its own layers
+
+
+@dataclass(frozen=True)
+class CaptureSettings:
+    layers: tuple[int, ...] | None = None  # None = every layer; () = none; negative counts from the end
+    components: tuple[str, ...] = ("resid_post",)
+    positions: str | tuple[int, ...] = "all"
+    k: int = 10
+    window: int = 64  # positions buffered on a stage before one batched lens pass
+    activations: str | None = None  # also store raw activations in this dtype
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 16
+    sampling: SamplingSpec = field(default_factory=SamplingSpec)
+
+
+@dataclass(frozen=True)
+class SteeringSettings:
+    edits: tuple = ()  # SteeringEdits; each stage applies those on its own layers
     coefficients: tuple[float, ...] | None = None  # a sweep: every prompt runs once per coefficient
-    score_ids: tuple[int, ...] = ()  # record these tokens' logits at the first generated step
-    share_prefix: bool = True  # a sweep computes the columns before its edits once per prompt
-    existing: str = "refuse"  # what to do with a store already at store_path: refuse | resume | overwrite
+    score_ids: tuple[int, ...] = ()  # record these tokens' logits at every generated step
+    share_prefix: bool = True  # a sweep computes what its edits cannot reach once per prompt
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run's settings, grouped as the config groups are."""
+
+    model: ModelSettings
+    storage: StorageSettings
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    capture: CaptureSettings = field(default_factory=CaptureSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    steering: SteeringSettings = field(default_factory=SteeringSettings)
     attrs: dict = field(default_factory=dict)  # recorded in the store (config, model id, versions)
     progress: bool = True
 
@@ -64,91 +96,98 @@ def fingerprint(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def check_cluster(spec: RunSpec, config) -> None:
+def check_cluster(c: ClusterSettings, config) -> None:
     """How the run is spread, against the model: stages, tensor-parallel ranks, executor."""
     adapter = adapter_for(config.model_type)  # an unsupported family: one line naming the supported
     n = config.num_hidden_layers
-    if spec.executor not in EXECUTORS:
-        raise SettingError("executor", f"={spec.executor!r} is not valid: choose one of {list(EXECUTORS)}")
-    if not 1 <= spec.num_stages <= n:
+    if c.executor not in EXECUTORS:
+        raise SettingError("cluster.executor", f"={c.executor!r} is not valid: choose one of {list(EXECUTORS)}")
+    if not 1 <= c.num_stages <= n:
         raise SettingError(
-            "num_stages", f"={spec.num_stages} is out of range: valid is 1..{n} (the model's layer count)"
+            "cluster.num_stages", f"={c.num_stages} is out of range: valid is 1..{n} (the model's layer count)"
         )
-    if spec.tp_size > 1 and spec.executor != "ray":
-        raise SettingError("tp_size", f"={spec.tp_size} needs executor ray (one process per rank)")
-    if spec.tp_size > 1 and not adapter.tensor_parallel:
+    if c.tp_size > 1 and c.executor != "ray":
+        raise SettingError("cluster.tp_size", f"={c.tp_size} needs executor ray (one process per rank)")
+    if c.tp_size > 1 and not adapter.tensor_parallel:
         raise SettingError(
-            "tp_size",
-            f"={spec.tp_size}: tensor parallelism is not available for model family {config.model_type!r} "
+            "cluster.tp_size",
+            f"={c.tp_size}: tensor parallelism is not available for model family {config.model_type!r} "
             "(DeepSpeed AutoTP does not shard it exactly); use tp_size=1 and more stages",
         )
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", heads) or heads
-    if heads % spec.tp_size or kv % spec.tp_size:
+    if heads % c.tp_size or kv % c.tp_size:
         raise SettingError(
-            "tp_size", f"={spec.tp_size} does not divide the model's {heads} attention / {kv} key-value heads"
+            "cluster.tp_size", f"={c.tp_size} does not divide the model's {heads} attention / {kv} key-value heads"
         )
 
 
-def check_steering_site(config, site: str, field: str = "site") -> None:
+def check_steering_site(config, site: str, field: str = "steering.site") -> None:
     """A steering site the model's family has."""
     have = adapter_for(config.model_type).sites_for(config)
     if site not in have or site not in STEERING_SITES:
         sites = [s for s in STEERING_SITES if s in have]
-        text = f"={site!r}" if field == "site" else f" site {site!r}"
+        text = f" site {site!r}" if field == "steering.edits" else f"={site!r}"
         raise SettingError(field, f"{text} does not exist in model family {config.model_type!r}: it has {sites}")
 
 
 def check_run(spec: RunSpec, config, prompts: list[list[int]]) -> None:
     """Every check of a run against the model's `config` (a Hugging Face config) and its
     prompts (token ids, one row each). Raises `SettingError` naming the first bad setting."""
-    check_cluster(spec, config)
+    check_cluster(spec.cluster, config)
     adapter = adapter_for(config.model_type)
     n = config.num_hidden_layers
-    if spec.existing not in EXISTING:
-        raise SettingError("existing", f"={spec.existing!r} is not valid: choose one of {list(EXISTING)}")
-    if spec.layers is not None:  # () captures nothing (a sweep that only scores tokens)
-        for i in spec.layers:
+    if spec.storage.existing not in EXISTING:
+        raise SettingError(
+            "storage.existing", f"={spec.storage.existing!r} is not valid: choose one of {list(EXISTING)}"
+        )
+    if spec.capture.layers is not None:  # () captures nothing (a sweep that only scores tokens)
+        for i in spec.capture.layers:
             if not isinstance(i, int) or not -n <= i < n:
-                raise SettingError("layers", f" contains {i!r}, out of range: valid is 0..{n - 1} (or -{n}..-1)")
-        _once("layers", [i % n for i in spec.layers])
-    if not spec.components:
-        raise SettingError("components", f"=[] is empty: choose from {list(COMPONENTS)}")
+                raise SettingError(
+                    "capture.layers", f" contains {i!r}, out of range: valid is 0..{n - 1} (or -{n}..-1)"
+                )
+        _once("capture.layers", [i % n for i in spec.capture.layers])
+    if not spec.capture.components:
+        raise SettingError("capture.components", f"=[] is empty: choose from {list(COMPONENTS)}")
     have = adapter.sites_for(config)
-    for c in spec.components:
-        if c not in COMPONENTS:
-            raise SettingError("components", f"={c!r} is not valid: choose one of {list(COMPONENTS)}")
-        if c not in have:
+    for comp in spec.capture.components:
+        if comp not in COMPONENTS:
+            raise SettingError("capture.components", f"={comp!r} is not valid: choose one of {list(COMPONENTS)}")
+        if comp not in have:
             raise SettingError(
-                "components", f"={c!r} does not exist in model family {config.model_type!r}: it has {list(have)}"
+                "capture.components",
+                f"={comp!r} does not exist in model family {config.model_type!r}: it has {list(have)}",
             )
-    _once("components", list(spec.components))
-    for e in spec.steering:
-        check_steering_site(config, e.site, field="steering")
+    _once("capture.components", list(spec.capture.components))
+    for e in spec.steering.edits:
+        check_steering_site(config, e.site, field="steering.edits")
         if not 0 <= e.layer < n:
-            raise SettingError("steering", f" layer {e.layer} is out of range: valid is 0..{n - 1}")
-    if not 1 <= spec.k <= config.vocab_size:
-        raise SettingError("k", f"={spec.k} is out of range: valid is 1..{config.vocab_size} (the vocabulary)")
+            raise SettingError("steering.edits", f" layer {e.layer} is out of range: valid is 0..{n - 1}")
+    if not 1 <= spec.capture.k <= config.vocab_size:
+        raise SettingError(
+            "capture.k", f"={spec.capture.k} is out of range: valid is 1..{config.vocab_size} (the vocabulary)"
+        )
     if not prompts:
         raise SettingError("prompts", "=[] is empty: give at least one prompt")
     if any(len(p) == 0 for p in prompts):
         raise SettingError("prompts", " holds a prompt with no tokens: every prompt needs at least one")
     longest = max(len(p) for p in prompts)
     context = getattr(config, "max_position_embeddings", None)
-    if context and longest + spec.max_new_tokens > context:
+    if context and longest + spec.generation.max_new_tokens > context:
         i = max(range(len(prompts)), key=lambda j: len(prompts[j]))
         raise SettingError(
             "prompts",
-            f"[{i}] is {longest} tokens; with max_new_tokens={spec.max_new_tokens} that exceeds the model's "
+            f"[{i}] is {longest} tokens; with max_new_tokens={spec.generation.max_new_tokens} that exceeds the model's "
             f"context of {context} positions",
         )
-    if not isinstance(spec.positions, str):
-        beyond = [p for p in spec.positions if p >= longest + spec.max_new_tokens - 1]
+    if not isinstance(spec.capture.positions, str):
+        beyond = [p for p in spec.capture.positions if p >= longest + spec.generation.max_new_tokens - 1]
         if beyond:
             raise SettingError(
-                "positions",
+                "capture.positions",
                 f" contains {beyond[0]}, out of range: this run's lens positions are "
-                f"0..{longest + spec.max_new_tokens - 2}",
+                f"0..{longest + spec.generation.max_new_tokens - 2}",
             )
 
 

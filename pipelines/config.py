@@ -313,12 +313,8 @@ def _steer_positions(key: str, value) -> None:
         )
 
 
-# Where each RunSpec field comes from in the config, for errors raised by actors.run_spec.
-SETTING_KEYS = {
-    "executor": "cluster.executor", "num_stages": "cluster.num_stages", "tp_size": "cluster.tp_size",
-    "layers": "capture.layers", "components": "capture.components", "k": "capture.k",
-    "positions": "capture.positions", "prompts": "prompts", "steering": "steer.vector", "existing": "resume",
-}  # fmt: skip
+# Config keys that differ from the RunSpec paths actors.run_spec names in its errors.
+SETTING_KEYS = {"steering.edits": "steer.vector", "storage.existing": "resume"}
 
 
 def model_checks(check, *args, keys: dict | None = None) -> None:
@@ -333,12 +329,38 @@ def model_checks(check, *args, keys: dict | None = None) -> None:
         raise ConfigError(f"{key}{err.text}") from None
 
 
-def cluster_spec(c, model_path: str = ""):
-    """A RunSpec carrying only the `cluster` group: enough for `check_cluster`."""
-    from actors.run_spec import RunSpec
+def cluster_settings(c):
+    """The `cluster` group as a run's ClusterSettings (the driver-only keys left out)."""
+    from actors.run_spec import ClusterSettings
 
+    return ClusterSettings(
+        executor=c.executor, num_stages=c.num_stages, tp_size=c.tp_size, device=c.device,
+        cpus_per_stage=c.cpus_per_stage, gpus_per_stage=c.gpus_per_stage, micro_batch_size=c.micro_batch_size,
+        micro_batches_in_flight=c.micro_batches_in_flight, placement_timeout_s=c.placement_timeout_s,
+        max_restarts=c.max_restarts,
+    )  # fmt: skip
+
+
+def run_spec(cfg, model_path: str, store_path: str, existing: str = "refuse", **groups):
+    """A driver's config as a RunSpec, group by group: `model` and `cluster` from its groups,
+    `capture` and `generation` from its groups when it has them (the lens config does), and any
+    group given in `groups` (as actors.run_spec settings) instead."""
+    from actors.run_spec import CaptureSettings, ModelSettings, RunSpec, StorageSettings
+
+    parts = {"cluster": cluster_settings(cfg.cluster)}
+    if "capture" in cfg:
+        cap = cfg.capture
+        parts["capture"] = CaptureSettings(
+            layers=None if cap.layers is None else tuple(cap.layers), components=tuple(cap.components),
+            positions=cap.positions if isinstance(cap.positions, str) else tuple(cap.positions), k=cap.k,
+            window=cap.window, activations=cap.activations,
+        )  # fmt: skip
+    parts.update(groups)
     return RunSpec(
-        model_path=model_path, store_path="", num_stages=c.num_stages, tp_size=c.tp_size, executor=c.executor
+        model=ModelSettings(model_path, cfg.model.dtype),
+        storage=StorageSettings(store_path, existing),
+        progress=cfg.progress,
+        **parts,
     )
 
 
@@ -359,9 +381,7 @@ def validate_steer(cfg) -> None:
         raise ConfigError("steering.layers=[] is empty: give candidate layer indices")
     if len(s.coefficients) < 2 or len(s.select_coefficients) < 2:
         raise ConfigError("steering.coefficients and steering.select_coefficients need at least 2 values for a slope")
-    d = cfg.data
-    if not 0.0 < d.train_fraction < 1.0:
-        raise ConfigError(f"data.train_fraction={d.train_fraction} is out of range: must be in (0, 1)")
+    d = cfg.data  # data.train_fraction: pipelines.datasets.split_items, where the split is made
     at_least("data.max_train", d.max_train, 2)
     at_least("data.max_test", d.max_test, 2)
     at_least("steering.select_items", s.select_items, 2)

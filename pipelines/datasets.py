@@ -117,7 +117,7 @@ def resolve_dataset(name: str, root: str | Path | None) -> Path:
 def split_items(items: list[ABItem], train_fraction: float, seed: int) -> tuple[list[ABItem], list[ABItem]]:
     """A seeded shuffle, then the first `train_fraction` for train and the rest for test."""
     if not 0.0 < train_fraction < 1.0:
-        raise DatasetError(f"train_fraction={train_fraction}: must be in (0, 1)")
+        raise DatasetError(f"data.train_fraction={train_fraction} is out of range: must be in (0, 1)")
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     cut = round(len(items) * train_fraction)

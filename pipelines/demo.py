@@ -42,7 +42,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     from actors.store import LensStore
     from actors.vocabulary import STEERING_SITES
     from pipelines import lens
-    from pipelines.config import cluster_spec, model_checks, validate
+    from pipelines.config import cluster_settings, model_checks, validate
     from pipelines.vectors import SteeringVector
 
     if cfg.site not in STEERING_SITES:
@@ -70,7 +70,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     hf_config = checkpoint.config()
     if not 0 <= cfg.layer < hf_config.num_hidden_layers:
         raise ConfigError(f"layer={cfg.layer} is out of range: valid is 0..{hf_config.num_hidden_layers - 1}")
-    model_checks(check_cluster, cluster_spec(cfg.cluster), hf_config)
+    model_checks(check_cluster, cluster_settings(cfg.cluster), hf_config)
     model_checks(check_steering_site, hf_config, cfg.site, keys={"site": "site"})
     tokenizer = checkpoint.tokenizer()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -101,22 +101,22 @@ def steering_edits(cfg, hf_config) -> tuple[tuple, tuple | None]:
 def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict:
     from actors.checkpoint import resolve_checkpoint
     from actors.coordinator import Coordinator
-    from actors.run_spec import RunSpec, check_cluster, check_run, fingerprint
+    from actors.run_spec import GenerationSettings, SteeringSettings, check_cluster, check_run, fingerprint
     from actors.sampling import SamplingSpec
     from actors.store import LensStore
-    from pipelines.config import cluster_spec, model_checks, validate
+    from pipelines.config import cluster_settings, model_checks, run_spec, validate
     from pipelines.heatmap import write_heatmap
     from pipelines.prompts import encode_prompt, special_ids
 
     validate(cfg)
     checkpoint = resolve_checkpoint(cfg.model.name, cfg.model.revision)
     hf_config = checkpoint.config()
-    model_checks(check_cluster, cluster_spec(cfg.cluster), hf_config)  # before the tokenizer loads
+    model_checks(check_cluster, cluster_settings(cfg.cluster), hf_config)  # before the tokenizer loads
     tokenizer = checkpoint.tokenizer()
     prompts = [encode_prompt(tokenizer, p, cfg.generation.chat_template) for p in cfg.prompts]
     eos, pad = special_ids(tokenizer, hf_config)
     steering, coefficients = steering_edits(cfg, hf_config)
-    g, c, cap = cfg.generation, cfg.cluster, cfg.capture
+    g, c = cfg.generation, cfg.cluster
     results_cfg = OmegaConf.to_container(cfg, resolve=True)
     # What determines the numbers: not where they are stored or how the stages are spread.
     determining = {k: results_cfg[k] for k in ("model", "capture", "generation", "prompts", "steer")}
@@ -137,35 +137,13 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
         **run_info(),
     }
     existing = "resume" if cfg.resume else "overwrite" if cfg.overwrite else "refuse"
-    spec = RunSpec(
-        model_path=str(checkpoint.path),
-        store_path=str(out_dir / "lens.zarr"),
-        num_stages=c.num_stages,
-        tp_size=c.tp_size,
-        executor=c.executor,
-        dtype=cfg.model.dtype,
-        device=c.device,
-        layers=None if cap.layers is None else tuple(cap.layers),
-        components=tuple(cap.components),
-        k=cap.k,
-        lens_window=cap.window,
-        activations=cap.activations,
-        positions=cap.positions if isinstance(cap.positions, str) else tuple(cap.positions),
-        sampling=SamplingSpec(g.temperature, g.top_p, g.seed, eos if g.stop_at_eos else (), pad),
-        max_new_tokens=g.max_new_tokens,
-        micro_batch_size=c.micro_batch_size,
-        micro_batches_in_flight=c.micro_batches_in_flight,
-        cpus_per_stage=c.cpus_per_stage,
-        gpus_per_stage=c.gpus_per_stage,
-        placement_timeout_s=c.placement_timeout_s,
-        max_restarts=c.max_restarts,
-        existing=existing,
-        attrs=attrs,
-        steering=steering,
-        coefficients=coefficients,
-        score_ids=tuple(score_ids),
-        progress=cfg.progress,
-    )
+    spec = run_spec(
+        cfg, str(checkpoint.path), str(out_dir / "lens.zarr"), existing, attrs=attrs,
+        generation=GenerationSettings(
+            g.max_new_tokens, SamplingSpec(g.temperature, g.top_p, g.seed, eos if g.stop_at_eos else (), pad)
+        ),
+        steering=SteeringSettings(steering, coefficients, tuple(score_ids)),
+    )  # fmt: skip
     model_checks(check_run, spec, hf_config, prompts)  # every check against the model, before any compute
     texts = list(cfg.prompts)
     if c.executor == "ray":

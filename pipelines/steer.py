@@ -16,7 +16,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from pipelines.config import ConfigError, cluster_spec, exit_with_error, model_checks, register
+from pipelines.config import ConfigError, cluster_settings, exit_with_error, model_checks, register, run_spec
 
 register()
 REPO = Path(__file__).resolve().parent.parent
@@ -59,43 +59,37 @@ class Study:
     """Runs the phases of one dataset through one pool of stages."""
 
     def __init__(self, cfg, checkpoint, tokenizer, hf_config, executor, out_dir: Path):
-        from actors.run_spec import RunSpec
+        from actors.run_spec import CaptureSettings, GenerationSettings
 
         self.cfg, self.tokenizer, self.executor, self.out_dir = cfg, tokenizer, executor, out_dir
         self.model_name = cfg.model.name
         self.hidden = hf_config.hidden_size
-        c = cfg.cluster
-        self.base = RunSpec(
-            model_path=str(checkpoint.path),
-            store_path="",
-            num_stages=c.num_stages,
-            executor=c.executor,
-            dtype=cfg.model.dtype,
-            device=c.device,
-            layers=(),
-            micro_batch_size=c.micro_batch_size,
-            micro_batches_in_flight=c.micro_batches_in_flight,
-            max_restarts=c.max_restarts,
-            max_new_tokens=1,
-            existing="overwrite",
-            progress=False,
-        )
+        base = run_spec(
+            cfg, str(checkpoint.path), "", "overwrite", capture=CaptureSettings(layers=()),
+            generation=GenerationSettings(max_new_tokens=1),
+        )  # fmt: skip
+        self.base = replace(base, progress=False)
 
-    def _run(self, name: str, prompts, **changes):
+    def _run(self, name: str, prompts, **groups):
+        """One run of this study; `groups`: the RunSpec groups that differ from the base."""
         from actors.coordinator import Coordinator
         from actors.store import LensStore
 
-        spec = replace(self.base, store_path=str(self.out_dir / f"{name}.zarr"), **changes)
+        storage = replace(self.base.storage, path=str(self.out_dir / f"{name}.zarr"))
+        spec = replace(self.base, storage=storage, **groups)
         summary = Coordinator(spec, self.executor).run(prompts)
-        return summary, LensStore.open(spec.store_path)
+        return summary, LensStore.open(spec.storage.path)
 
     def activations(self, name: str, prompts, layers: list[int], site: str, reduce: str = "last") -> np.ndarray:
         """Each prompt's activations at (`layers`, `site`): at its last position (`reduce="last"`,
         the label position) or averaged over its positions (`"mean"`): [prompts, layers, d_model]."""
-        _, store = self._run(
-            name, prompts, layers=tuple(layers), components=(site,), activations="float32", k=1,
+        from actors.run_spec import CaptureSettings
+
+        capture = CaptureSettings(
+            layers=tuple(layers), components=(site,), activations="float32", k=1,
             positions="last" if reduce == "last" else "all",
         )  # fmt: skip
+        _, store = self._run(name, prompts, capture=capture)
         acts = store.group["activations"]  # [prompt, layer, component, position, d_model]
         if reduce == "last":
             return np.stack([acts[i, :, 0, len(p) - 1] for i, p in enumerate(prompts)])
@@ -121,6 +115,7 @@ class Study:
 
     def sweep(self, name: str, items, ab, vector, coefficients) -> tuple[np.ndarray, np.ndarray]:
         """(propensity, matching probability), each [items, coefficients]."""
+        from actors.run_spec import SteeringSettings
         from actors.stage import SteeringEdit
 
         letter_ids = {}  # every choice letter of these items -> its token id (the same in every prompt)
@@ -128,10 +123,10 @@ class Study:
             letter_ids.update(prompt.letters)
         score_letters = sorted(letter_ids)
         edit = SteeringEdit(vector.layer, vector.site, vector.vector, self.cfg.steering.positions, 1.0)
-        _, store = self._run(
-            name, [p.prefix for p in ab], steering=(edit,), coefficients=tuple(coefficients),
-            score_ids=tuple(letter_ids[x] for x in score_letters),
-        )  # fmt: skip
+        steering = SteeringSettings(
+            edits=(edit,), coefficients=tuple(coefficients), score_ids=tuple(letter_ids[x] for x in score_letters)
+        )
+        _, store = self._run(name, [p.prefix for p in ab], steering=steering)
         scores = store["scores"][:, 0].reshape(len(items), len(coefficients), len(score_letters))
         col = {letter: i for i, letter in enumerate(score_letters)}
         propensity = np.empty((len(items), len(coefficients)))
@@ -280,7 +275,7 @@ def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
         raise ConfigError(
             f"layer={cfg.layer} is not among steering.layers={candidates} (vectors are built there only): {fix}"
         )
-    model_checks(check_cluster, cluster_spec(cfg.cluster), hf_config)
+    model_checks(check_cluster, cluster_settings(cfg.cluster), hf_config)
     tokenizer = checkpoint.tokenizer()
     clear_previous_run(out_dir, overwrite=cfg.overwrite)
     save_run_record(cfg, out_dir)

@@ -44,6 +44,38 @@ def hf_hidden_by_row(generated, pad: torch.Tensor, row: int, layer: int) -> torc
     return torch.cat(steps, dim=0)[int(pad[row]) :]
 
 
+# Where run_lens's flat keyword arguments go in a RunSpec (group, field).
+_GROUPS = {
+    "model_path": ("model", "path"), "dtype": ("model", "dtype"),
+    "store_path": ("storage", "path"), "existing": ("storage", "existing"),
+    **{k: ("cluster", k) for k in (
+        "executor", "num_stages", "tp_size", "device", "cpus_per_stage", "gpus_per_stage", "micro_batch_size",
+        "micro_batches_in_flight", "placement_timeout_s", "max_restarts", "restart_timeout_s",
+    )},
+    **{k: ("capture", k) for k in ("layers", "components", "positions", "k", "activations")},
+    "lens_window": ("capture", "window"),
+    "max_new_tokens": ("generation", "max_new_tokens"), "sampling": ("generation", "sampling"),
+    "steering": ("steering", "edits"),
+    **{k: ("steering", k) for k in ("coefficients", "score_ids", "share_prefix")},
+}  # fmt: skip
+
+
+def run_spec(**flat) -> RunSpec:
+    """A RunSpec from flat keywords (`num_stages=2, k=7, ...`), as the tests write them."""
+    from actors import run_spec as rs
+
+    kinds = {"model": rs.ModelSettings, "storage": rs.StorageSettings, "cluster": rs.ClusterSettings,
+             "capture": rs.CaptureSettings, "generation": rs.GenerationSettings, "steering": rs.SteeringSettings}  # fmt: skip
+    groups, top = {}, {}
+    for key, value in flat.items():
+        if key in _GROUPS:
+            group, field = _GROUPS[key]
+            groups.setdefault(group, {})[field] = value
+        else:
+            top[key] = value
+    return RunSpec(**{name: kinds[name](**fields) for name, fields in groups.items()}, **top)
+
+
 def run_lens(path, store_path, **overrides) -> tuple[dict, LensStore]:
     spec = dict(
         model_path=str(path),
@@ -58,15 +90,15 @@ def run_lens(path, store_path, **overrides) -> tuple[dict, LensStore]:
     spec.update(overrides)
     prompts = spec.pop("prompts", PROMPTS)
     executor = spec.pop("executor_pool", None)
-    run_spec = RunSpec(**spec)
+    spec = run_spec(**spec)
     if executor is not None:  # stage actors from a pool; the coordinator in this process
-        summary = Coordinator(run_spec, executor).run(prompts)
-    elif run_spec.executor == "ray":
+        summary = Coordinator(spec, executor).run(prompts)
+    elif spec.cluster.executor == "ray":
         import ray
 
-        summary = ray.get(ray.remote(Coordinator).options(num_cpus=0).remote(run_spec).run.remote(prompts))
+        summary = ray.get(ray.remote(Coordinator).options(num_cpus=0).remote(spec).run.remote(prompts))
     else:
-        summary = Coordinator(run_spec).run(prompts)
+        summary = Coordinator(spec).run(prompts)
     return summary, LensStore.open(store_path)
 
 

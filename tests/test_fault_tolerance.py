@@ -18,7 +18,7 @@ import pytest
 from driver import run_driver
 
 from actors.store import LensStore
-from reference import assert_stores_equal, run_lens
+from reference import assert_stores_equal, run_lens, run_spec
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24], [30, 31], [40, 41, 42, 43], [50, 51, 52]]
 
@@ -42,7 +42,6 @@ def test_stage_actor_killed_mid_run_is_restarted_and_the_store_equals_an_uninter
     ray_cluster, tiny_checkpoints, tmp_path
 ):
     from actors.coordinator import Coordinator
-    from actors.run_spec import RunSpec
     from actors.sampling import SamplingSpec
 
     class KillStage(Coordinator):
@@ -59,7 +58,7 @@ def test_stage_actor_killed_mid_run_is_restarted_and_the_store_equals_an_uninter
     path = tiny_checkpoints["llama"]
     common = dict(prompts=PROMPTS, num_stages=2, micro_batch_size=2, micro_batches_in_flight=2, max_new_tokens=6)
     _, reference = run_lens(path, tmp_path / "reference.zarr", **common)
-    spec = RunSpec(
+    spec = run_spec(
         model_path=str(path), store_path=str(tmp_path / "killed.zarr"), executor="ray", max_restarts=2,
         activations="float32", sampling=SamplingSpec(eos_token_ids=(), pad_token_id=0), lens_window=4,
         progress=False, **{k: v for k, v in common.items() if k != "prompts"},

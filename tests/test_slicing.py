@@ -33,12 +33,11 @@ def test_plan_balances_parameters_with_an_untied_embedding_on_stage_0():
 
 @pytest.mark.parametrize("num_stages", [0, 5])
 def test_stage_counts_out_of_range_are_refused(num_stages):
-    from actors.run_spec import RunSpec, SettingError, check_cluster
+    from actors.run_spec import ClusterSettings, SettingError, check_cluster
 
-    spec = RunSpec(model_path="", store_path="", num_stages=num_stages)
     with pytest.raises(SettingError, match=rf"num_stages={num_stages} is out of range: valid is 1\.\.4") as err:
-        check_cluster(spec, tiny_config("llama"))
-    assert err.value.field == "num_stages"
+        check_cluster(ClusterSettings(num_stages=num_stages), tiny_config("llama"))
+    assert err.value.field == "cluster.num_stages"
 
 
 def test_each_stage_loads_only_its_own_weights(tiny_checkpoints):

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from reference import PROMPTS, hf_generate, hf_hidden_by_row, run_lens
+from reference import PROMPTS, hf_generate, hf_hidden_by_row, run_lens, run_spec
 from tiny_models import FAMILIES, load_reference
 
 
@@ -103,9 +103,8 @@ def test_tp2_equals_tp1_and_unsliced(family, ray_cluster, tiny_checkpoints, tmp_
 
 def test_tensor_parallel_is_refused_for_a_family_autotp_cannot_shard(tiny_checkpoints, tmp_path):
     from actors.coordinator import Coordinator
-    from actors.run_spec import RunSpec
 
-    spec = RunSpec(
+    spec = run_spec(
         model_path=str(tiny_checkpoints["gpt2"]), store_path=str(tmp_path / "s.zarr"), tp_size=2, executor="ray"
     )
     with pytest.raises(ValueError) as err:  # refused in this process, before any stage starts

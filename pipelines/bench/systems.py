@@ -172,7 +172,7 @@ def distlens(job: dict) -> dict:
     spec = run_spec(job, len(prompts), job["T"])
     with Meter(device) as m:
         summary = Coordinator(spec).run(prompts)
-    store_path = Path(spec.store_path)
+    store_path = Path(spec.storage.path)
     store = LensStore.open(store_path)
     stage_peaks = [info["peak_rss_bytes"] for info in summary["stage_info"]]
     in_process = job["executor"] == "local"
@@ -205,7 +205,15 @@ def distlens(job: dict) -> dict:
 def run_spec(job: dict, prompts: int, tokens: int):
     """The coordinator's run settings for a distlens job: a fresh store under the job's scratch
     directory, one micro-batch holding every prompt (times every coefficient of a sweep)."""
-    from actors.run_spec import RunSpec
+    from actors.run_spec import (
+        CaptureSettings,
+        ClusterSettings,
+        GenerationSettings,
+        ModelSettings,
+        RunSpec,
+        SteeringSettings,
+        StorageSettings,
+    )  # fmt: skip
     from actors.sampling import SamplingSpec
 
     steering = ()
@@ -216,13 +224,18 @@ def run_spec(job: dict, prompts: int, tokens: int):
         steering = (SteeringEdit(job["steer_layer"], "resid_pre", np.asarray(job["vector"], np.float32), where),)
     layers = () if job.get("no_capture") else (tuple(job["layers"]) if job.get("layers") else None)
     return RunSpec(
-        model_path=job["model_path"], store_path=str(Path(tempfile.mkdtemp(dir=job.get("scratch"))) / "lens.zarr"),
-        num_stages=job["stages"], executor=job["executor"], dtype=job.get("dtype", "float32"),
-        device=job.get("device", "cpu"), components=tuple(job.get("components", ["resid_post"])), k=10,
-        lens_window=job.get("window", 64), sampling=SamplingSpec(eos_token_ids=(), pad_token_id=0),
-        max_new_tokens=tokens, micro_batch_size=prompts * len(job.get("coefficients") or [1]),
-        micro_batches_in_flight=1, progress=False, steering=steering, coefficients=job.get("coefficients"),
-        layers=layers, score_ids=tuple(job.get("score_ids", ())),
+        model=ModelSettings(job["model_path"], job.get("dtype", "float32")),
+        storage=StorageSettings(str(Path(tempfile.mkdtemp(dir=job.get("scratch"))) / "lens.zarr")),
+        cluster=ClusterSettings(
+            executor=job["executor"], num_stages=job["stages"], device=job.get("device", "cpu"),
+            micro_batch_size=prompts * len(job.get("coefficients") or [1]), micro_batches_in_flight=1,
+        ),
+        capture=CaptureSettings(
+            layers=layers, components=tuple(job.get("components", ["resid_post"])), k=10, window=job.get("window", 64)
+        ),
+        generation=GenerationSettings(tokens, SamplingSpec(eos_token_ids=(), pad_token_id=0)),
+        steering=SteeringSettings(steering, job.get("coefficients"), tuple(job.get("score_ids", ()))),
+        progress=False,
     )  # fmt: skip
 
 
