@@ -374,9 +374,8 @@ class Coordinator:
         generated ids."""
         spec = self.spec
         finished = FinishedBatch(
-            index=mb.index, rows=mb.rows, input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-            generated=np.stack(mb.generated, axis=1), coefficients=mb.coefficients,
-            scores=np.stack(mb.scores, axis=1) if mb.scores else None, chunks=chunks,
+            input_ids=mb.input_ids, attention_mask=mb.attention_mask, generated=np.stack(mb.generated, axis=1),
+            coefficients=mb.coefficients, scores=np.stack(mb.scores, axis=1) if mb.scores else None, chunks=chunks,
         )  # fmt: skip
         data, gen_len = lay_out_batch(
             finished, store.attrs["layout"], spec.generation.sampling.eos_token_ids, spec.generation.max_new_tokens

@@ -122,8 +122,6 @@ class RunStore:
 class FinishedBatch:
     """One micro-batch as the pipeline produced it, in its left-padded column layout."""
 
-    index: int
-    rows: slice
     input_ids: np.ndarray  # [batch, prompt_cols], left-padded
     attention_mask: np.ndarray  # [batch, prompt_cols]
     generated: np.ndarray  # [batch, steps] sampled ids (pad after a row's end)
