@@ -39,7 +39,7 @@ class _MicroBatch:
     generated: list = field(default_factory=list)  # [batch] arrays, one per step
     last: object = None  # handle of the last stage's latest step output
     scores: list = field(default_factory=list)  # [batch, len(score_ids)] per generated step
-    calls: list = field(default_factory=list)  # (rank, handle) of its stage calls: lens chunks and acks
+    calls: list = field(default_factory=list)  # handles of its stage calls (lens chunks and acks), every rank
     counted: int = 0  # progress-bar units counted for this micro-batch
 
 

@@ -106,6 +106,8 @@ def check_cluster(c: ClusterSettings, config) -> None:
         raise SettingError(
             "cluster.num_stages", f"={c.num_stages} is out of range: valid is 1..{n} (the model's layer count)"
         )
+    if c.tp_size < 1:
+        raise SettingError("cluster.tp_size", f"={c.tp_size} is out of range: must be >= 1")
     if c.tp_size > 1 and c.executor != "ray":
         raise SettingError("cluster.tp_size", f"={c.tp_size} needs executor ray (one process per rank)")
     if c.tp_size > 1 and not adapter.tensor_parallel:

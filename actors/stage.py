@@ -78,6 +78,7 @@ class StageSpec:
     sampling: SamplingSpec = field(default_factory=SamplingSpec)
     steering: tuple[SteeringEdit, ...] = ()  # every edit of the run; a stage applies its own layers'
     score_ids: tuple[int, ...] = ()  # last stage: report these tokens' logits at every step
+    reports: bool = True  # return lens chunks (StageGroup sets it: rank 0 of each stage reports)
 
     @property
     def is_last(self) -> bool:
@@ -441,7 +442,9 @@ class StageWorker:
             state.pending.setdefault(key, []).extend(captured.get(key, []))
         state.tokens.append(tokens)
         state.cols += new
-        chunks = [] if state.shared else self._flush(mb, state, force=False)  # every TP rank holds the merged lens
+        chunks = [] if state.shared else self._flush(mb, state, force=False)
+        if not self.spec.reports:  # every TP rank computes the merged lens; one sends it
+            chunks = []
         if not self.spec.is_last:
             return hidden.cpu() if self.device.type != "cpu" else hidden, chunks
         if state.shared:  # a prefix's last column is not the prompt's: nothing to sample yet
@@ -462,7 +465,8 @@ class StageWorker:
         state = self._state(mb)
         del self._states[mb]
         state.tokens.append(_as_columns(last_tokens))
-        return self._flush(mb, state, force=True)
+        chunks = self._flush(mb, state, force=True)
+        return chunks if self.spec.reports else []
 
     def _flush(self, mb: int, state: _BatchState, force: bool) -> list[LensChunk]:
         """Run the lens over buffered columns whose next token is known, one window at a time."""

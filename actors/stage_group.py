@@ -4,13 +4,15 @@ of each stage), the tensor-parallel rendezvous, and how each call is dispatched 
 Dispatch: the micro-batch calls (`start`, `step`, `expand`, `finish`) and `setup` go to every
 rank of the stages they name (tensor-parallel ranks run the same step together); the reports
 (`stats`) go to rank 0 of each stage. Collection: a stage's output and its lens chunks are
-rank 0's (every rank holds the merged lens); every rank's handle is still waited for, so an
-error on any rank surfaces. Both rules are declared here once, so the coordinator never names a
+rank 0's (every rank computes the merged lens; only rank 0's spec says `reports`, so the others
+send none); every rank's handle is still waited for, so an error on any rank surfaces. Both rules are declared here once, so the coordinator never names a
 worker method or a rank. Calls return executor handles (object refs on Ray), so the
 coordinator can chain one stage's output into the next without waiting.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from actors.stage import StageSpec, StageWorker
 
@@ -20,8 +22,8 @@ class StageGroup:
 
     def __init__(self, executor, specs: list[StageSpec]):
         self.executor = executor
-        self.specs = specs
-        self.workers = executor.create(specs)
+        self.specs = [replace(spec, reports=spec.tp_rank == 0) for spec in specs]
+        self.workers = executor.create(self.specs)
         tp = specs[0].tp_size
         self.ranks = [self.workers[s : s + tp] for s in range(0, len(self.workers), tp)]  # [stage][rank]
 
@@ -29,13 +31,9 @@ class StageGroup:
     def num_stages(self) -> int:
         return len(self.ranks)
 
-    def _every_rank(self, stages, method, *args, num_returns: int = 1) -> list[tuple[int, object]]:
-        """Dispatch to every rank of `stages`: [(rank, handle)], stage-major."""
-        return [
-            (r, self.executor.call(w, method, *args, num_returns=num_returns))
-            for s in stages
-            for r, w in enumerate(self.ranks[s])
-        ]
+    def _every_rank(self, stages, method, *args, num_returns: int = 1) -> list:
+        """Dispatch to every rank of `stages`: [handle], stage-major, rank 0 first."""
+        return [self.executor.call(w, method, *args, num_returns=num_returns) for s in stages for w in self.ranks[s]]
 
     def _first_rank(self, stages, method, *args) -> list:
         """Dispatch to rank 0 of each of `stages`: [handle]."""
@@ -44,15 +42,10 @@ class StageGroup:
     def _all_stages(self):
         return range(self.num_stages)
 
-    def collect(self, calls: list[tuple[int, object]]) -> list:
-        """Wait for every call (an error on any rank surfaces here) and return rank 0's lens
-        chunks, in call order."""
-        out = []
-        for rank, handle in calls:
-            chunks = self.executor.get(handle)
-            if rank == 0 and chunks:
-                out.extend(chunks)
-        return out
+    def collect(self, calls: list) -> list:
+        """Wait for every call (an error on any rank surfaces here) and return the lens chunks
+        they carry (rank 0's: the others report none), in call order."""
+        return [chunk for handle in calls for chunk in (self.executor.get(handle) or [])]
 
     # -- set-up -------------------------------------------------------------------------------
     def setup(self) -> list[dict]:
@@ -79,10 +72,10 @@ class StageGroup:
         return self._every_rank(stages, StageWorker.start, mb, attention_mask, positions, coefficients, shared)
 
     def step(self, stage: int, mb: int, tokens, upstream, upstream_rows=None) -> tuple[object, list]:
-        """One stage's step: (rank 0's output handle, every rank's lens-chunk call)."""
+        """One stage's step: (rank 0's output handle, every rank's lens-chunk handle)."""
         args = (mb, tokens, upstream) if upstream_rows is None else (mb, tokens, upstream, upstream_rows)
-        calls = self._every_rank([stage], StageWorker.step, *args, num_returns=2)
-        return calls[0][1][0], [(rank, pair[1]) for rank, pair in calls]
+        calls = self._every_rank([stage], StageWorker.step, *args, num_returns=2)  # each (output, chunks)
+        return calls[0][0], [pair[1] for pair in calls]
 
     def expand(self, stages, mb: int, index, coefficients) -> list:
         return self._every_rank(stages, StageWorker.expand, mb, index, coefficients)

@@ -226,7 +226,7 @@ def _validate_model_and_cluster(cfg) -> None:
             "model.name is not set: give a built-in name, a local directory with config.json or a Hugging "
             "Face id, e.g. model=hf model.name=meta-llama/Llama-3.1-8B-Instruct"
         )
-    for name in ("num_stages", "tp_size", "micro_batch_size", "micro_batches_in_flight"):
+    for name in ("micro_batch_size", "micro_batches_in_flight"):  # num_stages, tp_size: run_spec.check_cluster
         at_least(f"cluster.{name}", getattr(c, name), 1)
     at_least("cluster.max_restarts", c.max_restarts, 0)
     for name in ("cpus_per_stage", "gpus_per_stage"):
