@@ -10,7 +10,6 @@ from hydra.core.config_store import ConfigStore
 
 from actors.vocabulary import ACTIVATION_DTYPES, MODEL_DTYPES, STEERING_POSITIONS, STEERING_SITES
 
-EXECUTORS = ("local", "ray")
 POSITION_WORDS = ("all", "prompt", "generated")
 
 
@@ -213,8 +212,7 @@ def at_least(field_name: str, value, low) -> None:
 def _validate_model_and_cluster(cfg) -> None:
     """The `model` and `cluster` checks every driver shares."""
     c = cfg.cluster
-    choice("cluster.executor", c.executor, EXECUTORS)
-    choice("cluster.device", c.device, ("cpu", "cuda"))
+    choice("cluster.device", c.device, ("cpu", "cuda"))  # cluster.executor: run_spec.check_cluster
     choice("model.dtype", cfg.model.dtype, MODEL_DTYPES)
     if c.device == "cpu" and cfg.model.dtype == "float16":
         raise ConfigError(
@@ -343,8 +341,8 @@ def cluster_settings(c):
 
 def run_spec(cfg, model_path: str, store_path: str, existing: str = "refuse", **groups):
     """A driver's config as a RunSpec, group by group: `model` and `cluster` from its groups,
-    `capture` and `generation` from its groups when it has them (the lens config does), and any
-    group given in `groups` (as actors.run_spec settings) instead."""
+    `capture` from its group when it has one (the lens config does), and any group given in
+    `groups` (as actors.run_spec settings) instead."""
     from actors.run_spec import CaptureSettings, ModelSettings, RunSpec, StorageSettings
 
     parts = {"cluster": cluster_settings(cfg.cluster)}
