@@ -18,11 +18,12 @@ import numpy as np
 
 from actors.executor import ClusterError, LocalExecutor, RayExecutor
 from actors.progress import StageStats, progress_bar
-from actors.run_spec import RunSpec, check_run
+from actors.run_spec import RunSpec, SettingError, check_run
 from actors.run_store import FinishedBatch, RunStore, lay_out_batch
 from actors.slicing import plan_stages
 from actors.stage import CaptureSpec, LostStateError, StageSpec
 from actors.stage_group import StageGroup
+from actors.steering import first_column, row_layout
 from actors.store import StoreLayout
 
 log = logging.getLogger("distlens")
@@ -34,7 +35,8 @@ class _MicroBatch:
     rows: slice
     input_ids: np.ndarray  # [batch, prompt_cols], left-padded
     attention_mask: np.ndarray  # [batch, prompt_cols]
-    coefficients: np.ndarray  # [batch] steering multiplier of each row
+    coefficients: np.ndarray  # [batch] the recorded steering coefficient of each row
+    edits: tuple = ()  # [batch] each row's RowEdits
     steps: int = 0
     generated: list = field(default_factory=list)  # [batch] arrays, one per step
     last: object = None  # handle of the last stage's latest step output
@@ -64,13 +66,16 @@ class Coordinator:
         from transformers import AutoConfig
 
         spec = self.spec
-        # A coefficient sweep is a batch dimension: prompt p runs as rows p*M .. p*M + M-1, one
-        # per coefficient, all in the same forward passes.
-        sweep = spec.steering.coefficients or (1.0,)
-        self._sources = np.repeat(np.arange(len(prompts)), len(sweep))
-        row_coefficients = np.tile(np.asarray(sweep, np.float32), len(prompts))
-        prompts = [prompts[p] for p in self._sources]
         config = AutoConfig.from_pretrained(spec.model.path)
+        # Rows are prompts with their own edits, all in the same forward passes: a coefficient
+        # sweep runs prompt p as rows p*M .. p*M + M-1, one per coefficient.
+        s = spec.steering
+        try:
+            rows = row_layout(len(prompts), s.edits, s.coefficients, s.vectors, s.rows, config.hidden_size)
+        except ValueError as err:
+            raise SettingError("steering.rows" if s.rows is not None else "steering.edits", f": {err}") from None
+        self._sources = rows.sources
+        prompts = [prompts[p] for p in self._sources]
         check_run(spec, config, prompts)
         n_layers = config.num_hidden_layers
         cap = spec.capture
@@ -89,16 +94,18 @@ class Coordinator:
             activations=spec.capture.activations,
             n_scores=len(spec.steering.score_ids),
             n_steps=spec.generation.max_new_tokens,
+            n_edits=max((len(e) for e in rows.edits), default=0),
         )
-        run_store = RunStore.open(
-            spec.storage.path, layout, {**spec.attrs, "stages": [list(b) for b in bounds]}, spec.storage.existing
-        )
+        kinds = rows.kinds
+        self._row_arrays = self._edit_arrays(rows, kinds, layout.n_edits)
+        attrs = {**spec.attrs, "stages": [list(b) for b in bounds], "edit_kinds": [list(k) for k in kinds]}
+        run_store = RunStore.open(spec.storage.path, layout, attrs, spec.storage.existing, rows.vectors)
         store = run_store.store
-        mbs = self._micro_batches(prompts, row_coefficients, spec.generation.sampling.pad_token_id)
+        mbs = self._micro_batches(prompts, rows, spec.generation.sampling.pad_token_id)
         todo = [mb for mb in mbs if mb.index not in store.done_batches()]
         if not todo and store.is_complete:  # a resumed run that had already finished
             return dict(store.attrs["summary"], batches_run=[])
-        capture = CaptureSpec(layers, tuple(cap.components), cap.k, cap.window, cap.activations)
+        capture = CaptureSpec(layers, tuple(cap.components), cap.k, cap.window, cap.activations, cap.lens)
         specs = [
             StageSpec(
                 stage=s,
@@ -112,7 +119,8 @@ class Coordinator:
                 tp_size=spec.cluster.tp_size,
                 capture=capture,
                 sampling=spec.generation.sampling,
-                steering=tuple(spec.steering.edits),
+                vectors=rows.vectors,
+                steered=rows.steered,
                 score_ids=tuple(spec.steering.score_ids),
             )  # fmt: skip
             for s, (a, b) in enumerate(bounds)
@@ -188,19 +196,33 @@ class Coordinator:
         log.setLevel(logging.INFO)
         return handler
 
-    def _micro_batches(self, prompts, coefficients, pad_id: int) -> list[_MicroBatch]:
+    @staticmethod
+    def _edit_arrays(rows, kinds, n_edits: int) -> dict:
+        """What the store records of every row's steering: its prompt and its edits."""
+        out = {"source": rows.sources.astype(np.int32)}
+        if n_edits:
+            index = {k: i for i, k in enumerate(kinds)}
+            out["edit_kind"] = np.full((len(rows.edits), n_edits), -1, np.int32)
+            out["edit_coefficient"] = np.full((len(rows.edits), n_edits), np.nan, np.float32)
+            for r, edits in enumerate(rows.edits):
+                for j, e in enumerate(edits):
+                    out["edit_kind"][r, j], out["edit_coefficient"][r, j] = index[e.kind], e.coefficient
+        return out
+
+    def _micro_batches(self, prompts, rows, pad_id: int) -> list[_MicroBatch]:
         out = []
         b = self.spec.cluster.micro_batch_size
         for index, start in enumerate(range(0, len(prompts), b)):
             group = prompts[start : start + b]
-            coefs = np.asarray(coefficients[start : start + b], np.float32)
+            coefs = np.asarray(rows.coefficients[start : start + b], np.float32)
             cols = max(len(p) for p in group)
             ids = np.full((len(group), cols), pad_id, np.int64)
             mask = np.zeros((len(group), cols), np.int64)
             for i, p in enumerate(group):  # left padding: every row's next token is the last column
                 ids[i, cols - len(p) :] = p
                 mask[i, cols - len(p) :] = 1
-            out.append(_MicroBatch(index, slice(start, start + len(group)), ids, mask, coefs))
+            edits = rows.edits[start : start + b]
+            out.append(_MicroBatch(index, slice(start, start + len(group)), ids, mask, coefs, edits))
         return out
 
     # -- generation -----------------------------------------------------------------------------
@@ -219,31 +241,29 @@ class Coordinator:
             mb.calls += calls
         mb.last = hidden
 
-    def _shared_columns(self, mb: _MicroBatch) -> int:
-        """How many leading prompt columns no steering edit touches, when the micro-batch
-        repeats prompts (a sweep); 0 = nothing to share. At least the last prompt column is
-        always left out: its logits choose the first token, once per row."""
-        spec = self.spec
+    def _repeats(self, mb: _MicroBatch) -> bool:
+        """Whether prefix sharing applies: it is on and the micro-batch repeats a prompt."""
         sources = self._sources[mb.rows]
-        if not spec.steering.share_prefix or len(np.unique(sources)) == len(sources):
+        return self.spec.steering.share_prefix and len(np.unique(sources)) < len(sources)
+
+    def _shared_columns(self, mb: _MicroBatch) -> int:
+        """How many leading prompt columns none of the micro-batch's edits touches, when it
+        repeats prompts; 0 = nothing to share. At least the last prompt column is always left
+        out: its logits choose the first token, once per row."""
+        if not self._repeats(mb):
             return 0
         cols = mb.input_ids.shape[1]
         pad = int((mb.attention_mask == 0).sum(1).min())
-        first = {"all": 0, "prompt": 0, "last": cols - 1, "generated": cols}
-        starts = [
-            first[e.positions] if isinstance(e.positions, str) else pad + e.positions for e in spec.steering.edits
-        ]
+        starts = [first_column(e.positions, cols, pad) for row in mb.edits for e in row]
         return max(0, min([cols - 1, *starts]))
 
     def _shared_stages(self, mb: _MicroBatch) -> int:
-        """How many leading stages hold only layers before every steering edit, when the
-        micro-batch repeats prompts (a sweep): their prompt columns are alike for every
-        coefficient. Never the last stage (its logits choose the first token, once per row)."""
-        spec = self.spec
-        sources = self._sources[mb.rows]
-        if not spec.steering.share_prefix or not spec.steering.edits or len(np.unique(sources)) == len(sources):
+        """How many leading stages hold only layers before every edit of the micro-batch, when
+        it repeats prompts: their prompt columns are alike for every row of a prompt. Never the
+        last stage (its logits choose the first token, once per row)."""
+        if not self._repeats(mb):
             return 0
-        first = min(e.layer for e in spec.steering.edits)
+        first = min([e.layer for row in mb.edits for e in row], default=self._bounds[-1][0])
         return sum(1 for _, end in self._bounds[:-1] if end <= first)
 
     def _start(self, mb: _MicroBatch) -> None:
@@ -251,10 +271,10 @@ class Coordinator:
         every = range(stages.num_stages)
         split, early = self._shared_columns(mb), self._shared_stages(mb)
         if not split and not early:
-            mb.calls += stages.start(every, mb.index, mb.attention_mask, spec.capture.positions, mb.coefficients)
+            mb.calls += stages.start(every, mb.index, mb.attention_mask, spec.capture.positions, mb.edits)
             self._submit(mb, mb.input_ids)
             return
-        # Prompts repeated along the batch (one row per coefficient): what no edit can reach runs
+        # Prompts repeated along the batch (e.g. one row per coefficient): what no edit can reach runs
         # once per distinct prompt, then the stages replicate their state. That is the columns
         # before the first steered one (causal attention: they cannot see the edit) on every
         # stage, and the rest of the prompt on the stages before the first steered layer.
@@ -263,16 +283,14 @@ class Coordinator:
         _, base, index = np.unique(self._sources[mb.rows], return_index=True, return_inverse=True)
         earlier, later = range(early), range(early, stages.num_stages)
         shared = every if split else earlier
-        mb.calls += stages.start(
-            shared, mb.index, mb.attention_mask[base], spec.capture.positions, np.ones(len(base)), True
-        )
+        mb.calls += stages.start(shared, mb.index, mb.attention_mask[base], spec.capture.positions, None, True)
         if split:
             self._submit(mb, mb.input_ids[base, :split])
-            mb.calls += stages.expand(later, mb.index, index, mb.coefficients)
+            mb.calls += stages.expand(later, mb.index, index, mb.edits)
         else:
-            mb.calls += stages.start(later, mb.index, mb.attention_mask, spec.capture.positions, mb.coefficients)
+            mb.calls += stages.start(later, mb.index, mb.attention_mask, spec.capture.positions, mb.edits)
         self._submit(mb, mb.input_ids[:, split:], early, base, index)
-        mb.calls += stages.expand(earlier, mb.index, index, mb.coefficients)
+        mb.calls += stages.expand(earlier, mb.index, index, mb.edits)
 
     def _generate(self, todo: list[_MicroBatch], store, prompt_texts) -> dict[int, list]:
         spec = self.spec
@@ -375,7 +393,7 @@ class Coordinator:
         spec = self.spec
         finished = FinishedBatch(
             input_ids=mb.input_ids, attention_mask=mb.attention_mask, generated=np.stack(mb.generated, axis=1),
-            coefficients=mb.coefficients, scores=np.stack(mb.scores, axis=1) if mb.scores else None, chunks=chunks,
+            coefficients=mb.coefficients, rows={k: v[mb.rows] for k, v in self._row_arrays.items()}, scores=np.stack(mb.scores, axis=1) if mb.scores else None, chunks=chunks,
         )  # fmt: skip
         data, gen_len = lay_out_batch(
             finished, store.attrs["layout"], spec.generation.sampling.eos_token_ids, spec.generation.max_new_tokens

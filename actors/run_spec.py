@@ -9,6 +9,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from actors.adapters import adapter_for
 from actors.sampling import SamplingSpec
 from actors.vocabulary import COMPONENTS, STEERING_SITES
@@ -61,6 +63,7 @@ class CaptureSettings:
     k: int = 10
     window: int = 64  # positions buffered on a stage before one batched lens pass
     activations: str | None = None  # also store raw activations in this dtype
+    lens: bool = True  # False: store activations only, no lens (what a steering vector needs)
 
 
 @dataclass(frozen=True)
@@ -71,10 +74,16 @@ class GenerationSettings:
 
 @dataclass(frozen=True)
 class SteeringSettings:
-    edits: tuple = ()  # SteeringEdits; each stage applies those on its own layers
+    """The run's rows and their edits (see actors.steering.row_layout): either the sweep
+    shorthand (`edits` on every row, times each of `coefficients`) or explicit `rows` over the
+    vector table `vectors`."""
+
+    edits: tuple = ()  # SteeringEdits every row carries; each stage applies those on its own layers
     coefficients: tuple[float, ...] | None = None  # a sweep: every prompt runs once per coefficient
     score_ids: tuple[int, ...] = ()  # record these tokens' logits at every generated step
-    share_prefix: bool = True  # a sweep computes what its edits cannot reach once per prompt
+    share_prefix: bool = True  # rows of one prompt compute what their edits cannot reach once
+    vectors: np.ndarray | None = None  # [n_vectors, d_model] the table `rows` index
+    rows: tuple | None = None  # ((prompt index, (RowEdit, ...)), ...): one entry per row
 
 
 @dataclass(frozen=True)
@@ -129,7 +138,7 @@ def check_steering_site(config, site: str, field: str = "steering.site") -> None
     have = adapter_for(config.model_type).sites_for(config)
     if site not in have or site not in STEERING_SITES:
         sites = [s for s in STEERING_SITES if s in have]
-        text = f" site {site!r}" if field == "steering.edits" else f"={site!r}"
+        text = f" site {site!r}" if field in ("steering.edits", "steering.rows") else f"={site!r}"
         raise SettingError(field, f"{text} does not exist in model family {config.model_type!r}: it has {sites}")
 
 
@@ -150,6 +159,8 @@ def check_run(spec: RunSpec, config, prompts: list[list[int]]) -> None:
                     "capture.layers", f" contains {i!r}, out of range: valid is 0..{n - 1} (or -{n}..-1)"
                 )
         _once("capture.layers", [i % n for i in spec.capture.layers])
+    if not spec.capture.lens and not spec.capture.activations:
+        raise SettingError("capture.lens", "=false with no capture.activations captures nothing: set one of them")
     if not spec.capture.components:
         raise SettingError("capture.components", f"=[] is empty: choose from {list(COMPONENTS)}")
     have = adapter.sites_for(config)
@@ -162,10 +173,19 @@ def check_run(spec: RunSpec, config, prompts: list[list[int]]) -> None:
                 f"={comp!r} does not exist in model family {config.model_type!r}: it has {list(have)}",
             )
     _once("capture.components", list(spec.capture.components))
-    for e in spec.steering.edits:
-        check_steering_site(config, e.site, field="steering.edits")
-        if not 0 <= e.layer < n:
-            raise SettingError("steering.edits", f" layer {e.layer} is out of range: valid is 0..{n - 1}")
+    steering = spec.steering
+    wheres = {(e.layer, e.site) for e in steering.edits}
+    wheres |= {(e.layer, e.site) for _, edits in steering.rows or () for e in edits}
+    field_name = "steering.rows" if steering.rows is not None else "steering.edits"
+    for layer, site in sorted(wheres):
+        check_steering_site(config, site, field=field_name)
+        if not 0 <= layer < n:
+            raise SettingError(field_name, f" layer {layer} is out of range: valid is 0..{n - 1}")
+    if steering.vectors is not None and np.shape(steering.vectors)[-1] != config.hidden_size:
+        raise SettingError(
+            "steering.vectors",
+            f" have shape {tuple(np.shape(steering.vectors))}; this model's hidden size is {config.hidden_size}",
+        )
     if not 1 <= spec.capture.k <= config.vocab_size:
         raise SettingError(
             "capture.k", f"={spec.capture.k} is out of range: valid is 1..{config.vocab_size} (the vocabulary)"

@@ -58,7 +58,7 @@ class RunStore:
         self.replaced = replaced  # (path, where it was set aside) of an overwritten store and its log
 
     @classmethod
-    def open(cls, path, layout: StoreLayout, attrs: dict, existing: str) -> RunStore:
+    def open(cls, path, layout: StoreLayout, attrs: dict, existing: str, vectors=None) -> RunStore:
         """`existing`: what to do with a store already at `path`: refuse | resume | overwrite.
         A resume needs the same fingerprint (config) and the same layout (micro-batch numbers
         index rows through the rows per batch, so a store cut another way cannot continue)."""
@@ -99,7 +99,7 @@ class RunStore:
                 )
         elif path.exists() and any(path.iterdir()):
             raise StoreError(f"output path {path} exists and is not a lens store: choose another storage.run")
-        return cls(LensStore.create(path, layout, attrs), created=True, replaced=replaced)
+        return cls(LensStore.create(path, layout, attrs, vectors), created=True, replaced=replaced)
 
     def abandon(self) -> None:
         """Nothing was computed: leave no store behind (and an overwritten one back)."""
@@ -126,6 +126,7 @@ class FinishedBatch:
     attention_mask: np.ndarray  # [batch, prompt_cols]
     generated: np.ndarray  # [batch, steps] sampled ids (pad after a row's end)
     coefficients: np.ndarray  # [batch]
+    rows: dict  # per-row arrays stored as they are: source, edit_kind, edit_coefficient
     scores: np.ndarray | None  # [batch, steps, choices] or None
     chunks: list  # LensChunks of every stage
 
@@ -151,6 +152,7 @@ def lay_out_batch(batch: FinishedBatch, layout: dict, eos_token_ids, max_new_tok
         "lengths": length.astype(np.int32),
         "prompt_lengths": (prompt_cols - pad).astype(np.int32),
         "coefficient": batch.coefficients,
+        **batch.rows,
     }
     if batch.scores is not None:
         scores = np.full((rows, max_new_tokens, batch.scores.shape[2]), np.nan, np.float32)

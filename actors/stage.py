@@ -19,7 +19,8 @@ import torch
 from actors.adapters import get_path
 from actors.lens import LogitLens
 from actors.sampling import SamplingSpec, choose_tokens
-from actors.vocabulary import LENS_FIELDS, MODEL_DTYPES, SITES, STEERING_POSITIONS, STEERING_SITES
+from actors.steering import edit_terms
+from actors.vocabulary import LENS_FIELDS, MODEL_DTYPES, SITES
 
 DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
 
@@ -36,31 +37,7 @@ class CaptureSpec:
     k: int = 10
     window: int = 64  # positions buffered before one batched lens pass
     activations: str | None = None  # None, or the dtype raw activations are stored in
-
-
-@dataclass(frozen=True)
-class SteeringEdit:
-    """`h += coefficient * row_coefficient * vector` at `site` of `layer`, on `positions`:
-    all, prompt, generated, last (the last prompt token), or an int i (positions >= i)."""
-
-    layer: int
-    site: str
-    vector: np.ndarray  # [d_model] float32
-    positions: str | int = "all"
-    coefficient: float = 1.0
-
-    def __post_init__(self):
-        if self.site not in STEERING_SITES:
-            raise ValueError(f"unknown steering site {self.site!r}: choose one of {list(STEERING_SITES)}")
-        if not (isinstance(self.positions, int) or self.positions in STEERING_POSITIONS):
-            raise ValueError(
-                f"steering positions={self.positions!r}: choose one of {list(STEERING_POSITIONS)} or an int index"
-            )
-        if isinstance(self.positions, int) and self.positions < 0:
-            raise ValueError(
-                f"steering positions={self.positions} is negative: an int i steers every position >= i "
-                "(counted from the prompt's first token, 0 = all); for the last prompt token use 'last'"
-            )
+    lens: bool = True  # False: activations only (e.g. a steering vector's label positions)
 
 
 @dataclass(frozen=True)
@@ -76,7 +53,8 @@ class StageSpec:
     tp_size: int = 1
     capture: CaptureSpec = field(default_factory=lambda: CaptureSpec(layers=()))
     sampling: SamplingSpec = field(default_factory=SamplingSpec)
-    steering: tuple[SteeringEdit, ...] = ()  # every edit of the run; a stage applies its own layers'
+    vectors: np.ndarray | None = None  # [n_vectors, d_model] the run's steering table, sent once
+    steered: tuple[tuple[int, str], ...] = ()  # every (layer, site) some row edits; a stage hooks its own
     score_ids: tuple[int, ...] = ()  # last stage: report these tokens' logits at every step
     reports: bool = True  # return lens chunks (StageGroup sets it: rank 0 of each stage reports)
 
@@ -113,7 +91,7 @@ class _BatchState:
     cols: int = 0
     finished: torch.Tensor | None = None
     generator: torch.Generator | None = None
-    coefficients: torch.Tensor | None = None  # [batch] per-row steering multipliers
+    terms: dict = field(default_factory=dict)  # (layer, site) -> [(positions, [batch, d_model])], see edit_terms
     shared: bool = False  # a shared prefix: no lens flush and no sampling until `expand`
 
 
@@ -230,17 +208,15 @@ class StageWorker:
         self._hooks = []
         self._capture: dict | None = None
         self._step: tuple | None = None  # (state, first column, new columns) while a step runs
-        self._edits: dict[tuple[int, str], list] = {}  # (layer, site) -> [(edit, vector)], applied in order
-        for e in spec.steering:
-            if spec.start <= e.layer < spec.end:
-                v = torch.as_tensor(np.asarray(e.vector), dtype=self.lens.weight.dtype, device=self.device)
-                self._edits.setdefault((e.layer, e.site), []).append((e, v))
-        for e, v in (pair for pairs in self._edits.values() for pair in pairs):
-            if v.shape != (self.config.hidden_size,):
+        self._steered = [(layer, site) for layer, site in spec.steered if spec.start <= layer < spec.end]
+        self._vectors = None
+        if self._steered:
+            table = torch.tensor(np.array(spec.vectors, np.float32))
+            if table.ndim != 2 or table.shape[1] != self.config.hidden_size:
                 raise ValueError(
-                    f"steering vector for layer {e.layer} has shape {tuple(v.shape)}; "
-                    f"this model needs ({self.config.hidden_size},)"
+                    f"steering vectors have shape {tuple(table.shape)}; this model needs [n, {self.config.hidden_size}]"
                 )
+            self._vectors = table.to(self.device)
         self._install_hooks()
         self._states: dict[int, _BatchState] = {}
         return self.info()
@@ -310,25 +286,23 @@ class StageWorker:
         for offset, layer in enumerate(self.model.layers):
             index = self.spec.start + offset
             for site in SITES:
-                edits = self._edits.get((index, site), [])
+                steered = (index, site) in self._steered
                 record = index in capture.layers and site in capture.components
-                if not edits and not record:
+                if not steered and not record:
                     continue
                 path, which = sites[site]
                 module = get_path(layer, path)
-                hook = (_hook_input if which == "in" else _hook_output)(
-                    module, self._transform(index, site, edits, record)
-                )
+                hook = (_hook_input if which == "in" else _hook_output)(module, self._transform(index, site, record))
                 self._hooks.append(hook)
 
-    def _transform(self, layer: int, site: str, edits: list, record: bool):
+    def _transform(self, layer: int, site: str, record: bool):
         def transform(hidden: torch.Tensor) -> torch.Tensor:  # hidden: [batch, new, d_model]
-            for spec, vector in edits if self._step is not None else ():
+            if self._step is not None:
                 state, start, new = self._step
-                mask = _edit_mask(state, start, start + new, spec.positions).to(hidden.device)
-                # the per-row multipliers are float32: the edit is cast back to the model's dtype
-                scale = mask.float() * (spec.coefficient * state.coefficients.to(hidden.device))[:, None]
-                hidden = hidden + (scale[:, :, None] * vector).to(hidden.dtype)
+                for positions, per_row in state.terms.get((layer, site), ()):
+                    mask = _edit_mask(state, start, start + new, positions).to(hidden.device)
+                    # the edit is float32 (coefficient x vector), cast to the model's dtype once added
+                    hidden = hidden + (mask[:, :, None].float() * per_row[:, None, :]).to(hidden.dtype)
             if record and self._capture is not None:
                 self._capture.setdefault((layer, site), []).append(hidden.detach())
             return hidden
@@ -341,9 +315,9 @@ class StageWorker:
         return [(i, c) for i in layers for c in self.spec.capture.components]
 
     # -- micro-batch lifecycle --------------------------------------------------------------
-    def start(self, mb: int, attention_mask: np.ndarray, positions="all", coefficients=None, shared=False) -> None:
+    def start(self, mb: int, attention_mask: np.ndarray, positions="all", edits=None, shared=False) -> None:
         """Open micro-batch `mb`; attention_mask: [batch, prompt_cols] (left-padded prompts);
-        coefficients: [batch] per-row multipliers of every steering edit (default 1).
+        edits: [batch] each row's RowEdits (default none).
         shared: these rows are a shared prefix that `expand` will replicate (see there)."""
         from transformers import DynamicCache
 
@@ -357,24 +331,25 @@ class StageWorker:
             prompt_cols=mask.shape[1],
             positions=positions if isinstance(positions, str) else tuple(positions),
         )
-        rows = mask.shape[0]
-        state.coefficients = (
-            torch.ones(rows) if coefficients is None else torch.tensor(np.asarray(coefficients), dtype=torch.float32)
-        )
-        if state.coefficients.shape != (rows,):
-            raise ValueError(f"coefficients has shape {tuple(state.coefficients.shape)}; expected ({rows},)")
+        state.terms = self._terms(edits, mask.shape[0])
         if self.spec.is_last:
             state.finished = torch.zeros(mask.shape[0], dtype=torch.bool)
             state.generator = torch.Generator().manual_seed(self.spec.sampling.seed * 1_000_003 + mb)
         state.shared = bool(shared)
         self._states[mb] = state
 
-    def expand(self, mb: int, index, coefficients) -> None:
+    def _terms(self, edits, rows: int) -> dict:
+        if edits is None or self._vectors is None:
+            return {}
+        if len(edits) != rows:
+            raise ValueError(f"edits are given for {len(edits)} rows; the micro-batch has {rows}")
+        return edit_terms(edits, self._vectors, self._steered)
+
+    def expand(self, mb: int, index, edits) -> None:
         """Replicate a shared prefix: row i of the micro-batch becomes prefix row `index[i]`,
-        with its KV cache, buffered activations and tokens, and takes steering multiplier
-        `coefficients[i]`. A coefficient sweep whose edits start at column c computes columns
-        < c once per prompt (causal attention: they cannot see the edit) and only the rest
-        once per coefficient."""
+        with its KV cache, buffered activations and tokens, and takes the steering edits
+        `edits[i]`. Rows of one prompt whose edits start at column c compute columns < c once
+        (causal attention: they cannot see the edit) and only the rest once per row."""
         state = self._state(mb)
         idx = torch.as_tensor(np.asarray(index), dtype=torch.long)
         dev_idx = idx.to(self.device)
@@ -385,7 +360,7 @@ class StageWorker:
         state.pad = state.pad[idx]
         state.tokens = [t[idx] for t in state.tokens]
         state.pending = {key: [h[dev_idx] for h in hs] for key, hs in state.pending.items()}
-        state.coefficients = torch.tensor(np.asarray(coefficients), dtype=torch.float32)
+        state.terms = self._terms(edits, len(idx))
         if state.finished is not None:
             state.finished = state.finished[idx]
         state.shared = False
@@ -509,7 +484,7 @@ class StageWorker:
             hidden = torch.cat(buf, dim=1) if len(buf) > 1 else buf[0]  # [batch, pending, d]
             windows[key], rest = hidden[:, : end - start], hidden[:, end - start :]
             state.pending[key] = [rest] if rest.shape[1] else []
-        if rows.numel():  # every TP rank sees the same rows, so all or none reach the collectives
+        if rows.numel() and spec.lens:  # every TP rank sees the same rows, so all or none reach the collectives
             # One lens call over every captured (layer, component) of the window: the
             # unembedding GEMM runs over many rows at once instead of one window per layer.
             dev_rows = rows.to(self.device)
@@ -525,8 +500,10 @@ class StageWorker:
                     dest[where] = value[j]
                     out[name][:, li, ci] = dest.reshape(out[name][:, li, ci].shape)
         if spec.activations:
+            keep = wanted.to(self.device)[:, :, None]  # only the capture positions: the rest stays zero
             for (layer, comp), window_h in windows.items():
-                out["activations"][:, layers.index(layer), comps.index(comp)] = _to_storage(window_h, spec.activations)
+                kept = torch.where(keep, window_h, torch.zeros((), dtype=window_h.dtype, device=window_h.device))
+                out["activations"][:, layers.index(layer), comps.index(comp)] = _to_storage(kept, spec.activations)
         return LensChunk(mb, self.spec.stage, layers, start, end, out)
 
 

@@ -68,8 +68,8 @@ class StageGroup:
             ex.get(ex.call(worker, StageWorker.rejoin, spec))
 
     # -- micro-batch lifecycle ----------------------------------------------------------------
-    def start(self, stages, mb: int, attention_mask, positions, coefficients, shared: bool = False) -> list:
-        return self._every_rank(stages, StageWorker.start, mb, attention_mask, positions, coefficients, shared)
+    def start(self, stages, mb: int, attention_mask, positions, edits, shared: bool = False) -> list:
+        return self._every_rank(stages, StageWorker.start, mb, attention_mask, positions, edits, shared)
 
     def step(self, stage: int, mb: int, tokens, upstream, upstream_rows=None) -> tuple[object, list]:
         """One stage's step: (rank 0's output handle, every rank's lens-chunk handle)."""
@@ -77,8 +77,8 @@ class StageGroup:
         calls = self._every_rank([stage], StageWorker.step, *args, num_returns=2)  # each (output, chunks)
         return calls[0][0], [pair[1] for pair in calls]
 
-    def expand(self, stages, mb: int, index, coefficients) -> list:
-        return self._every_rank(stages, StageWorker.expand, mb, index, coefficients)
+    def expand(self, stages, mb: int, index, edits) -> list:
+        return self._every_rank(stages, StageWorker.expand, mb, index, edits)
 
     def finish(self, mb: int, last_tokens) -> list:
         return self._every_rank(self._all_stages(), StageWorker.finish, mb, last_tokens)

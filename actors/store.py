@@ -46,6 +46,7 @@ class StoreLayout:
     position_chunk: int = 512
     n_scores: int = 0  # logits of chosen tokens (e.g. answer letters) at every generated step
     n_steps: int = 1
+    n_edits: int = 0  # most steering edits on one row
 
 
 class StoreError(RuntimeError):
@@ -61,8 +62,10 @@ class LensStore:
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
-    def create(cls, path, layout: StoreLayout, attrs: dict) -> LensStore:
-        """All arrays and their metadata up front; data arrives batch by batch."""
+    def create(cls, path, layout: StoreLayout, attrs: dict, vectors=None) -> LensStore:
+        """All arrays and their metadata up front; data arrives batch by batch. `vectors`: the
+        run's steering table [n_vectors, hidden], written now (attrs `edit_kinds` say which
+        vector, layer, site and positions each `edit_kind` index means)."""
         path = Path(path)
         write_log_path(path).unlink(missing_ok=True)  # a replaced store's log goes too
         g = zarr.open_group(str(path), mode="w", zarr_format=3)
@@ -80,7 +83,16 @@ class LensStore:
         array("lens_mask", (p, pos), (b, pos), "bool", False, ["prompt", "position"])
         array("lengths", (p,), (b,), "int32", 0, ["prompt"])
         array("prompt_lengths", (p,), (b,), "int32", 0, ["prompt"])
-        array("coefficient", (p,), (b,), "float32", np.nan, ["prompt"])  # steering multiplier of the row
+        array("coefficient", (p,), (b,), "float32", np.nan, ["prompt"])  # the row's sweep coefficient
+        array("source", (p,), (b,), "int32", -1, ["prompt"])  # the prompt (of those given) the row runs
+        if layout.n_edits:
+            e = layout.n_edits
+            array("edit_kind", (p, e), (b, e), "int32", -1, ["prompt", "edit"])  # index into attrs edit_kinds
+            array("edit_coefficient", (p, e), (b, e), "float32", np.nan, ["prompt", "edit"])
+        if vectors is not None and len(vectors):
+            g.create_array(
+                "steering_vector", data=np.asarray(vectors, np.float32), dimension_names=["vector", "hidden"]
+            )
         if layout.n_scores:
             shape = (p, layout.n_steps, layout.n_scores)
             array("scores", shape, (b,) + shape[1:], "float32", np.nan, ["prompt", "step", "choice"])

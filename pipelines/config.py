@@ -126,6 +126,7 @@ class SteeringConf:
     coefficients: list[float] = field(default_factory=lambda: [-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5])
     select_coefficients: list[float] = field(default_factory=lambda: [-1.0, 0.0, 1.0])
     select_items: int = 12  # train items swept per candidate layer
+    transfer: bool = False  # also every dataset's vector on every other dataset's test items
 
 
 @dataclass
@@ -135,7 +136,7 @@ class SteerConf:
     storage: StorageConf = field(default_factory=StorageConf)
     data: DataConf = field(default_factory=DataConf)
     steering: SteeringConf = field(default_factory=SteeringConf)
-    dataset: str = "corrigible-neutral-HHH"  # a name in data.root, a .jsonl path, org/repo:file.jsonl, or all
+    dataset: Any = "corrigible-neutral-HHH"  # a name in data.root, a .jsonl path, org/repo:file.jsonl, a list, or all
     layer: int | None = None  # steer at this layer instead of choosing one on train
     chat_template: bool = True
     bootstrap: int = 1000

@@ -87,7 +87,7 @@ def run_info() -> dict:
 
 def steering_edits(cfg, hf_config) -> tuple[tuple, tuple | None]:
     """(edits, coefficient sweep) from `steer.*`; the vector's metadata must fit the model."""
-    from actors.stage import SteeringEdit
+    from actors.steering import SteeringEdit
     from pipelines.vectors import SteeringVector
 
     s = cfg.steer
@@ -142,7 +142,7 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
         generation=GenerationSettings(
             g.max_new_tokens, SamplingSpec(g.temperature, g.top_p, g.seed, eos if g.stop_at_eos else (), pad)
         ),
-        steering=SteeringSettings(steering, coefficients, tuple(score_ids)),
+        steering=SteeringSettings(edits=steering, coefficients=coefficients, score_ids=tuple(score_ids)),
     )  # fmt: skip
     model_checks(check_run, spec, hf_config, prompts)  # every check against the model, before any compute
     texts = list(cfg.prompts)

@@ -1,7 +1,9 @@
-"""`python -m pipelines.steer dataset=<name>|all`: CAA steering studies over A/B behaviour
-datasets. Per dataset: build label-position vectors on the train split at candidate layers,
-pick the layer that steers best on train, sweep coefficients on the test split (every
-coefficient in the same forward pass), and write results, plots and a summary table."""
+"""`python -m pipelines.steer dataset=<name>|[a,b,..]|all`: CAA steering studies over behaviour
+datasets (A/B, yes/no, explicit choices). Per dataset: build label-position vectors on the
+train split at candidate layers, pick the layer that steers best on train, sweep coefficients
+on the test split; with `steering.transfer=true` also every dataset's vector on every other
+dataset's test items. Every dataset's work of a phase is packed into one run (rows with their
+own edits), so a study is three runs whatever the number of datasets."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import hydra
@@ -20,12 +22,13 @@ from pipelines.config import ConfigError, cluster_settings, exit_with_error, mod
 
 register()
 REPO = Path(__file__).resolve().parent.parent
-_POOLS: dict = {}  # stage actors kept across datasets and multirun jobs: the model loads once
+_POOLS: dict = {}  # stage actors kept across the study's runs and multirun jobs: the model loads once
 # What a steer run writes into its directory, or into each dataset's folder of it (dataset=all).
 # The logs (run.log, steer.log) are appended to, as the lens driver's are.
 RUN_OUTPUTS = (
     "*.zarr", "*.zarr.writes.jsonl", "*.zarr.replaced", "vector_layer*.safetensors", "sweep.csv", "summary.json",
-    "propensity_vs_coefficient.png", "steerability_by_layer.png", "summary.md", "results.json",
+    "propensity_vs_coefficient.png", "steerability_by_layer.png", "summary.md", "results.json", "transfer.csv",
+    "transfer.json", "transfer.png",
 )  # fmt: skip
 
 
@@ -55,20 +58,48 @@ def executor_for(cfg):
     return _POOLS[key]
 
 
-class Study:
-    """Runs the phases of one dataset through one pool of stages."""
+@dataclass
+class Task:
+    """One dataset of a study: its items and prompts, split."""
 
-    def __init__(self, cfg, checkpoint, tokenizer, hf_config, executor, out_dir: Path):
+    name: str
+    train: list
+    test: list
+    train_prompts: list = field(default_factory=list)  # ChoicePrompts
+    test_prompts: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One sweep of a study: `items` (with their `prompts`) steered by `vector` at `layer`, at
+    each of `coefficients` (coefficient 0 is the unsteered row)."""
+
+    key: tuple
+    items: list
+    prompts: list
+    vector: object  # a SteeringVector
+    coefficients: tuple
+
+
+class Study:
+    """A steering study over one or more datasets, in three runs of one pool of stages whatever
+    the number of datasets: label activations, layer selection, test sweeps (with the transfer
+    matrix). Each run packs every dataset's rows into shared, length-sorted micro-batches."""
+
+    def __init__(self, cfg, checkpoint, tokenizer, hf_config, executor, out_dir: Path, several: bool = False):
+        """`several`: the study has several datasets, each writing into its own folder."""
         from actors.run_spec import CaptureSettings, GenerationSettings
 
         self.cfg, self.tokenizer, self.executor, self.out_dir = cfg, tokenizer, executor, out_dir
+        self.several = several
         self.model_name = cfg.model.name
         self.hidden = hf_config.hidden_size
         base = run_spec(
             cfg, str(checkpoint.path), "", "overwrite", capture=CaptureSettings(layers=()),
             generation=GenerationSettings(max_new_tokens=1),
         )  # fmt: skip
-        self.base = replace(base, progress=False)
+        self.base = replace(base, progress=bool(cfg.progress))
+        self.runs: dict[str, dict] = {}  # each run's summary, by name
 
     def _run(self, name: str, prompts, **groups):
         """One run of this study; `groups`: the RunSpec groups that differ from the base."""
@@ -77,67 +108,118 @@ class Study:
 
         storage = replace(self.base.storage, path=str(self.out_dir / f"{name}.zarr"))
         spec = replace(self.base, storage=storage, **groups)
-        summary = Coordinator(spec, self.executor).run(prompts)
-        return summary, LensStore.open(spec.storage.path)
+        print(f"[distlens] {name}: {len(prompts)} prompts", file=sys.stderr, flush=True)
+        self.runs[name] = Coordinator(spec, self.executor).run(prompts)
+        return LensStore.open(spec.storage.path)
 
     def activations(self, name: str, prompts, layers: list[int], site: str, reduce: str = "last") -> np.ndarray:
-        """Each prompt's activations at (`layers`, `site`): at its last position (`reduce="last"`,
-        the label position) or averaged over its positions (`"mean"`): [prompts, layers, d_model]."""
+        """Each prompt's activations at (`layers`, `site`), no lens: at its last position
+        (`reduce="last"`, the label position, the only one captured) or averaged over its
+        positions (`"mean"`): [prompts, layers, d_model]."""
         from actors.run_spec import CaptureSettings
 
+        order = _by_length(prompts)  # balanced micro-batches; the result is in the given order
         capture = CaptureSettings(
             layers=tuple(layers), components=(site,), activations="float32", k=1,
-            positions="last" if reduce == "last" else "all",
+            positions="last" if reduce == "last" else "all", lens=False,
         )  # fmt: skip
-        _, store = self._run(name, prompts, capture=capture)
+        store = self._run(name, [prompts[i] for i in order], capture=capture)
         acts = store.group["activations"]  # [prompt, layer, component, position, d_model]
-        if reduce == "last":
-            return np.stack([acts[i, :, 0, len(p) - 1] for i, p in enumerate(prompts)])
-        return np.stack([acts[i, :, 0, : len(p)].mean(axis=1) for i, p in enumerate(prompts)])
+        out = np.empty((len(prompts), len(layers), self.hidden), np.float32)
+        for row, i in enumerate(order):
+            n = len(prompts[i])
+            out[i] = acts[row, :, 0, n - 1] if reduce == "last" else acts[row, :, 0, :n].mean(axis=1)
+        return out
 
-    def build_vectors(self, dataset: str, items, ab) -> dict:
+    def build_vectors(self, tasks: list[Task]) -> dict[str, dict]:
+        """Every task's vector at every candidate layer, from one run: {dataset: {layer: vector}}."""
         from pipelines.vectors import SteeringVector
 
         s = self.cfg.steering
         layers = list(s.layers)
-        pos = [ab[i].with_answer(item.matching) for i, item in enumerate(items)]
-        neg = [ab[i].with_answer(item.not_matching[0]) for i, item in enumerate(items)]
-        acts = self.activations("label_activations", pos + neg, layers, s.site)
+        prompts, spans = [], {}
+        for t in tasks:
+            pos = [p.with_answer(item.matching) for p, item in zip(t.train_prompts, t.train)]
+            neg = [p.with_answer(item.not_matching[0]) for p, item in zip(t.train_prompts, t.train)]
+            spans[t.name] = (len(prompts), len(t.train))
+            prompts += pos + neg
+        acts = self.activations("label_activations", prompts, layers, s.site)
         vectors = {}
-        for j, layer in enumerate(layers):
-            vec = SteeringVector.build(
-                acts[: len(items), j], acts[len(items) :, j], aggregator=s.aggregator, normalise=s.normalise,
-                model=self.model_name, layer=layer, site=s.site, dataset=dataset,
-            )  # fmt: skip
-            vec.save(self.out_dir / f"vector_layer{layer}.safetensors")
-            vectors[layer] = vec
+        for t in tasks:
+            a, n = spans[t.name]
+            folder = self.folder(t.name)
+            vectors[t.name] = {}
+            for j, layer in enumerate(layers):
+                vec = SteeringVector.build(
+                    acts[a : a + n, j], acts[a + n : a + 2 * n, j], aggregator=s.aggregator, normalise=s.normalise,
+                    model=self.model_name, layer=layer, site=s.site, dataset=t.name,
+                )  # fmt: skip
+                vec.save(folder / f"vector_layer{layer}.safetensors")
+                vectors[t.name][layer] = vec
         return vectors
 
-    def sweep(self, name: str, items, ab, vector, coefficients) -> tuple[np.ndarray, np.ndarray]:
-        """(propensity, matching probability), each [items, coefficients]."""
-        from actors.run_spec import SteeringSettings
-        from actors.stage import SteeringEdit
+    def folder(self, dataset: str) -> Path:
+        """Where a dataset's own outputs go: its folder when the study has several."""
+        path = self.out_dir / dataset if self.several else self.out_dir
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
-        letter_ids = {}  # every choice letter of these items -> its token id (the same in every prompt)
-        for prompt in ab:
-            letter_ids.update(prompt.letters)
-        score_letters = sorted(letter_ids)
-        edit = SteeringEdit(vector.layer, vector.site, vector.vector, self.cfg.steering.positions, 1.0)
+    def sweep(self, name: str, cells: list[Cell]) -> dict:
+        """Every cell in one run: {cell key: (propensity, matching probability)}, each
+        [items, coefficients]. Rows are (prompt, edit) pairs, each once: the unsteered row of a
+        prompt serves every cell that sweeps it."""
+        from actors.run_spec import SteeringSettings
+        from actors.steering import RowEdit
+
+        s = self.cfg.steering
+        prompt_ids: dict = {}  # id(ChoicePrompt) -> prompt index
+        prompts, table, table_index = [], [], {}
+        row_index: dict = {}  # (prompt, vector, coefficient) -> row
+        rows = []
+        for cell in cells:
+            v = table_index.setdefault(id(cell.vector), len(table))
+            if v == len(table):
+                table.append(cell.vector.vector)
+            for p in cell.prompts:
+                if id(p) not in prompt_ids:
+                    prompt_ids[id(p)] = len(prompts)
+                    prompts.append(p)
+                for c in cell.coefficients:
+                    key = (prompt_ids[id(p)], None if c == 0 else v, float(c))
+                    if key not in row_index:
+                        edits = () if c == 0 else (RowEdit(v, cell.vector.layer, cell.vector.site, s.positions, c),)
+                        row_index[key] = len(rows)
+                        rows.append((prompt_ids[id(p)], edits))
+        # Length-sorted rows, a prompt's rows together: micro-batches of like lengths (little
+        # padding) that repeat prompts (shared prefixes).
+        order = sorted(range(len(rows)), key=lambda r: (len(prompts[rows[r][0]].prefix), rows[r][0], r))
+        position = {r: i for i, r in enumerate(order)}
+        label_ids = sorted({i for p in prompts for i in p.label_ids})
+        col = {i: j for j, i in enumerate(label_ids)}
         steering = SteeringSettings(
-            edits=(edit,), coefficients=tuple(coefficients), score_ids=tuple(letter_ids[x] for x in score_letters)
-        )
-        _, store = self._run(name, [p.prefix for p in ab], steering=steering)
-        scores = store["scores"][:, 0].reshape(len(items), len(coefficients), len(score_letters))
-        col = {letter: i for i, letter in enumerate(score_letters)}
-        propensity = np.empty((len(items), len(coefficients)))
-        prob = np.empty_like(propensity)
-        for i, item in enumerate(items):
-            m, o = col[item.matching], col[item.not_matching[0]]
-            propensity[i] = scores[i, :, m] - scores[i, :, o]
-            choice = scores[i][:, [col[x] for x in item.choices]]
-            choice = np.exp(choice - choice.max(axis=1, keepdims=True))
-            prob[i] = choice[:, list(item.choices).index(item.matching)] / choice.sum(axis=1)
-        return propensity, prob
+            vectors=np.stack(table), rows=tuple(rows[r] for r in order), score_ids=tuple(label_ids),
+            share_prefix=self.base.steering.share_prefix,
+        )  # fmt: skip
+        store = self._run(name, [p.prefix for p in prompts], steering=steering)
+        scores = store["scores"][:, 0]  # [rows, labels]: the answer position
+        out = {}
+        for cell in cells:
+            v = table_index[id(cell.vector)]
+            propensity = np.empty((len(cell.items), len(cell.coefficients)))
+            prob = np.empty_like(propensity)
+            for i, (item, p) in enumerate(zip(cell.items, cell.prompts)):
+                for j, c in enumerate(cell.coefficients):
+                    row = position[row_index[(prompt_ids[id(p)], None if c == 0 else v, float(c))]]
+                    logits = scores[row, [col[x] for x in p.label_ids]]  # the item's own labels
+                    propensity[i, j] = logits[item.matching] - logits[item.not_matching[0]]
+                    e = np.exp(logits - logits.max())
+                    prob[i, j] = e[item.matching] / e.sum()
+            out[cell.key] = (propensity, prob)
+        return out
+
+
+def _by_length(prompts) -> list[int]:
+    return sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
 
 
 def cluster_identity(cfg) -> dict | None:
@@ -159,46 +241,69 @@ def train_test_items(path: Path, data) -> tuple[list, list]:
     return train[: data.max_train], test[: data.max_test]
 
 
-def run_dataset(study: Study, dataset: str, train: list, test: list, cfg, cluster: dict | None = None) -> dict:
+def run_study(study: Study, tasks: list[Task], cfg, cluster: dict | None = None) -> tuple[list[dict], dict | None]:
+    """Vectors, layer selection and test sweeps (and the transfer matrix) of every task, one
+    packed run each; writes each dataset's outputs. Returns (per-dataset results, transfer)."""
     from pipelines.plots import plot_layers, plot_propensity
-    from pipelines.prompts import ab_prompt
+    from pipelines.prompts import choice_prompt
     from pipelines.steerability import steerability
 
-    d = cfg.data
-    ab_train = [ab_prompt(study.tokenizer, item, cfg.chat_template) for item in train]
-    ab_test = [ab_prompt(study.tokenizer, item, cfg.chat_template) for item in test]
-    t0 = time.perf_counter()
-    vectors = study.build_vectors(dataset, train, ab_train)
-    s = cfg.steering
-    by_layer = {}
+    d, s = cfg.data, cfg.steering
+    for t in tasks:
+        t.train_prompts = [choice_prompt(study.tokenizer, item, cfg.chat_template) for item in t.train]
+        t.test_prompts = [choice_prompt(study.tokenizer, item, cfg.chat_template) for item in t.test]
+    vectors = study.build_vectors(tasks)
+    by_layer: dict = {t.name: {} for t in tasks}
     if cfg.layer is not None:  # among steering.layers: `run` checked
-        best = int(cfg.layer)
+        best = {t.name: int(cfg.layer) for t in tasks}
     else:  # choose on train: the steepest mean per-example slope
-        n_sel = min(len(train), s.select_items)
-        for layer, vec in vectors.items():
-            prop, _ = study.sweep(f"select_layer{layer}", train[:n_sel], ab_train[:n_sel], vec, s.select_coefficients)
-            by_layer[layer] = steerability(s.select_coefficients, prop, n_boot=cfg.bootstrap, seed=d.seed)
-        best = max(by_layer, key=lambda layer: by_layer[layer]["mean_of_slopes"])
-    coefficients = list(s.coefficients)
-    prop, prob = study.sweep("test_sweep", test, ab_test, vectors[best], coefficients)
-    result = steerability(coefficients, prop, prob, n_boot=cfg.bootstrap, seed=d.seed)
-    result.update(
-        dataset=dataset, best_layer=best, site=s.site, positions=s.positions, train_items=len(train),
-        vector_norm=vectors[best].norm, selection={str(k): v for k, v in by_layer.items()},
-        layers=list(s.layers), cluster=cluster,
-        wall_s=round(time.perf_counter() - t0, 1),
-    )  # fmt: skip
-    out = study.out_dir
-    with open(out / "sweep.csv", "w") as f:
-        f.write("item,where,coefficient,propensity,matching_prob\n")
-        for i, item in enumerate(test):
-            for j, c in enumerate(coefficients):
-                f.write(f"{i},{item.where},{c},{prop[i, j]:.6f},{prob[i, j]:.6f}\n")
-    (out / "summary.json").write_text(json.dumps(result, indent=2))
-    plot_propensity(result, out / "propensity_vs_coefficient.png")
-    if by_layer:
-        plot_layers(by_layer, best, dataset, out / "steerability_by_layer.png")
-    return result
+        cells = []
+        for t in tasks:
+            n_sel = min(len(t.train), s.select_items)
+            for layer, vec in vectors[t.name].items():
+                cells.append(
+                    Cell((t.name, layer), t.train[:n_sel], t.train_prompts[:n_sel], vec, tuple(s.select_coefficients))
+                )
+        for (name, layer), (prop, _) in study.sweep("select", cells).items():
+            by_layer[name][layer] = steerability(s.select_coefficients, prop, n_boot=cfg.bootstrap, seed=d.seed)
+        best = {name: max(found, key=lambda layer: found[layer]["mean_of_slopes"]) for name, found in by_layer.items()}
+    coefficients = tuple(s.coefficients)
+    sources = tasks if s.transfer else None
+    cells = [
+        Cell((src.name, t.name), t.test, t.test_prompts, vectors[src.name][best[src.name]], coefficients)
+        for t in tasks
+        for src in (sources or [t])
+    ]
+    swept = study.sweep("test_sweep", cells)
+    results = []
+    for t in tasks:
+        prop, prob = swept[(t.name, t.name)]
+        vec = vectors[t.name][best[t.name]]
+        result = steerability(coefficients, prop, prob, n_boot=cfg.bootstrap, seed=d.seed)
+        result.update(
+            dataset=t.name, format=t.train[0].format, best_layer=best[t.name], site=s.site, positions=s.positions,
+            train_items=len(t.train), vector_norm=vec.norm,
+            selection={str(k): v for k, v in by_layer[t.name].items()}, layers=list(s.layers), cluster=cluster,
+        )  # fmt: skip
+        out = study.folder(t.name)
+        with open(out / "sweep.csv", "w") as f:
+            f.write("item,where,coefficient,propensity,matching_prob\n")
+            for i, item in enumerate(t.test):
+                for j, c in enumerate(coefficients):
+                    f.write(f"{i},{item.where},{c},{prop[i, j]:.6f},{prob[i, j]:.6f}\n")
+        (out / "summary.json").write_text(json.dumps(result, indent=2))
+        plot_propensity(result, out / "propensity_vs_coefficient.png")
+        if by_layer[t.name]:
+            plot_layers(by_layer[t.name], best[t.name], t.name, out / "steerability_by_layer.png")
+        results.append(result)
+    transfer = None
+    if s.transfer:
+        from pipelines.transfer import transfer_matrix
+
+        transfer = transfer_matrix(
+            swept, [t.name for t in tasks], best, coefficients, study.out_dir, n_boot=cfg.bootstrap, seed=d.seed
+        )
+    return results, transfer
 
 
 def summary_table(results: list[dict]) -> str:
@@ -244,6 +349,22 @@ def clear_previous_run(out_dir: Path, overwrite: bool) -> None:
         remove_path(path)
 
 
+def dataset_names(dataset, root: Path) -> list[str]:
+    """`all` (every .jsonl in `root`), a list of names or paths, or one name or path."""
+    if isinstance(dataset, str) and dataset == "all":
+        names = sorted(p.stem for p in root.glob("*.jsonl"))
+        if not names:
+            raise ConfigError(f"dataset=all found no .jsonl files in {root}")
+        return names
+    names = [dataset] if isinstance(dataset, str) else [str(x) for x in dataset]
+    if not names:
+        raise ConfigError("dataset=[] is empty: give a dataset name, a list of them, or all")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"dataset lists {twice[0]!r} more than once: give each once")
+    return names
+
+
 def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
     from actors.checkpoint import resolve_checkpoint
     from actors.run_spec import check_cluster, check_steering_site
@@ -253,11 +374,13 @@ def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
 
     validate_steer(cfg)
     root = dataset_root(cfg.data.root)
-    names = sorted(p.stem for p in root.glob("*.jsonl")) if cfg.dataset == "all" else [cfg.dataset]
-    if not names:
-        raise ConfigError(f"dataset=all found no .jsonl files in {root}")
+    names = dataset_names(cfg.dataset, root)
+    if cfg.steering.transfer and len(names) < 2:
+        raise ConfigError(
+            f"steering.transfer=true needs at least 2 datasets (got {names}): use dataset=all or dataset=[a,b,...]"
+        )
     paths = {name: resolve_dataset(name, root) for name in names}
-    splits = {name: train_test_items(paths[name], cfg.data) for name in names}
+    tasks = [Task(Path(name).stem, *train_test_items(paths[name], cfg.data)) for name in names]
     checkpoint = resolve_checkpoint(cfg.model.name, cfg.model.revision)
     hf_config = checkpoint.config()
     model_checks(check_steering_site, hf_config, cfg.steering.site, keys={"site": "steering.site"})
@@ -280,28 +403,24 @@ def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
     clear_previous_run(out_dir, overwrite=cfg.overwrite)
     save_run_record(cfg, out_dir)
     executor = executor_for(cfg)
-    cluster = cluster_identity(cfg)
-    results = []
     t0 = time.perf_counter()
-    from tqdm import tqdm
-
-    for name in tqdm(names, desc="datasets", disable=not cfg.progress or len(names) == 1, file=sys.stderr):
-        sub = out_dir / name if len(names) > 1 else out_dir
-        sub.mkdir(parents=True, exist_ok=True)
-        study = Study(cfg, checkpoint, tokenizer, hf_config, executor, sub)
-        result = run_dataset(study, name, *splits[name], cfg, cluster)
-        results.append(result)
+    study = Study(cfg, checkpoint, tokenizer, hf_config, executor, out_dir, several=len(tasks) > 1)
+    results, transfer = run_study(study, tasks, cfg, cluster_identity(cfg))
+    wall = round(time.perf_counter() - t0, 1)
+    for result in results:
+        result["study_wall_s"] = wall
         print(
-            f"{name}: layer {result['best_layer']}, mean of slopes {result['mean_of_slopes']:.3f} "
+            f"{result['dataset']}: layer {result['best_layer']}, mean of slopes {result['mean_of_slopes']:.3f} "
             f"{[round(x, 3) for x in result['mean_of_slopes_ci95']]}, slope of mean {result['slope_of_mean']:.3f}, "
-            f"unsteered matching rate {result.get('unsteered_matching_rate', float('nan')):.2f} ({result['wall_s']} s)",
+            f"unsteered matching rate {result.get('unsteered_matching_rate', float('nan')):.2f}",
             flush=True,
         )
     table = summary_table(results)
     (out_dir / "summary.md").write_text(table)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     print("\n" + table)
-    print(f"{len(results)} dataset(s) in {time.perf_counter() - t0:.0f} s; results in {out_dir}")
+    print(f"{len(results)} dataset(s) in {wall:.0f} s (3 packed runs{', with the transfer matrix' if transfer else ''}); "
+          f"results in {out_dir}")  # fmt: skip
     return results
 
 

@@ -56,7 +56,7 @@ _GROUPS = {
     "lens_window": ("capture", "window"),
     "max_new_tokens": ("generation", "max_new_tokens"), "sampling": ("generation", "sampling"),
     "steering": ("steering", "edits"),
-    **{k: ("steering", k) for k in ("coefficients", "score_ids", "share_prefix")},
+    **{k: ("steering", k) for k in ("coefficients", "vectors", "rows", "score_ids", "share_prefix")},
 }  # fmt: skip
 
 

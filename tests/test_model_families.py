@@ -12,7 +12,8 @@ import pytest
 import torch
 from driver import run_driver
 
-from actors.stage import STEERING_SITES, SteeringEdit
+from actors.steering import SteeringEdit
+from actors.vocabulary import STEERING_SITES
 from reference import PROMPTS, hf_generate, hf_hidden_by_row, run_lens
 from tiny_models import FAMILIES, decoder_layers, load_reference, save_tiny
 

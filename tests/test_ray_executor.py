@@ -55,7 +55,7 @@ def test_ray_sweep_shares_the_stage_before_the_edit_and_equals_local(stage_pool,
     each prompt once and the second widens its output to one row per coefficient, across actors."""
     import numpy as np
 
-    from actors.stage import SteeringEdit
+    from actors.steering import SteeringEdit
 
     path = tiny_checkpoints["qwen3"]
     v = np.random.default_rng(4).standard_normal(64).astype(np.float32)

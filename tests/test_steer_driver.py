@@ -1,5 +1,5 @@
-"""The steering drivers as users run them: pipelines.steer (one dataset, all datasets in one
-job with the model loaded once, Hydra multirun), steered generation in pipelines.lens, and the
+"""The steering drivers as users run them: pipelines.steer (one dataset, all datasets packed
+into one job with the model loaded once, Hydra multirun), steered generation in pipelines.lens, and the
 open-ended demo."""
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ def test_dataset_all_runs_every_dataset_and_loads_the_model_once(tiny_with_token
         assert set(summary) >= {"mean_of_slopes", "mean_of_slopes_ci95", "slope_of_mean", "slope_of_mean_ci95"}
         assert (out / name / "propensity_vs_coefficient.png").exists()
         assert (out / name / "steerability_by_layer.png").exists()
-    infos = [info for store in out.glob("*/*.zarr") for info in LensStore.open(store).attrs["summary"]["stage_info"]]
-    assert len(infos) == 2 * 2 * 4  # 2 datasets x (vectors, 2 layer selections, test sweep) x 2 stages
+    infos = [info for store in out.glob("*.zarr") for info in LensStore.open(store).attrs["summary"]["stage_info"]]
+    assert len(infos) == 3 * 2  # (vectors, layer selection, test sweep), every dataset packed in each x 2 stages
     assert len({info["pid"] for info in infos}) == 2  # the same two stage actors throughout
     assert {info["weight_loads"] for info in infos} == {1}  # each loaded its weights once
 
@@ -114,7 +114,7 @@ def test_steer_overwrite_replaces_every_output_of_the_previous_run_once_inputs_v
     first = _steer_one(tiny_with_tokenizer, tmp_path)  # chooses between layers 0 and 1 on train
     assert first.returncode == 0, first.stderr[-3000:]
     out = tmp_path / "steer" / "t9"
-    selection = {"select_layer0.zarr", "select_layer1.zarr", "steerability_by_layer.png"}
+    selection = {"select.zarr", "steerability_by_layer.png"}
     assert selection <= {p.name for p in out.iterdir()}
     refused = _steer_one(tiny_with_tokenizer, tmp_path, "layer=1", "steering.layers=[0]", "overwrite=true")
     assert refused.returncode == 2 and "layer=1 is not among steering.layers=[0]" in refused.stderr

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from actors.stage import STEERING_SITES, SteeringEdit
+from actors.steering import SteeringEdit
+from actors.vocabulary import STEERING_SITES
 from reference import PROMPTS, assert_stores_equal, hf_generate, hf_hidden_by_row, left_pad, run_lens
 from tiny_models import final_norm, load_reference
 
@@ -127,6 +128,7 @@ class _PositionedEdit:
             where = {
                 "all": torch.ones_like(cols, dtype=torch.bool),
                 "last": cols == self.prompt_cols - 1,
+                "prompt": cols < self.prompt_cols,
                 "generated": cols >= self.prompt_cols,
             }[self.positions].expand(len(self.pad), -1)
         return hidden + self.coefficient * where[:, :, None].to(hidden.dtype) * self.vector
@@ -175,6 +177,66 @@ def test_each_coefficient_of_a_sweep_equals_a_hooked_hf_model_at_its_positions(
             torch.testing.assert_close(
                 ours, ref, atol=1e-5, rtol=0, msg=lambda m, r=row, i=i: f"row {r} layer {i}: {m}"
             )
+
+
+# Rows with edits of their own: (prompt, ((vector, layer, site, positions, coefficient), ...)).
+# Micro-batches of 3: the first repeats prompt 0 with edits from its last column at layers >= 2
+# (shared prefix and shared first stage), the second mixes prompts and edits at every position,
+# the third repeats prompt 2 with edits from position 1 and two edits at one hook.
+ROW_EDITS = [
+    (0, ()),
+    (0, ((1, 2, "attn_in", "last", -2.0),)),
+    (0, ((0, 3, "mlp_in", "generated", 0.5),)),
+    (1, ((2, 3, "mlp_in", 2, 1.0), (0, 0, "resid_post", "generated", 0.5))),
+    (1, ((1, 1, "resid_post", "prompt", 3.0),)),
+    (2, ((0, 2, "resid_pre", "all", -1.0),)),
+    (2, ((2, 1, "mlp_in", "last", 2.0), (1, 1, "mlp_in", "last", -1.0))),
+    (2, ((2, 0, "resid_pre", 1, 1.0),)),
+]
+
+
+@pytest.mark.parametrize(("executor", "share_prefix"), [("local", True), ("local", False), ("ray", True)])
+def test_rows_with_their_own_edits_equal_hf_hooked_with_each_rows_edits(
+    executor, share_prefix, tiny_checkpoints, tmp_path
+):
+    """Every row runs its own vectors, layers, sites, positions and coefficients in shared
+    micro-batches; each must equal its prompt generated alone by HF with only that row's edits
+    hooked in: tokens and every layer's hidden state."""
+    from actors.steering import RowEdit
+
+    path = tiny_checkpoints["llama"]
+    table = 0.3 * torch.randn(3, 64, generator=torch.Generator().manual_seed(11))
+    rows = tuple((p, tuple(RowEdit(*e) for e in edits)) for p, edits in ROW_EDITS)
+    new = 4
+    summary, store = run_lens(
+        path, tmp_path / "rows.zarr", executor=executor, num_stages=2, max_new_tokens=new, micro_batch_size=3,
+        vectors=table.numpy(), rows=rows, share_prefix=share_prefix,
+    )  # fmt: skip
+    assert store["source"].tolist() == [p for p, _ in ROW_EDITS]
+    model = load_reference(path)  # fresh: the edit hooks must run before HF's hidden-state recorders
+    kinds = sorted({e[:4] for _, edits in ROW_EDITS for e in edits}, key=str)
+    hooks = {k: _PositionedEdit(model, k[1], k[2], table[k[0]], k[3], torch.zeros(1, dtype=torch.long)) for k in kinds}
+    n_layers = model.config.num_hidden_layers
+    finals = []
+    for row, (prompt, edits) in enumerate(ROW_EDITS):
+        for kind, hook in hooks.items():  # this row's edits only: the others add 0
+            hook.reset(sum(e[4] for e in edits if e[:4] == kind), len(PROMPTS[prompt]))
+        generated, pad = hf_generate(model, [PROMPTS[prompt]], new)
+        assert store.tokens(row).tolist() == generated.sequences[0].tolist(), row
+        acts = torch.from_numpy(store.activations(row))[:, 0]
+        n = acts.shape[1] - 1
+        for i in range(n_layers):
+            ours = final_norm(model)(acts[i, :n]) if i == n_layers - 1 else acts[i, :n]
+            ref = hf_hidden_by_row(generated, pad, 0, i + 1)[:n]
+            torch.testing.assert_close(
+                ours, ref, atol=1e-5, rtol=0, msg=lambda m, r=row, i=i: f"row {r} layer {i}: {m}"
+            )
+        finals.append(acts[-1, : len(PROMPTS[prompt]) - 1])
+    assert (finals[0] - finals[1]).abs().max() == 0  # an edit on the last prompt token leaves the rest alone
+    assert (finals[5] - finals[6]).abs().max() > 1e-3  # rows of one prompt differ by their edits
+    if share_prefix:
+        tokens = [i["tokens"] for i in summary["stage_info"]]
+        assert tokens[0] < tokens[1]  # the first stage ran prompt 0's shared columns once
 
 
 def test_sweep_of_seven_coefficients_is_one_pass_equal_to_seven_passes(tiny_checkpoints, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipelines.datasets import DatasetError, load_items, split_items
-from pipelines.prompts import ab_prompt, render_prompt
+from pipelines.prompts import choice_prompt, render_prompt
 from pipelines.steerability import fit_slopes, steerability
 from pipelines.vectors import AGGREGATORS, SteeringVector
 
@@ -61,7 +61,8 @@ def test_vector_is_the_aggregate_of_hf_label_activations(aggregator, tiny_with_t
     path = tmp_path / "planted"
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    items = [item for item in load_items(MWE / "corrigible-neutral-HHH.jsonl") if item.matching == "A"][:10]
+    items = load_items(MWE / "corrigible-neutral-HHH.jsonl")
+    items = [item for item in items if item.labels[item.matching] == "A"][:10]  # so with_answer(0) is the matching
     cfg = _cfg(
         **{
             "steering.layers": [0, 1],
@@ -71,11 +72,11 @@ def test_vector_is_the_aggregate_of_hf_label_activations(aggregator, tiny_with_t
         }
     )
     study = Study(cfg, Checkpoint("planted", path, "test"), tokenizer, model.config, LocalExecutor(), tmp_path)
-    ab = [ab_prompt(tokenizer, item) for item in items]
-    vectors = study.build_vectors("planted", items, ab)
+    prompts = [choice_prompt(tokenizer, item) for item in items]
+    vectors = study.build_vectors("planted", items, prompts)
     for layer in (0, 1):
-        diffs = _label_activations(model, [a.with_answer("A") for a in ab], layer) - _label_activations(
-            model, [a.with_answer(item.not_matching[0]) for a, item in zip(ab, items)], layer
+        diffs = _label_activations(model, [p.with_answer(0) for p in prompts], layer) - _label_activations(
+            model, [p.with_answer(item.not_matching[0]) for p, item in zip(prompts, items)], layer
         )  # [items, d_model]
         mean = diffs.mean(axis=0)
         _, _, vt = np.linalg.svd(diffs, full_matrices=False)
@@ -97,17 +98,17 @@ def test_vector_is_the_aggregate_of_hf_label_activations(aggregator, tiny_with_t
 def test_label_token_for_vectors_is_the_scored_answer_token(chat_template, smollm2):
     tokenizer = smollm2.tokenizer()
     for item in load_items(MWE / "corrigible-neutral-HHH.jsonl")[:5]:
-        ab = ab_prompt(tokenizer, item, chat_template)
-        for letter in item.choices:
-            built = ab.with_answer(letter)
-            # vector building reads the last position of `built`; evaluation scores ab.letters at
+        prompt = choice_prompt(tokenizer, item, chat_template)
+        for i, letter in enumerate(item.labels):
+            built = prompt.with_answer(i)
+            # vector building reads the last position of `built`; evaluation scores label_ids at
             # the position before it, on the very same prefix
-            assert built[:-1] == ab.prefix and built[-1] == ab.letters[letter]
+            assert built[:-1] == prompt.prefix and built[-1] == prompt.label_ids[i]
             # and it is how the tokenizer itself splits the answer text: no space-prefixed variant
             rendered = render_prompt(tokenizer, item.question, chat_template)
             natural = tokenizer(rendered + "(" + letter, add_special_tokens=not chat_template).input_ids
             assert natural == built
-        assert len(set(ab.letters.values())) == len(item.choices)
+        assert len(set(prompt.label_ids)) == len(item.labels)
 
 
 def test_loader_handles_real_quirks(tmp_path):
@@ -119,8 +120,10 @@ def test_loader_handles_real_quirks(tmp_path):
     path = tmp_path / "quirks.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     first, second = load_items(path)
-    assert first.matching == "C" and first.not_matching == ("A", "B", "D") and first.choices == ("A", "B", "C", "D")
-    assert second.matching == "B" and second.question.startswith("Q2") and second.where.endswith(":2")
+    assert first.labels == ("A", "B", "C", "D") and first.matching == 2 and first.not_matching == (0, 1, 3)
+    assert first.format == "ab" and first.question.endswith("(D) never")
+    assert second.labels == ("A", "B") and second.matching == 1 and second.not_matching == (0,)
+    assert second.question.startswith("Q2") and second.where.endswith(":2")
     all_16 = sorted(MWE.glob("*.jsonl"))
     assert len(all_16) == 16 and all(load_items(p) for p in all_16)
 
@@ -169,7 +172,7 @@ def test_vector_from_another_model_or_hidden_size_is_refused(tmp_path):
 
 
 def test_unknown_site_and_positions_are_refused():
-    from actors.stage import SteeringEdit
+    from actors.steering import SteeringEdit
 
     with pytest.raises(ValueError, match="unknown steering site 'resid_mod'"):
         SteeringEdit(0, "resid_mod", np.zeros(4))

@@ -224,14 +224,14 @@ def sweep_rows(cfg, tokenizer, hf, bench) -> list[dict]:
     shared by every coefficient), `all` at every position (the stage before the steered
     layer is shared)."""
     from pipelines.datasets import load_items, split_items
-    from pipelines.prompts import ab_prompt
+    from pipelines.prompts import choice_prompt
 
     _, test = split_items(load_items(sweep_dataset_path(cfg)), 0.5, 0)
-    ab = [ab_prompt(tokenizer, item) for item in test[: cfg.sweep_items]]
+    prompts = [choice_prompt(tokenizer, item) for item in test[: cfg.sweep_items]]
     vector = (np.random.default_rng(0).standard_normal(hf.hidden_size) * 4).astype(np.float32).tolist()
-    job = dict(system="distlens", executor="local", stages=2, no_capture=True, prompt_list=[p.prefix for p in ab],
+    job = dict(system="distlens", executor="local", stages=2, no_capture=True, prompt_list=[p.prefix for p in prompts],
                vector=vector, steer_layer=hf.num_hidden_layers // 2,
-               score_ids=[ab[0].letters["A"], ab[0].letters["B"]], T=1)  # fmt: skip
+               score_ids=list(prompts[0].label_ids[:2]), T=1)  # fmt: skip
     rows = []
     unsteered, _ = bench("distlens_unsteered_pass", "sweep", 1, **{**job, "vector": None})
     for where in cfg.sweep_positions:

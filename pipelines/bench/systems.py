@@ -218,7 +218,7 @@ def run_spec(job: dict, prompts: int, tokens: int):
 
     steering = ()
     if job.get("vector") is not None:
-        from actors.stage import SteeringEdit
+        from actors.steering import SteeringEdit
 
         where = job.get("steer_positions", "all")
         steering = (SteeringEdit(job["steer_layer"], "resid_pre", np.asarray(job["vector"], np.float32), where),)

@@ -1,0 +1,150 @@
+"""Steering edits, per row: every row of a run carries its own edits (vector index, layer, site,
+positions, coefficient) into the run's small vector table, which each stage receives once. A
+coefficient sweep, a packed multi-dataset study and a transfer matrix are all row layouts.
+
+The edit is `h += coefficient * vector` at `site` of `layer`, on `positions`: all, prompt,
+generated, last (the last prompt token), or an int i (positions >= i of the row's own tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from actors.vocabulary import STEERING_POSITIONS, STEERING_SITES
+
+
+def _check_where(site: str, positions) -> None:
+    if site not in STEERING_SITES:
+        raise ValueError(f"unknown steering site {site!r}: choose one of {list(STEERING_SITES)}")
+    if isinstance(positions, bool) or not (isinstance(positions, int) or positions in STEERING_POSITIONS):
+        raise ValueError(f"steering positions={positions!r}: choose one of {list(STEERING_POSITIONS)} or an int index")
+    if isinstance(positions, int) and positions < 0:
+        raise ValueError(
+            f"steering positions={positions} is negative: an int i steers every position >= i "
+            "(counted from the prompt's first token, 0 = all); for the last prompt token use 'last'"
+        )
+
+
+@dataclass(frozen=True)
+class SteeringEdit:
+    """One edit every row carries, its vector inline; a sweep multiplies `coefficient` by each
+    row's sweep coefficient."""
+
+    layer: int
+    site: str
+    vector: np.ndarray  # [d_model] float32
+    positions: str | int = "all"
+    coefficient: float = 1.0
+
+    def __post_init__(self):
+        _check_where(self.site, self.positions)
+
+
+@dataclass(frozen=True)
+class RowEdit:
+    """One edit of one row: `vector` indexes the run's vector table."""
+
+    vector: int
+    layer: int
+    site: str
+    positions: str | int = "all"
+    coefficient: float = 1.0
+
+    def __post_init__(self):
+        _check_where(self.site, self.positions)
+
+    @property
+    def kind(self) -> tuple:
+        """What the edit adds where, without its coefficient."""
+        return (self.vector, self.layer, self.site, self.positions)
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """A run's rows: which prompt each row runs and with which edits."""
+
+    vectors: np.ndarray  # [n_vectors, d_model] float32, the table every stage holds
+    sources: np.ndarray  # [rows] the prompt each row runs
+    edits: tuple  # [rows] tuple of RowEdits each
+    coefficients: np.ndarray  # [rows] recorded per row: the sweep coefficient (1 outside a sweep)
+
+    @property
+    def steered(self) -> tuple[tuple[int, str], ...]:
+        """Every (layer, site) some row edits: where the stages hook."""
+        return tuple(sorted({(e.layer, e.site) for row in self.edits for e in row}))
+
+    @property
+    def kinds(self) -> tuple[tuple, ...]:
+        """The distinct (vector, layer, site, positions) of the run's edits, in first-use order."""
+        return tuple(dict.fromkeys(e.kind for row in self.edits for e in row))
+
+
+def row_layout(n_prompts: int, edits=(), coefficients=None, vectors=None, rows=None, hidden: int | None = None):
+    """The rows of a run. Either `rows` (each `(prompt index, (RowEdit, ...))`) over the table
+    `vectors` [n, d_model], or the sweep shorthand: every prompt once per coefficient of
+    `coefficients` (once when None), carrying every `SteeringEdit` of `edits` scaled by it."""
+    if rows is not None:
+        if edits or coefficients:
+            raise ValueError("steering.rows replaces steering.edits and steering.coefficients: give one or the other")
+        table = np.zeros((0, hidden or 0), np.float32) if vectors is None else np.asarray(vectors, np.float32)
+        if table.ndim != 2:
+            raise ValueError(f"steering.vectors has shape {table.shape}; expected [n_vectors, d_model]")
+        for r, (prompt, row_edits) in enumerate(rows):
+            if not 0 <= prompt < n_prompts:
+                raise ValueError(f"steering.rows[{r}] runs prompt {prompt}; there are {n_prompts} prompts")
+            for e in row_edits:
+                if not 0 <= e.vector < len(table):
+                    raise ValueError(
+                        f"steering.rows[{r}] uses vector {e.vector}; the table has {len(table)} (0..{len(table) - 1})"
+                    )
+        first = [row_edits[0].coefficient if row_edits else 0.0 for _, row_edits in rows]
+        return RowLayout(
+            table, np.asarray([p for p, _ in rows], np.int64), tuple(tuple(e) for _, e in rows),
+            np.asarray(first, np.float32),
+        )  # fmt: skip
+    sweep = np.asarray(coefficients or (1.0,), np.float32)
+    table = np.stack([np.asarray(e.vector, np.float32) for e in edits]) if edits else np.zeros((0, hidden or 0))
+    per_coefficient = [
+        tuple(
+            RowEdit(v, e.layer, e.site, e.positions, float(np.float32(e.coefficient) * c)) for v, e in enumerate(edits)
+        )
+        for c in sweep
+    ]
+    return RowLayout(
+        table.astype(np.float32), np.repeat(np.arange(n_prompts), len(sweep)),
+        tuple(per_coefficient) * n_prompts, np.tile(sweep, n_prompts),
+    )  # fmt: skip
+
+
+def first_column(positions, prompt_cols: int, pad: int) -> int:
+    """The first left-padded column an edit on `positions` can touch in a micro-batch of
+    `prompt_cols` prompt columns whose shortest row has `pad` left pads."""
+    if isinstance(positions, int):
+        return pad + positions
+    return {"all": 0, "prompt": 0, "last": prompt_cols - 1, "generated": prompt_cols}[positions]
+
+
+def edit_terms(row_edits, table, keys, device=None) -> dict:
+    """A micro-batch's edits at the hooks `keys` ((layer, site) pairs), as
+    `{key: [(positions, per_row [batch, d_model] float32), ...]}`: per row, the sum of
+    coefficient x vector over its edits there with those positions. Built once per micro-batch;
+    a hook adds `mask(positions) * per_row` for each entry."""
+    import torch
+
+    wanted = set(keys)
+    by_where: dict = {}
+    for r, edits in enumerate(row_edits):
+        for e in edits:
+            if (e.layer, e.site) in wanted:
+                by_where.setdefault((e.layer, e.site, e.positions), []).append((r, e.vector, e.coefficient))
+    terms: dict = {}
+    for (layer, site, positions), entries in by_where.items():
+        coef = torch.zeros(len(row_edits), table.shape[0], dtype=torch.float32)
+        for r, v, c in entries:
+            coef[r, v] += c
+        # A row with one edit here gets c * v exactly: its other coefficients are zeros.
+        per_row = coef.to(table.device) @ table
+        terms.setdefault((layer, site), []).append((positions, per_row if device is None else per_row.to(device)))
+    return terms
