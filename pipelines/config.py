@@ -186,6 +186,8 @@ class BenchConf:
     lens_floor: bool = True  # measure the exact lens's own cost (a ceiling on capture throughput)
     sweep_positions: list[str] = field(default_factory=lambda: ["last", "all"])  # steered span, each measured
     data_root: str | None = None
+    study_datasets: Any = "all"  # the study workload's datasets: all, a list, or null to skip it
+    study_overrides: list[str] = field(default_factory=list)  # pipelines.steer settings of the study workload
     peers: list[str] = field(default_factory=lambda: ["nnsight", "transformer_lens", "steering_vectors"])
 
 

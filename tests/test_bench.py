@@ -14,11 +14,20 @@ def test_bench_smoke(tiny_with_tokenizer, tmp_path):
         "pipelines.bench", f"model.name={tiny_with_tokenizer}", "sizes=[3]", "long_size=42", "long_prompts=[1,2]", "baseline_max=3",
         "stages=[2]", "ray_stages=[]", "repeats=1", "sweep_coefficients=[3]", "sweep_items=2", "peers=[]",
         "scaling_size=3", "scaling_layers=[1]", "scaling_prompts=[2]", f"storage.root={tmp_path}", "storage.run=b",
+        "study_datasets=[survival-instinct,corrigible-neutral-HHH]",
+        'study_overrides=["data.max_train=3","data.max_test=2","steering.select_items=2","steering.layers=[0,1]",'
+        '"cluster.micro_batch_size=4"]',
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "bench" / "b"
     listed = json.loads((out / "results.json").read_text())["rows"]
+    study = {r["system"]: r for r in listed if r["workload"] == "study"}
+    assert set(study) == {"steer_packed", "steer_one_at_a_time"}, listed[-2:]
+    assert study["steer_packed"]["runs"] == 3 and study["steer_one_at_a_time"]["runs"] == 6  # 3 runs per study
+    assert study["steer_packed"]["max_slope_difference"] < 1e-4  # packing changes no result
+    assert study["steer_packed"]["rows"] == study["steer_one_at_a_time"]["rows"]
+    assert study["steer_packed"]["fraction_of_hf_forward"] > 0
     assert not (out / "results.partial.json").exists()  # rows as measured, gone once results.json is whole
     rows = {r["system"]: r for r in listed if r["workload"] in ("trajectory", "sweep")}
     swept = {r["steer_positions"] for r in listed if r["system"] == "distlens_sweep_one_pass"}

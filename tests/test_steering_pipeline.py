@@ -195,7 +195,9 @@ ROW_EDITS = [
 ]
 
 
-@pytest.mark.parametrize(("executor", "share_prefix"), [("local", True), ("local", False), ("ray", True)])
+@pytest.mark.parametrize(
+    ("executor", "share_prefix"), [("local", True), ("local", False), ("ray", True), ("ray", False)]
+)
 def test_rows_with_their_own_edits_equal_hf_hooked_with_each_rows_edits(
     executor, share_prefix, tiny_checkpoints, tmp_path
 ):

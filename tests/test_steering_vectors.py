@@ -48,7 +48,7 @@ def test_vector_is_the_aggregate_of_hf_label_activations(aggregator, tiny_with_t
 
     from actors.checkpoint import Checkpoint
     from actors.executor import LocalExecutor
-    from pipelines.steer import Study
+    from pipelines.steer import Study, Task
 
     model = AutoModelForCausalLM.from_pretrained(tiny_with_tokenizer, dtype=torch.float32).eval()
     tokenizer = Checkpoint("t", tiny_with_tokenizer, "test").tokenizer()
@@ -73,7 +73,7 @@ def test_vector_is_the_aggregate_of_hf_label_activations(aggregator, tiny_with_t
     )
     study = Study(cfg, Checkpoint("planted", path, "test"), tokenizer, model.config, LocalExecutor(), tmp_path)
     prompts = [choice_prompt(tokenizer, item) for item in items]
-    vectors = study.build_vectors("planted", items, prompts)
+    vectors = study.build_vectors([Task("planted", items, [], prompts)])["planted"]
     for layer in (0, 1):
         diffs = _label_activations(model, [p.with_answer(0) for p in prompts], layer) - _label_activations(
             model, [p.with_answer(item.not_matching[0]) for p, item in zip(prompts, items)], layer

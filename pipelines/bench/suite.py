@@ -1,5 +1,5 @@
 """The CPU suite: named workloads (trajectories of several lengths, the long trajectory, the
-scaling workloads, a steering sweep) on named systems, each measurement in a fresh process.
+scaling workloads, a steering sweep, a steering study) on named systems, each measurement in a fresh process.
 Writes results.json / results.csv (one row per system x workload x size: median and min/max
 over repeats); the report is `report`'s."""
 
@@ -19,6 +19,7 @@ from pipelines.bench import peers
 from pipelines.bench.agreement import agreement, like_for_like, same_scores
 from pipelines.bench.report import report
 from pipelines.bench.settings import check, sweep_dataset_path
+from pipelines.bench.study import study_rows
 from pipelines.bench.worker import measure
 
 METRICS = (
@@ -73,7 +74,7 @@ def run(cfg, out_dir: Path) -> list[dict]:
         (out_dir / "results.partial.json").write_text(json.dumps({"rows": rows}, indent=2))
         if "error" in r:
             shown = f"error: {r['error']}"
-        elif workload == "sweep":
+        elif workload in ("sweep", "study"):
             shown = f"{r['wall_s']:.3f} s"
         elif workload == "lens_floor":
             shown = f"{r['lens_ms_per_row']:.3f} ms per (position, layer); GEMM {r['gemm_gflops']:.0f} GFLOP/s"
@@ -111,6 +112,8 @@ def run(cfg, out_dir: Path) -> list[dict]:
         rows.append(extrapolate_baseline(rows, long_t, cfg.long_size))
     scaling_rows(cfg, hf, bench)
     rows += sweep_rows(cfg, tokenizer, hf, bench)
+    if cfg.study_datasets:
+        rows += study_rows(cfg, bench)
     write(rows, cfg, out_dir)
     (out_dir / "results.partial.json").unlink(missing_ok=True)
     report(rows, out_dir)

@@ -105,6 +105,21 @@ def check(rows: list[dict]) -> list[str]:
             f"| {r['T']}-coefficient sweep <= {cost:g}x one unsteered pass (steering positions: {where}) "
             f"| {r['cost_vs_unsteered_pass']:.2f}x | {verdict} |"
         )
+    share = TARGETS["study_vs_hf_forward"]
+    packed, alone = find("steer_packed", "study"), find("steer_one_at_a_time", "study")
+    if "fraction_of_hf_forward" in packed:
+        ratio = packed["fraction_of_hf_forward"]
+        out.append(
+            f"| a packed study's forward rows/s >= {share:g}x plain HF forward passes over the same padded rows "
+            f"({packed['rows']} rows, {packed['datasets']} datasets) | {ratio:.2f}x | {'met' if ratio >= share else 'MISSED'} |"
+        )
+    if "wall_s" in packed and "wall_s" in alone:
+        out.append(
+            f"| a packed study of {packed.get('datasets', '?')} datasets against the same datasets one at a time "
+            f"(same results: slopes differ by <= {packed.get('max_slope_difference', float('nan')):.1e}) "
+            f"| {packed['wall_s']:.0f} s vs {alone['wall_s']:.0f} s = {alone['wall_s'] / packed['wall_s']:.2f}x faster "
+            f"| {'met' if alone['wall_s'] > packed['wall_s'] else 'MISSED'} |"
+        )
     return out
 
 

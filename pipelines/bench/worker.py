@@ -30,11 +30,11 @@ def measure(job: dict, python: str = sys.executable) -> dict:
 def main() -> None:
     import torch
 
-    from pipelines.bench import peers, systems
+    from pipelines.bench import peers, study, systems
 
     job = json.loads(sys.argv[1])
     torch.manual_seed(0)
-    result = {**systems.RUNNERS, **peers.RUNNERS}[job["system"]](job)
+    result = {**systems.RUNNERS, **peers.RUNNERS, "steer_study": study.steer_study}[job["system"]](job)
     print(PREFIX + json.dumps(result), flush=True)
 
 
