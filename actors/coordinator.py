@@ -105,7 +105,9 @@ class Coordinator:
         todo = [mb for mb in mbs if mb.index not in store.done_batches()]
         if not todo and store.is_complete:  # a resumed run that had already finished
             return dict(store.attrs["summary"], batches_run=[])
-        capture = CaptureSpec(layers, tuple(cap.components), cap.k, cap.window, cap.activations, cap.lens)
+        capture = CaptureSpec(
+            layers, tuple(cap.components), cap.k, cap.window, cap.activations, cap.lens, cap.kl_to_final
+        )
         specs = [
             StageSpec(
                 stage=s,
@@ -121,6 +123,7 @@ class Coordinator:
                 sampling=spec.generation.sampling,
                 vectors=rows.vectors,
                 steered=rows.steered,
+                tune=spec.tune,
                 score_ids=tuple(spec.steering.score_ids),
             )  # fmt: skip
             for s, (a, b) in enumerate(bounds)
@@ -284,13 +287,15 @@ class Coordinator:
         earlier, later = range(early), range(early, stages.num_stages)
         shared = every if split else earlier
         mb.calls += stages.start(shared, mb.index, mb.attention_mask[base], spec.capture.positions, None, True)
+        prefix = None  # the last stage's output for the shared columns: their final-normed states
         if split:
             self._submit(mb, mb.input_ids[base, :split])
-            mb.calls += stages.expand(later, mb.index, index, mb.edits)
+            prefix = mb.last
+            mb.calls += stages.expand(later, mb.index, index, mb.edits, prefix)
         else:
             mb.calls += stages.start(later, mb.index, mb.attention_mask, spec.capture.positions, mb.edits)
         self._submit(mb, mb.input_ids[:, split:], early, base, index)
-        mb.calls += stages.expand(earlier, mb.index, index, mb.edits)
+        mb.calls += stages.expand(earlier, mb.index, index, mb.edits, prefix)
 
     def _generate(self, todo: list[_MicroBatch], store, prompt_texts) -> dict[int, list]:
         spec = self.spec

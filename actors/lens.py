@@ -3,7 +3,9 @@
 `lens(h) = log_softmax(cap(lm_head(final_norm(h))))`, where `cap` is the family's final logit
 soft-cap `c * tanh(z / c)` (Gemma) or nothing, summarised without ever materialising more
 than one window's logits: top-k ids and their exact (not renormalised) log-probs, the entropy,
-and the log-prob and rank of the token that actually came next. With tensor parallelism the
+the log-prob and rank of the token that actually came next, and, given the last layer's
+final-normed hidden state of the same position, `kl_to_final` = KL(final || lens) in nats,
+from the final distribution rebuilt with this replica of the unembedding. With tensor parallelism the
 unembedding is vocab-sharded; each rank summarises its shard and the merge is exact (a global
 logsumexp, a merged top-k, a summed rank count).
 """
@@ -45,6 +47,7 @@ class LensSummary:
     entropy: torch.Tensor
     target_logprob: torch.Tensor
     target_rank: torch.Tensor
+    kl_to_final: torch.Tensor | None = None  # [n] KL(final || lens), when the final states were given
 
 
 class LogitLens(nn.Module):
@@ -99,19 +102,32 @@ class LogitLens(nn.Module):
         return torch.cat(parts, dim=-1).to(logits.device)
 
     @torch.no_grad()
-    def summarise(self, hidden: torch.Tensor, targets: torch.Tensor, k: int) -> LensSummary:
-        """hidden: [n, d_model]; targets: [n] next-token ids (any value where unknown).
+    def summarise(
+        self, hidden: torch.Tensor, targets: torch.Tensor, k: int, final: torch.Tensor | None = None, per: int = 1
+    ) -> LensSummary:
+        """hidden: [n, d_model]; targets: [n] next-token ids (any value where unknown); final:
+        [n / per, d_model] the last layer's final-normed hidden states, row i of `hidden` being
+        position i // per (several layers and components of one position side by side), for
+        `kl_to_final`.
 
         The unembedding runs over `rows_per_matmul` rows at a time (a large GEMM is ~1.5x faster
         per row than a window's); the full-vocabulary reductions then run over slices of
         `rows_per_pass` rows, small enough to stay in cache between passes."""
+        step = max(per, self.rows_per_matmul // per * per)  # whole positions per GEMM
         pieces = [
-            self._summarise_rows(hidden[i : i + self.rows_per_matmul], targets[i : i + self.rows_per_matmul], k)
-            for i in range(0, hidden.shape[0], self.rows_per_matmul)
+            self._summarise_rows(
+                hidden[i : i + step],
+                targets[i : i + step],
+                k,
+                None if final is None else final[i // per : (i + step) // per],
+                per,
+            )  # fmt: skip
+            for i in range(0, hidden.shape[0], step)
         ]
         if len(pieces) == 1:
             return pieces[0]
-        return LensSummary(*(torch.cat(parts) for parts in zip(*(vars(p).values() for p in pieces))))
+        fields = [list(parts) for parts in zip(*(vars(p).values() for p in pieces))]
+        return LensSummary(*(None if parts[0] is None else torch.cat(parts) for parts in fields))
 
     def _logits_buffer(self, n: int, hidden: torch.Tensor) -> torch.Tensor:
         """An [n, vocab_shard] output buffer, one per process (stages that share a process run
@@ -123,20 +139,28 @@ class LogitLens(nn.Module):
             buf = _SCRATCH[key] = torch.empty((max(n, self.rows_per_matmul), key[2]), dtype=key[1], device=key[0])
         return buf[:n]
 
-    def _summarise_rows(self, hidden: torch.Tensor, targets: torch.Tensor, k: int) -> LensSummary:
-        n = hidden.shape[0]
-        x, z_all = self.norm(hidden), self._logits_buffer(n, hidden)
-        # On a CPU, vocab slices of COLS_PER_MATMUL keep each product's output in cache (~9% less time
-        # per row than one call, the same values for the vocabularies tested); a GPU takes the
-        # whole shard in one call.
-        vocab = z_all.shape[1]
+    def _shard_products(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out[:] = cap(x @ shard.T), by vocab slices (see `_summarise_rows`)."""
+        vocab = out.shape[1]
         cols = COLS_PER_MATMUL if x.device.type == "cpu" else max(vocab, 1)
         starts = list(range(0, vocab, cols))
         if len(starts) > 1 and vocab - starts[-1] < cols // 4:  # no narrow last slice: another kernel
             starts.pop()
         for a, b in zip(starts, [*starts[1:], vocab]):
-            torch.mm(x, self.weight[a:b].T, out=z_all[:, a:b])
-            self._cap(z_all[:, a:b])
+            torch.mm(x, self.weight[a:b].T, out=out[:, a:b])
+            self._cap(out[:, a:b])
+        return out
+
+    def _summarise_rows(
+        self, hidden: torch.Tensor, targets: torch.Tensor, k: int, final: torch.Tensor | None, per: int
+    ) -> LensSummary:
+        n = hidden.shape[0]
+        x, z_all = self.norm(hidden), self._logits_buffer(n, hidden)
+        # On a CPU, vocab slices of COLS_PER_MATMUL keep each product's output in cache (~9% less time
+        # per row than one call, the same values for the vocabularies tested); a GPU takes the
+        # whole shard in one call.
+        self._shard_products(x, z_all)
+        vocab = z_all.shape[1]
         kk = min(k, vocab)
         local_t = targets.to(z_all.device) - self.vocab_offset
         in_shard = (local_t >= 0) & (local_t < vocab)
@@ -145,9 +169,21 @@ class LogitLens(nn.Module):
         top_vals, top_ids = torch.empty(n, kk, device=dev), torch.empty(n, kk, dtype=torch.long, device=dev)
         log_sum, mean_z, target_logit = (torch.empty(n, device=dev) for _ in range(3))
         rank = torch.empty(n, dtype=torch.long, device=dev)
+        if final is not None:  # the final distribution's shard, once per position: p_f = e_f / S_f
+            # final is already final-normed (the last stage's output), so only the head runs here.
+            zf = self._shard_products(final.to(self.weight.dtype), torch.empty(
+                (final.shape[0], vocab), dtype=self.weight.dtype, device=dev)).float()  # fmt: skip
+            f_max = zf.max(dim=-1).values
+            ef = torch.exp(zf - f_max[:, None])  # [positions, vocab shard]
+            f_sum = ef.sum(-1)
+            f_mean = (ef * zf).sum(-1) / f_sum  # E_{p_f}[z_f] over this shard
+            cross = torch.empty(n, device=dev)  # E_{p_f}[z_lens] over this shard, per row
+            position = torch.arange(n, device=dev) // per
         for i in range(0, n, self.rows_per_pass):
             rows = slice(i, i + self.rows_per_pass)
             z = z_all[rows].float()
+            if final is not None:
+                cross[rows] = (ef[position[rows]] * z).sum(-1) / f_sum[position[rows]]
             vals, ids = z.topk(kk, dim=-1)  # vals[:, 0] is the row max
             p = torch.softmax(z, dim=-1)  # exp(z - max) / S, so p at the argmax is exactly 1 / S
             p_max = p.gather(1, ids[:, :1])[:, 0]
@@ -160,6 +196,9 @@ class LogitLens(nn.Module):
                 rank[rows] = (z > t_logit[:, None]).sum(-1, dtype=torch.int32)
             top_vals[rows], top_ids[rows] = vals, ids + self.vocab_offset
         local_max = top_vals[:, 0]
+        if final is not None:  # per row: this shard's log-mass of the final distribution and its means
+            f_lse = (f_max + torch.log(f_sum))[position]
+            f_mean = f_mean[position]
         if self.tp_size > 1:
             # Merge the shards: each reports (max, S, E_p[z]); the global logsumexp rescales S,
             # and the global E_p[z] is the S-weighted mean of the shards' E_p[z].
@@ -188,12 +227,23 @@ class LogitLens(nn.Module):
             r = _comm(rank)
             dist.all_reduce(r)
             rank = r.to(z_all.device)
+            if final is not None:  # the same merge for the final distribution: shards weighted by mass
+                f = _comm(torch.stack([f_lse, f_mean, cross], dim=-1))
+                parts = [torch.empty_like(f) for _ in range(self.tp_size)]
+                dist.all_gather(parts, f)
+                f = torch.stack(parts).to(z_all.device)  # [tp, n, 3]
+                f_lse = torch.logsumexp(f[..., 0], dim=0)
+                w = torch.exp(f[..., 0] - f_lse)
+                f_mean, cross = (w * f[..., 1]).sum(0), (w * f[..., 2]).sum(0)
         else:
             lse = local_max + log_sum
+        # KL(p_f || p) = sum p_f (log p_f - log p) = (E_f[z_f] - lse_f) - (E_f[z] - lse)
+        kl = None if final is None else (f_mean - f_lse) - (cross - lse)
         return LensSummary(
             topk_ids=top_ids.to(torch.int32),
             topk_logprobs=top_vals - lse[:, None],
             entropy=lse - mean_z,  # H = lse - E_p[z]
             target_logprob=target_logit - lse,
             target_rank=rank.to(torch.int32).reshape(n),
+            kl_to_final=kl,
         )

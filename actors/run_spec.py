@@ -64,6 +64,7 @@ class CaptureSettings:
     window: int = 64  # positions buffered on a stage before one batched lens pass
     activations: str | None = None  # also store raw activations in this dtype
     lens: bool = True  # False: store activations only, no lens (what a steering vector needs)
+    kl_to_final: bool = True  # KL(final || lens) per captured cell (the final states flow back to every stage)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class RunSpec:
     steering: SteeringSettings = field(default_factory=SteeringSettings)
     attrs: dict = field(default_factory=dict)  # recorded in the store (config, model id, versions)
     progress: bool = True
+    tune: object = None  # a tuned_lens.TuneSpec: the stages train tuned-lens translators on the lens windows
 
 
 def fingerprint(config: dict) -> str:
@@ -173,6 +175,11 @@ def check_run(spec: RunSpec, config, prompts: list[list[int]]) -> None:
                 f"={comp!r} does not exist in model family {config.model_type!r}: it has {list(have)}",
             )
     _once("capture.components", list(spec.capture.components))
+    if spec.tune is not None:
+        if spec.cluster.tp_size != 1:
+            raise SettingError("cluster.tp_size", f"={spec.cluster.tp_size}: tuned-lens training runs tp_size=1 stages")
+        if "resid_post" not in spec.capture.components or not spec.capture.kl_to_final:
+            raise SettingError("capture.components", " must hold resid_post (with kl_to_final) to train translators")
     steering = spec.steering
     wheres = {(e.layer, e.site) for e in steering.edits}
     wheres |= {(e.layer, e.site) for _, edits in steering.rows or () for e in edits}

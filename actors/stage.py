@@ -38,6 +38,7 @@ class CaptureSpec:
     window: int = 64  # positions buffered before one batched lens pass
     activations: str | None = None  # None, or the dtype raw activations are stored in
     lens: bool = True  # False: activations only (e.g. a steering vector's label positions)
+    kl_to_final: bool = True  # the last stage sends final-normed hidden states back for KL(final || lens)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class StageSpec:
     steered: tuple[tuple[int, str], ...] = ()  # every (layer, site) some row edits; a stage hooks its own
     score_ids: tuple[int, ...] = ()  # last stage: report these tokens' logits at every step
     reports: bool = True  # return lens chunks (StageGroup sets it: rank 0 of each stage reports)
+    tune: object = None  # a tuned_lens.TuneSpec: train this stage's translators on the lens windows
 
     @property
     def is_last(self) -> bool:
@@ -88,6 +90,7 @@ class _BatchState:
     tokens: list = field(default_factory=list)  # [batch, n] int64 pieces, fed so far
     pending: dict = field(default_factory=dict)  # (layer, comp) -> [hidden [batch, n, d], ...]
     pending_start: int = 0
+    finals: list = field(default_factory=list)  # [batch, n, d] final-normed states from pending_start on
     cols: int = 0
     finished: torch.Tensor | None = None
     generator: torch.Generator | None = None
@@ -219,6 +222,15 @@ class StageWorker:
             self._vectors = table.to(self.device)
         self._install_hooks()
         self._states: dict[int, _BatchState] = {}
+        self._trainer = None
+        if spec.tune is not None:  # fresh, or from the checkpoint of spec.tune.resume_step
+            from actors.tuned_lens import TranslatorTrainer
+
+            last = self.config.num_hidden_layers - 1  # its lens is the final distribution: nothing to learn
+            layers = tuple(i for i in spec.capture.layers if spec.start <= i < spec.end and i != last)
+            self._trainer = TranslatorTrainer(
+                spec.tune, self.lens, layers, self.config.hidden_size, spec.stage, self.device
+            )
         return self.info()
 
     def _load(self, init_method: str | None) -> None:
@@ -310,6 +322,18 @@ class StageWorker:
         return transform
 
     @property
+    def _wants_finals(self) -> bool:
+        """Whether this run's lens needs the final layer's states (every stage of it does)."""
+        c = self.spec.capture
+        return bool(c.layers) and c.lens and c.kl_to_final
+
+    def _finals_of(self, output) -> list:
+        """The final-normed states [batch, n, d] in a last-stage output, on this device."""
+        if not isinstance(output, dict) or output.get("final") is None or not self.captured_keys:
+            return []
+        return [torch.as_tensor(output["final"]).to(self.device, self.lens.weight.dtype)]
+
+    @property
     def captured_keys(self) -> list[tuple[int, str]]:
         layers = [i for i in range(self.spec.start, self.spec.end) if i in self.spec.capture.layers]
         return [(i, c) for i in layers for c in self.spec.capture.components]
@@ -345,11 +369,12 @@ class StageWorker:
             raise ValueError(f"edits are given for {len(edits)} rows; the micro-batch has {rows}")
         return edit_terms(edits, self._vectors, self._steered)
 
-    def expand(self, mb: int, index, edits) -> None:
+    def expand(self, mb: int, index, edits, prefix=None) -> None:
         """Replicate a shared prefix: row i of the micro-batch becomes prefix row `index[i]`,
         with its KV cache, buffered activations and tokens, and takes the steering edits
         `edits[i]`. Rows of one prompt whose edits start at column c compute columns < c once
-        (causal attention: they cannot see the edit) and only the rest once per row."""
+        (causal attention: they cannot see the edit) and only the rest once per row. `prefix`:
+        the last stage's output for the shared columns (their final-normed states)."""
         state = self._state(mb)
         idx = torch.as_tensor(np.asarray(index), dtype=torch.long)
         dev_idx = idx.to(self.device)
@@ -360,6 +385,7 @@ class StageWorker:
         state.pad = state.pad[idx]
         state.tokens = [t[idx] for t in state.tokens]
         state.pending = {key: [h[dev_idx] for h in hs] for key, hs in state.pending.items()}
+        state.finals = [f[dev_idx] for f in [*self._finals_of(prefix), *state.finals]]
         state.terms = self._terms(edits, len(idx))
         if state.finished is not None:
             state.finished = state.finished[idx]
@@ -377,6 +403,7 @@ class StageWorker:
         the last stage `{"tokens": [batch], "finished": [batch]}`.
         """
         state = self._state(mb)
+        state.finals += self._finals_of(tokens)
         tokens = _as_columns(tokens)
         new = tokens.shape[1]
         if state.cols < state.prompt_cols:  # prompt columns (in one piece or several): HF's
@@ -422,14 +449,17 @@ class StageWorker:
             chunks = []
         if not self.spec.is_last:
             return hidden.cpu() if self.device.type != "cpu" else hidden, chunks
+        final = {}
+        if self._wants_finals:  # every stage's KL to the final layer: d_model floats per position
+            final["final"] = self.lens.norm(hidden).cpu()
         if state.shared:  # a prefix's last column is not the prompt's: nothing to sample yet
-            return None, chunks
+            return final, chunks
         logits = self.lens.full_logits(hidden[:, -1])  # [batch, vocab]: stays on this stage
         chosen = choose_tokens(logits, self.spec.sampling, state.generator).cpu()
         sampling = self.spec.sampling
         chosen = torch.where(state.finished, torch.full_like(chosen, sampling.pad_token_id), chosen)
         state.finished = state.finished | torch.isin(chosen, torch.tensor(sampling.eos_token_ids, dtype=torch.long))
-        out = {"tokens": chosen.numpy(), "finished": state.finished.numpy().copy()}
+        out = {"tokens": chosen.numpy(), "finished": state.finished.numpy().copy(), **final}
         if self.spec.score_ids:  # a few chosen logits (e.g. answer letters), never the vocabulary
             out["scores"] = logits[:, list(self.spec.score_ids)].float().cpu().numpy()
         return out, chunks
@@ -439,6 +469,7 @@ class StageWorker:
         """Close micro-batch `mb`: `last_tokens` [batch, 1] are the targets of the final column."""
         state = self._state(mb)
         del self._states[mb]
+        state.finals += self._finals_of(last_tokens)
         state.tokens.append(_as_columns(last_tokens))
         chunks = self._flush(mb, state, force=True)
         return chunks if self.spec.reports else []
@@ -448,6 +479,8 @@ class StageWorker:
         known_end = sum(t.shape[1] for t in state.tokens) - 1  # columns < this have a target
         if not self.captured_keys:  # nothing captured on this stage (or in this run)
             return []
+        if self._wants_finals:  # ... and the final layer's state
+            known_end = min(known_end, state.pending_start + sum(f.shape[1] for f in state.finals))
         window = self.spec.capture.window
         chunks = []
         while state.pending_start < known_end and (force or known_end - state.pending_start >= window):
@@ -484,16 +517,43 @@ class StageWorker:
             hidden = torch.cat(buf, dim=1) if len(buf) > 1 else buf[0]  # [batch, pending, d]
             windows[key], rest = hidden[:, : end - start], hidden[:, end - start :]
             state.pending[key] = [rest] if rest.shape[1] else []
-        if rows.numel() and spec.lens:  # every TP rank sees the same rows, so all or none reach the collectives
+        final = None
+        if self._wants_finals:
+            held = torch.cat(state.finals, dim=1) if len(state.finals) > 1 else state.finals[0]
+            final, rest = held[:, : end - start], held[:, end - start :]
+            state.finals = [rest] if rest.shape[1] else []
+        if self._trainer is not None and rows.numel():  # training: one optimizer step per window
+            dev_rows = rows.to(self.device)
+            d = final.shape[-1]
+            hidden = {
+                layer: windows[(layer, comp)].reshape(batch * n, d)[dev_rows]
+                for layer, comp in keys
+                if comp == "resid_post" and layer in self._trainer.translators.layers
+            }
+            losses = self._trainer.train(hidden, final.reshape(batch * n, d)[dev_rows])
+            where = rows.numpy()
+            for layer, kl in losses.items():  # the tuned lens's KL before the step, per position
+                li, ci = layers.index(layer), comps.index("resid_post")
+                dest = out["kl_to_final"][:, li, ci].reshape(batch * n)
+                dest[where] = kl.cpu().numpy()
+                out["kl_to_final"][:, li, ci] = dest.reshape(batch, n)
+        elif rows.numel() and spec.lens:  # every TP rank sees the same rows, so all or none reach the collectives
             # One lens call over every captured (layer, component) of the window: the
             # unembedding GEMM runs over many rows at once instead of one window per layer.
+            # Rows are position-major ([position, key]): a position's final distribution is
+            # rebuilt once for all its layers and components.
             dev_rows = rows.to(self.device)
-            stacked = torch.cat([windows[key].reshape(batch * n, -1)[dev_rows] for key in keys])
-            flat_targets = targets.reshape(-1)[rows].to(self.device).repeat(len(keys))
-            summary = self.lens.summarise(stacked, flat_targets, spec.k)
+            d = windows[keys[0]].shape[-1]
+            stacked = torch.stack([windows[key].reshape(batch * n, d)[dev_rows] for key in keys], dim=1).reshape(-1, d)
+            flat_targets = targets.reshape(-1)[rows].to(self.device).repeat_interleave(len(keys))
+            final_rows = None if final is None else final.reshape(batch * n, d)[dev_rows.to(final.device)]
+            summary = self.lens.summarise(stacked, flat_targets, spec.k, final_rows, per=len(keys))
             where = rows.numpy()
             for name, value in vars(summary).items():
-                value = value.cpu().numpy().reshape((len(keys), len(where)) + out[name].shape[4:])
+                if value is None:
+                    continue
+                tail = out[name].shape[4:]
+                value = value.cpu().numpy().reshape((len(where), len(keys)) + tail).swapaxes(0, 1)
                 for j, (layer, comp) in enumerate(keys):
                     li, ci = layers.index(layer), comps.index(comp)
                     dest = out[name][:, li, ci].reshape((batch * n,) + out[name].shape[4:])

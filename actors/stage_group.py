@@ -77,8 +77,8 @@ class StageGroup:
         calls = self._every_rank([stage], StageWorker.step, *args, num_returns=2)  # each (output, chunks)
         return calls[0][0], [pair[1] for pair in calls]
 
-    def expand(self, stages, mb: int, index, edits) -> list:
-        return self._every_rank(stages, StageWorker.expand, mb, index, edits)
+    def expand(self, stages, mb: int, index, edits, prefix=None) -> list:
+        return self._every_rank(stages, StageWorker.expand, mb, index, edits, prefix)
 
     def finish(self, mb: int, last_tokens) -> list:
         return self._every_rank(self._all_stages(), StageWorker.finish, mb, last_tokens)

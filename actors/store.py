@@ -6,7 +6,7 @@ Layout (dimension names in brackets):
   prompt_text / generated_text [prompt], layer [layer], component [component],
   lens_mask [prompt, position]: the lens exists there (every token but the last),
   topk_ids / topk_logprobs [prompt, layer, component, position, k],
-  entropy / target_logprob / target_rank [prompt, layer, component, position],
+  entropy / target_logprob / target_rank / kl_to_final [prompt, layer, component, position],
   activations [prompt, layer, component, position, hidden] (optional; bfloat16 as uint16 bits),
   batch_done [batch]: written after the batch's data, one chunk per batch.
 The group attr `complete` is set last; a store without it never reads as finished.
@@ -25,8 +25,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-SCHEMA_VERSION = 1
-LENS_ARRAYS = ("topk_ids", "topk_logprobs", "entropy", "target_logprob", "target_rank")
+SCHEMA_VERSION = 2  # 2: kl_to_final; per-row steering (source, edit_kind, edit_coefficient, steering_vector)
+LENS_ARRAYS = ("topk_ids", "topk_logprobs", "entropy", "target_logprob", "target_rank", "kl_to_final")
 
 
 def _compressor():
@@ -115,6 +115,7 @@ class LensStore:
         array("entropy", (p, n_l, n_c, pos), (b, 1, 1, pc), "float32", np.nan, dims4)
         array("target_logprob", (p, n_l, n_c, pos), (b, 1, 1, pc), "float32", np.nan, dims4)
         array("target_rank", (p, n_l, n_c, pos), (b, 1, 1, pc), "int32", -1, dims4)
+        array("kl_to_final", (p, n_l, n_c, pos), (b, 1, 1, pc), "float32", np.nan, dims4)
         if layout.activations:
             storage = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}[layout.activations]
             dims = ["prompt", "layer", "component", "position", "hidden"]
@@ -186,7 +187,7 @@ class LensStore:
     EXPECTED_DTYPES = {
         "tokens": "int32", "lengths": "int32", "prompt_lengths": "int32", "lens_mask": "bool",
         "topk_ids": "int32", "topk_logprobs": "float32", "entropy": "float32", "target_logprob": "float32",
-        "target_rank": "int32", "coefficient": "float32", "batch_done": "bool",
+        "target_rank": "int32", "kl_to_final": "float32", "coefficient": "float32", "batch_done": "bool",
     }  # fmt: skip
 
     def verify(self) -> list[str]:
@@ -203,7 +204,7 @@ class LensStore:
             "tokens": (p, pos), "lens_mask": (p, pos), "lengths": (p,), "prompt_lengths": (p,),
             "topk_ids": (p, n_l, n_c, pos, k), "topk_logprobs": (p, n_l, n_c, pos, k),
             "entropy": (p, n_l, n_c, pos), "target_logprob": (p, n_l, n_c, pos), "target_rank": (p, n_l, n_c, pos),
-            "layer": (n_l,), "component": (n_c,),
+            "kl_to_final": (p, n_l, n_c, pos), "layer": (n_l,), "component": (n_c,),
         }  # fmt: skip
         names = set(g.array_keys())
         for name, shape in expected_shapes.items():

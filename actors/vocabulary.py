@@ -19,6 +19,7 @@ LENS_FIELDS = {
     "entropy": float("nan"),
     "target_logprob": float("nan"),
     "target_rank": -1,
+    "kl_to_final": float("nan"),
 }
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")  # bfloat16 is stored as its uint16 bits

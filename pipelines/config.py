@@ -62,6 +62,7 @@ class CaptureConf:
     k: int = 10
     window: int = 64
     activations: str | None = None  # store raw activations in this dtype
+    kl_to_final: bool = True  # KL(final || lens) per cell: the final states flow back to every stage
 
 
 @dataclass
@@ -191,8 +192,41 @@ class BenchConf:
     peers: list[str] = field(default_factory=lambda: ["nnsight", "transformer_lens", "steering_vectors"])
 
 
+@dataclass
+class TuneDataConf:
+    paths: list[str] = field(default_factory=list)  # text / JSONL files; [] = the shared datasets' questions
+    tokens: int = 128  # tokens per training sequence
+    heldout_fraction: float = 0.1  # documents held out (whole documents, never split)
+    seed: int = 0
+
+
+@dataclass
+class TuneTrainConf:
+    steps: int = 200  # optimizer steps, one per micro-batch
+    batch: int = 8  # sequences per step
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    schedule: str = "linear"  # constant | linear | cosine, after a linear warm-up
+    warmup: int = 10
+    save_every: int = 50  # steps between checkpoints (the last step always saves)
+    seed: int = 0  # the order of the training sequences
+
+
+@dataclass
+class TuneConf:
+    model: ModelConf = field(default_factory=ModelConf)
+    cluster: ClusterConf = field(default_factory=ClusterConf)
+    storage: StorageConf = field(default_factory=StorageConf)
+    data: TuneDataConf = field(default_factory=TuneDataConf)
+    train: TuneTrainConf = field(default_factory=TuneTrainConf)
+    resume: bool = False  # continue from the latest step every stage checkpointed
+    progress: bool = True
+
+
 def register() -> None:
     cs = ConfigStore.instance()
+    cs.store(name="tune_schema", node=TuneConf)
     cs.store(name="lens_schema", node=LensConf)
     cs.store(name="steer_schema", node=SteerConf)
     cs.store(name="demo_schema", node=DemoConf)
@@ -354,7 +388,7 @@ def run_spec(cfg, model_path: str, store_path: str, existing: str = "refuse", **
         parts["capture"] = CaptureSettings(
             layers=None if cap.layers is None else tuple(cap.layers), components=tuple(cap.components),
             positions=cap.positions if isinstance(cap.positions, str) else tuple(cap.positions), k=cap.k,
-            window=cap.window, activations=cap.activations,
+            window=cap.window, activations=cap.activations, kl_to_final=cap.kl_to_final,
         )  # fmt: skip
     parts.update(groups)
     return RunSpec(

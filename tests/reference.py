@@ -102,10 +102,47 @@ def run_lens(path, store_path, **overrides) -> tuple[dict, LensStore]:
     return summary, LensStore.open(store_path)
 
 
+def lens_reference(model, hidden: torch.Tensor, normed: bool = False) -> torch.Tensor:
+    """log_softmax of the model's own head on a hidden state (final-normed here unless `normed`),
+    with the family's final logit soft-cap where it has one (Gemma)."""
+    from tiny_models import final_norm
+
+    logits = model.lm_head(hidden if normed else final_norm(model)(hidden)).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.log_softmax(logits, -1)
+
+
+def assert_kl_to_final_matches_hf(model, store: LensStore, atol: float = 1e-4) -> int:
+    """Every captured layer's `kl_to_final` (resid_post) at every lens position of every row
+    against KL(final || lens) computed here: the unsliced HF model run on the row's tokens, its
+    own logits as the final distribution, its `hidden_states[layer + 1]` through its head as the
+    lens (the last one is already normed: KL 0). Returns the number of values checked."""
+    comp = list(store.group["component"][:]).index("resid_post")
+    n_layers = model.config.num_hidden_layers
+    checked = 0
+    for row in range(store["lengths"].shape[0]):
+        tokens = torch.tensor(store.tokens(row).tolist())[None]
+        n = tokens.shape[1] - 1
+        with torch.no_grad():
+            out = model(tokens, output_hidden_states=True)
+            final = lens_reference(model, out.hidden_states[-1][0, :n], normed=True)
+            for li, layer in enumerate(store.layers):
+                lens = lens_reference(model, out.hidden_states[layer + 1][0, :n], normed=layer == n_layers - 1)
+                expected = (final.exp() * (final - lens)).sum(-1)
+                ours = torch.from_numpy(store["kl_to_final"][row, li, comp, :n])
+                where = f"row {row} layer {layer}"
+                torch.testing.assert_close(ours, expected, atol=atol, rtol=0, msg=lambda m, w=where: f"{w}: {m}")
+                checked += n
+    return checked
+
+
 def assert_stores_equal(a: LensStore, b: LensStore, atol: float = 1e-5) -> None:
     """Integers exactly; floats to fp32 noise (processes with other thread counts sum in
     another order: seen up to 5e-7 relative on values near 20)."""
-    names = ["tokens", "lengths", "lens_mask", "topk_ids", "target_rank", "topk_logprobs", "entropy", "target_logprob"]
+    names = ["tokens", "lengths", "lens_mask", "topk_ids", "target_rank", "topk_logprobs", "entropy", "target_logprob",
+             "kl_to_final"]  # fmt: skip
     if "activations" in a.group:
         names.append("activations")
     for name in names:

@@ -9,25 +9,35 @@ import pytest
 from driver import run_driver
 
 
+def test_study_workload_packed_and_one_at_a_time_agree(tiny_with_tokenizer, tmp_path):
+    """The study workload's runner, in this process: a packed study of two datasets is 3 runs,
+    one at a time 6, over the same rows with the same slopes, and the HF forward reference
+    timed over exactly the packed runs' rows."""
+    from pipelines.bench.study import steer_study
+
+    job = dict(
+        model=str(tiny_with_tokenizer), datasets=["survival-instinct", "corrigible-neutral-HHH"], scratch=str(tmp_path),
+        overrides=["data.max_train=3", "data.max_test=2", "steering.select_items=2", "steering.layers=[0,1]",
+                   "cluster=inprocess", "cluster.micro_batch_size=4"],
+    )  # fmt: skip
+    packed, alone = steer_study({**job, "mode": "packed"}), steer_study({**job, "mode": "one_at_a_time"})
+    assert (packed["runs"], alone["runs"]) == (3, 6) and packed["rows"] == alone["rows"] > 0
+    for name, slope in packed["mean_of_slopes"].items():
+        assert slope == pytest.approx(alone["mean_of_slopes"][name], abs=1e-4)
+    assert packed["hf_forward_s"] > 0 and packed["padded_tokens"] >= packed["rows"]
+
+
 def test_bench_smoke(tiny_with_tokenizer, tmp_path):
     result = run_driver(
         "pipelines.bench", f"model.name={tiny_with_tokenizer}", "sizes=[3]", "long_size=42", "long_prompts=[1,2]", "baseline_max=3",
         "stages=[2]", "ray_stages=[]", "repeats=1", "sweep_coefficients=[3]", "sweep_items=2", "peers=[]",
         "scaling_size=3", "scaling_layers=[1]", "scaling_prompts=[2]", f"storage.root={tmp_path}", "storage.run=b",
-        "study_datasets=[survival-instinct,corrigible-neutral-HHH]",
-        'study_overrides=["data.max_train=3","data.max_test=2","steering.select_items=2","steering.layers=[0,1]",'
-        '"cluster.micro_batch_size=4"]',
+        "study_datasets=null",
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "bench" / "b"
     listed = json.loads((out / "results.json").read_text())["rows"]
-    study = {r["system"]: r for r in listed if r["workload"] == "study"}
-    assert set(study) == {"steer_packed", "steer_one_at_a_time"}, listed[-2:]
-    assert study["steer_packed"]["runs"] == 3 and study["steer_one_at_a_time"]["runs"] == 6  # 3 runs per study
-    assert study["steer_packed"]["max_slope_difference"] < 1e-4  # packing changes no result
-    assert study["steer_packed"]["rows"] == study["steer_one_at_a_time"]["rows"]
-    assert study["steer_packed"]["fraction_of_hf_forward"] > 0
     assert not (out / "results.partial.json").exists()  # rows as measured, gone once results.json is whole
     rows = {r["system"]: r for r in listed if r["workload"] in ("trajectory", "sweep")}
     swept = {r["steer_positions"] for r in listed if r["system"] == "distlens_sweep_one_pass"}
@@ -43,8 +53,9 @@ def test_bench_smoke(tiny_with_tokenizer, tmp_path):
     # one prompt here, so the positions of its one store row; the last has no next token, so no lens
     positions = traj["positions"]
     assert 0 < traj["lens_share"] < 1 and 0 < by_workload["trajectory", "paper_baseline", 3]["lens_share"] < 1
-    # 10 ids + 10 log-probs + entropy, target log-prob and rank = 92 bytes per row before the codec
-    assert traj["bytes_per_row"] * traj["compression"] == pytest.approx(92 * positions / (positions - 1))
+    # 10 ids + 10 log-probs + entropy, target log-prob, rank and KL to the final layer = 96 bytes
+    # per row before the codec
+    assert traj["bytes_per_row"] * traj["compression"] == pytest.approx(96 * positions / (positions - 1))
     layers = traj["lens_layers"]
     assert traj["lens_components"] == 1 and layers > 1
     comps = by_workload["trajectory_components", "distlens_local_2stage", 3]

@@ -8,7 +8,14 @@ from collections import Counter
 import pytest
 import torch
 
-from reference import PROMPTS, assert_stores_equal, hf_generate, hf_hidden_by_row, run_lens
+from reference import (
+    PROMPTS,
+    assert_kl_to_final_matches_hf,
+    assert_stores_equal,
+    hf_generate,
+    hf_hidden_by_row,
+    run_lens,
+)
 from tiny_models import FAMILIES, final_norm, load_reference
 
 
@@ -48,6 +55,8 @@ def test_ray_stages_equal_unsliced_and_local(family, stage_pool, tiny_checkpoint
                     ours, hf_hidden_by_row(generated, pad, row, layer + 1)[:n], atol=1e-5, rtol=0
                 )
         assert_stores_equal(store, local)
+        if num_stages == 3:  # the final states flow back through Ray to every stage actor
+            assert assert_kl_to_final_matches_hf(model, store) > 0
 
 
 def test_ray_sweep_shares_the_stage_before_the_edit_and_equals_local(stage_pool, tiny_checkpoints, tmp_path):

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from reference import PROMPTS, hf_generate, hf_hidden_by_row, left_pad, run_lens
+from reference import (
+    PROMPTS,
+    assert_kl_to_final_matches_hf,
+    hf_generate,
+    hf_hidden_by_row,
+    left_pad,
+    lens_reference,
+    run_lens,
+)
 from tiny_models import FAMILIES, final_norm, load_reference
 
 NEW = 6
@@ -79,14 +87,7 @@ def _full_logprobs(model, store, row):
     return torch.log_softmax(out.logits[0].float(), -1), out.hidden_states
 
 
-def _lens_reference(model, hidden: torch.Tensor) -> torch.Tensor:
-    """log_softmax of the model's own head on a (not yet normalised) hidden state, with the
-    family's final logit soft-cap where it has one (Gemma)."""
-    logits = model.lm_head(final_norm(model)(hidden)).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
-    return torch.log_softmax(logits, -1)
+_lens_reference = lens_reference
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -102,6 +103,18 @@ def test_last_layer_lens_equals_model_logits(family, tiny_checkpoints, reference
         # k = vocab: the lens's whole distribution, which must be the model's own
         torch.testing.assert_close(ours, logprobs[:n].gather(1, ids), atol=1e-4, rtol=0)
         assert sorted(ids[0].tolist()) == list(range(model.config.vocab_size))
+
+
+@pytest.mark.parametrize(("family", "num_stages"), [("llama", 1), ("llama", 2), ("llama", 3), ("gemma2", 2)])
+def test_kl_to_final_equals_kl_from_the_unsliced_model(family, num_stages, tiny_checkpoints, references, tmp_path):
+    """The final-normed states flow back from the last stage to every stage; each stage's
+    KL(final || lens) of its layers equals the test's own from HF logits and hidden states, at
+    every position, rows of different lengths in two micro-batches (Gemma 2: soft-capped)."""
+    model = references[family][0]
+    _, store = run_lens(tiny_checkpoints[family], tmp_path / "s.zarr", num_stages=num_stages, micro_batch_size=2)
+    assert assert_kl_to_final_matches_hf(model, store) > 0
+    kl = store["kl_to_final"][:, :, 0]
+    assert np.nanmax(np.abs(kl[:, -1])) < 1e-4 and np.nanmin(kl[:, 0]) > 1e-3  # last layer 0; the first is not
 
 
 def test_norm_applied_twice_would_be_caught(tiny_checkpoints, references):

@@ -199,13 +199,15 @@ ROW_EDITS = [
     ("executor", "share_prefix"), [("local", True), ("local", False), ("ray", True), ("ray", False)]
 )
 def test_rows_with_their_own_edits_equal_hf_hooked_with_each_rows_edits(
-    executor, share_prefix, tiny_checkpoints, tmp_path
+    executor, share_prefix, tiny_checkpoints, tmp_path, request
 ):
     """Every row runs its own vectors, layers, sites, positions and coefficients in shared
     micro-batches; each must equal its prompt generated alone by HF with only that row's edits
     hooked in: tokens and every layer's hidden state."""
     from actors.steering import RowEdit
 
+    if executor == "ray":
+        request.getfixturevalue("ray_cluster")  # started for this module, stopped after it
     path = tiny_checkpoints["llama"]
     table = 0.3 * torch.randn(3, 64, generator=torch.Generator().manual_seed(11))
     rows = tuple((p, tuple(RowEdit(*e) for e in edits)) for p, edits in ROW_EDITS)

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from reference import PROMPTS, hf_generate, hf_hidden_by_row, run_lens, run_spec
+from reference import PROMPTS, assert_kl_to_final_matches_hf, hf_generate, hf_hidden_by_row, run_lens, run_spec
 from tiny_models import FAMILIES, load_reference
 
 
@@ -25,7 +25,7 @@ def test_shm_allreduce_kernel_is_switched_off():
     assert comm_torch.build_shm_op() is None
 
 
-def _sharded_lens_worker(rank: int, port: int, hidden, targets, weight, k, out):
+def _sharded_lens_worker(rank: int, port: int, hidden, targets, weight, k, final, out):
     from actors.lens import LogitLens
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -33,7 +33,7 @@ def _sharded_lens_worker(rank: int, port: int, hidden, targets, weight, k, out):
     norm = torch.nn.RMSNorm(weight.shape[1])
     head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     head.weight.data = weight
-    summary = LogitLens(norm, head, tp_rank=rank, tp_size=2).summarise(hidden, targets, k)
+    summary = LogitLens(norm, head, tp_rank=rank, tp_size=2).summarise(hidden, targets, k, final, per=3)
     if rank == 0:
         out.update({name: value.clone() for name, value in vars(summary).items()})
     dist.destroy_process_group()
@@ -46,18 +46,21 @@ def test_vocab_sharded_lens_merge_is_exact():
     torch.manual_seed(0)
     vocab, d, n, k = 1001, 16, 9, 5  # an odd vocabulary: shards of 501 and 500
     hidden, weight = torch.randn(n, d), torch.randn(vocab, d)
+    final = torch.randn(n // 3, d)  # final-normed states: 3 positions, each shared by 3 rows
     targets = torch.randint(0, vocab, (n,))
     targets[0] = 1000  # in the second shard
     norm = torch.nn.RMSNorm(d)
     head = torch.nn.Linear(d, vocab, bias=False)
     head.weight.data = weight
-    full = LogitLens(norm, head).summarise(hidden, targets, k)
+    full = LogitLens(norm, head).summarise(hidden, targets, k, final, per=3)
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_sharded_lens_worker, args=(free_port(), hidden, targets, weight, k, out), nprocs=2)
+        mp.spawn(_sharded_lens_worker, args=(free_port(), hidden, targets, weight, k, final, out), nprocs=2)
         merged = dict(out)
     lp = torch.log_softmax(norm(hidden) @ weight.T, -1)
     torch.testing.assert_close(full.topk_logprobs, lp.topk(k).values)
+    final_lp = torch.log_softmax(final @ weight.T, -1).repeat_interleave(3, dim=0)
+    torch.testing.assert_close(full.kl_to_final, (final_lp.exp() * (final_lp - lp)).sum(-1), atol=1e-5, rtol=0)
     for name, value in vars(full).items():
         torch.testing.assert_close(merged[name], value, atol=1e-5, rtol=0, msg=name)
 
@@ -68,7 +71,7 @@ def _assert_tp_store_equal(tp2, tp1) -> None:
     swap places."""
     np.testing.assert_array_equal(tp2["tokens"], tp1["tokens"])
     np.testing.assert_array_equal(tp2["lens_mask"], tp1["lens_mask"])
-    for name in ("topk_logprobs", "entropy", "target_logprob", "activations"):
+    for name in ("topk_logprobs", "entropy", "target_logprob", "kl_to_final", "activations"):
         np.testing.assert_allclose(tp2[name], tp1[name], atol=1e-5, rtol=1e-5, equal_nan=True, err_msg=name)
     ids1, ids2, lp = tp1["topk_ids"], tp2["topk_ids"], tp1["topk_logprobs"]
     gap = np.minimum(
@@ -90,6 +93,8 @@ def test_tp2_equals_tp1_and_unsliced(family, ray_cluster, tiny_checkpoints, tmp_
     summary, tp2 = run_lens(path, tmp_path / "tp2.zarr", tp_size=2, executor="ray", **common)
     assert len(summary["stage_info"]) == 2 * num_stages
     _assert_tp_store_equal(tp2, tp1)
+    if family in ("llama", "gemma2"):  # the vocab-sharded KL merge against the unsliced model
+        assert assert_kl_to_final_matches_hf(model, tp2) > 0
     generated, pad = hf_generate(model, PROMPTS, 6)
     for row in range(len(PROMPTS)):
         assert tp2.tokens(row).tolist() == generated.sequences[row, int(pad[row]) :].tolist()

@@ -13,12 +13,13 @@ import torch
 
 
 def compose_steer(model: str, datasets, data_root: str | None, overrides: list[str]):
-    """The steer driver's config, composed by Hydra as `python -m pipelines.steer` would."""
+    """The steer driver's config, composed by Hydra as `python -m pipelines.steer` would (its
+    default cluster: two Ray stage actors on a local cluster)."""
     from hydra import compose, initialize_config_dir
 
     repo = Path(__file__).resolve().parents[2]
     names = "all" if datasets == "all" else "[" + ",".join(datasets) + "]"
-    args = [f"model.name={model}", f"dataset={names}", "progress=false", "cluster=inprocess", *overrides]
+    args = [f"model.name={model}", f"dataset={names}", "progress=false", *overrides]
     if data_root:
         args.append(f"data.root={data_root}")
     with initialize_config_dir(str(repo / "conf"), version_base=None):
