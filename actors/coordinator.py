@@ -95,10 +95,19 @@ class Coordinator:
             n_scores=len(spec.steering.score_ids),
             n_steps=spec.generation.max_new_tokens,
             n_edits=max((len(e) for e in rows.edits), default=0),
+            lenses=tuple(cap.lenses),
         )
         kinds = rows.kinds
         self._row_arrays = self._edit_arrays(rows, kinds, layout.n_edits)
         attrs = {**spec.attrs, "stages": [list(b) for b in bounds], "edit_kinds": [list(k) for k in kinds]}
+        if "tuned" in cap.lenses:  # which translators the tuned_* arrays came from
+            from actors.tuned_lens import check_translators
+
+            meta = check_translators(cap.tuned_lens, spec.model.name, config.hidden_size, n_layers)
+            attrs["tuned_lens"] = {
+                "path": cap.tuned_lens,
+                **{k: meta.get(k) for k in ("model", "revision", "tokens_seen")},
+            }
         run_store = RunStore.open(spec.storage.path, layout, attrs, spec.storage.existing, rows.vectors)
         store = run_store.store
         mbs = self._micro_batches(prompts, rows, spec.generation.sampling.pad_token_id)
@@ -106,8 +115,9 @@ class Coordinator:
         if not todo and store.is_complete:  # a resumed run that had already finished
             return dict(store.attrs["summary"], batches_run=[])
         capture = CaptureSpec(
-            layers, tuple(cap.components), cap.k, cap.window, cap.activations, cap.lens, cap.kl_to_final
-        )
+            layers, tuple(cap.components), cap.k, cap.window, cap.activations, cap.lens, cap.kl_to_final,
+            tuned_lens=cap.tuned_lens if "tuned" in cap.lenses else None,
+        )  # fmt: skip
         specs = [
             StageSpec(
                 stage=s,

@@ -29,7 +29,7 @@ class StageStats:
 
     def __init__(self, stages, bar, desc: str, every_s: float = 2.0):
         self.stages, self.bar, self.desc, self.every_s = stages, bar, desc, every_s
-        self.last_poll, self.pending, self.rates = 0.0, None, {}
+        self.last_poll, self.pending, self.rates, self.losses = 0.0, None, {}, {}
 
     def tick(self) -> None:
         ex = self.stages.executor
@@ -37,6 +37,8 @@ class StageStats:
             for stats in (ex.get(h) for h in self.pending):
                 if stats["busy_s"] > 0:
                     self.rates[stats["stage"]] = stats["tokens"] / stats["busy_s"]
+                if "loss" in stats:  # tuned-lens training: each stage's last step
+                    self.losses[stats["stage"]] = stats["loss"]
             self.pending = None
             if self.rates and hasattr(self.bar, "set_postfix_str"):
                 self.bar.set_postfix_str(self.text().strip(" ,;"), refresh=False)
@@ -53,4 +55,7 @@ class StageStats:
     def text(self) -> str:
         if not self.rates:
             return ""
-        return "; stage tokens/s " + " ".join(f"s{k}={v:.0f}" for k, v in sorted(self.rates.items()))
+        text = "; stage tokens/s " + " ".join(f"s{k}={v:.0f}" for k, v in sorted(self.rates.items()))
+        if self.losses:
+            text += "; KL loss " + " ".join(f"s{k}={v:.3f}" for k, v in sorted(self.losses.items()))
+        return text

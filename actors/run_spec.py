@@ -13,7 +13,7 @@ import numpy as np
 
 from actors.adapters import adapter_for
 from actors.sampling import SamplingSpec
-from actors.vocabulary import COMPONENTS, STEERING_SITES
+from actors.vocabulary import COMPONENTS, LENSES, STEERING_SITES
 
 EXECUTORS = ("local", "ray")
 EXISTING = ("refuse", "resume", "overwrite")
@@ -32,6 +32,7 @@ class SettingError(ValueError):
 class ModelSettings:
     path: str  # a local checkpoint directory (config.json + safetensors)
     dtype: str = "float32"
+    name: str = ""  # the model's name (a tuned lens file must have been trained on it)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class CaptureSettings:
     activations: str | None = None  # also store raw activations in this dtype
     lens: bool = True  # False: store activations only, no lens (what a steering vector needs)
     kl_to_final: bool = True  # KL(final || lens) per captured cell (the final states flow back to every stage)
+    lenses: tuple[str, ...] = ("logit",)  # "tuned" adds the tuned lens's arrays (resid_post)
+    tuned_lens: str | None = None  # the translators file (python -m pipelines.tune) the tuned lens reads
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,7 @@ def check_run(spec: RunSpec, config, prompts: list[list[int]]) -> None:
                 f"={comp!r} does not exist in model family {config.model_type!r}: it has {list(have)}",
             )
     _once("capture.components", list(spec.capture.components))
+    check_lenses(spec, config)
     if spec.tune is not None:
         if spec.cluster.tp_size != 1:
             raise SettingError("cluster.tp_size", f"={spec.cluster.tp_size}: tuned-lens training runs tp_size=1 stages")
@@ -218,6 +222,34 @@ def check_run(spec: RunSpec, config, prompts: list[list[int]]) -> None:
                 f" contains {beyond[0]}, out of range: this run's lens positions are "
                 f"0..{longest + spec.generation.max_new_tokens - 2}",
             )
+
+
+def check_lenses(spec: RunSpec, config) -> None:
+    """capture.lenses and capture.tuned_lens: the logit lens always, the tuned lens with a
+    translators file trained on this model (checked from its header)."""
+    cap = spec.capture
+    for lens in cap.lenses:
+        if lens not in LENSES:
+            raise SettingError("capture.lenses", f" contains {lens!r}, which is not valid: choose from {list(LENSES)}")
+    _once("capture.lenses", list(cap.lenses))
+    if "logit" not in cap.lenses:
+        raise SettingError("capture.lenses", f"={list(cap.lenses)} lacks logit: the logit lens is always recorded")
+    if "tuned" not in cap.lenses:
+        if cap.tuned_lens:
+            raise SettingError("capture.tuned_lens", " is set but capture.lenses lacks tuned: add it, or drop the file")
+        return
+    if not cap.tuned_lens:
+        raise SettingError("capture.tuned_lens", "=null: capture.lenses holds tuned, so give a translators file")
+    if "resid_post" not in cap.components or not cap.lens:
+        raise SettingError(
+            "capture.lenses", " holds tuned: its translators read resid_post, so capture it (with the lens)"
+        )
+    from actors.tuned_lens import check_translators
+
+    try:
+        check_translators(cap.tuned_lens, spec.model.name, config.hidden_size, config.num_hidden_layers)
+    except ValueError as err:
+        raise SettingError("capture.tuned_lens", str(err).removeprefix("capture.tuned_lens")) from None
 
 
 def _once(field: str, values: list) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from actors.store import LensStore, StoreError, StoreLayout, layout_dict, remove_path, write_log_path
-from actors.vocabulary import LENS_FIELDS
+from actors.vocabulary import lens_fill
 
 log = logging.getLogger("distlens")
 
@@ -164,7 +164,7 @@ def lay_out_batch(batch: FinishedBatch, layout: dict, eos_token_ids, max_new_tok
         for name, arr in c.arrays.items():
             if name not in template:
                 shape = (rows, len(layers), arr.shape[2], n_pos) + arr.shape[4:]
-                template[name] = np.full(shape, LENS_FIELDS.get(name, 0), arr.dtype)
+                template[name] = np.full(shape, lens_fill(name) or 0, arr.dtype)
     for c in batch.chunks:
         l0 = layers.index(c.layers[0])
         for i in range(rows):

@@ -39,6 +39,7 @@ class CaptureSpec:
     activations: str | None = None  # None, or the dtype raw activations are stored in
     lens: bool = True  # False: activations only (e.g. a steering vector's label positions)
     kl_to_final: bool = True  # the last stage sends final-normed hidden states back for KL(final || lens)
+    tuned_lens: str | None = None  # a translators file: also record the tuned lens of resid_post (tuned_* arrays)
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,11 @@ class StageWorker:
 
     def stats(self) -> dict:
         """Cheap counters for the coordinator's progress bar (per-stage throughput)."""
-        return {"stage": self.spec.stage, "busy_s": self.busy_s, "tokens": self.tokens}
+        stats = {"stage": self.spec.stage, "busy_s": self.busy_s, "tokens": self.tokens}
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.last_loss is not None:  # training: the last step's mean KL
+            stats.update(step=trainer.step, loss=trainer.last_loss)
+        return stats
 
     def rejoin(self, spec: StageSpec) -> int:
         """After a stage failure: take `spec` again before `setup`. A survivor keeps its weights
@@ -223,6 +228,14 @@ class StageWorker:
         self._install_hooks()
         self._states: dict[int, _BatchState] = {}
         self._trainer = None
+        self._tuned = None  # this stage's translators, when the run records the tuned lens
+        if spec.capture.tuned_lens and spec.capture.lens:
+            from actors.tuned_lens import load_translators
+
+            mine = tuple(i for i in spec.capture.layers if spec.start <= i < spec.end)
+            n = self.config.num_hidden_layers
+            self._tuned, _ = load_translators(spec.capture.tuned_lens, "", self.config.hidden_size, n, only=mine)
+            self._tuned.to(self.device)
         if spec.tune is not None:  # fresh, or from the checkpoint of spec.tune.resume_step
             from actors.tuned_lens import TranslatorTrainer
 
@@ -326,6 +339,10 @@ class StageWorker:
         """Whether this run's lens needs the final layer's states (every stage of it does)."""
         c = self.spec.capture
         return bool(c.layers) and c.lens and c.kl_to_final
+
+    def _translated(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        """h + A_l h + b_l for a layer with a translator; h itself for one without (the last)."""
+        return self._tuned(hidden, layer) if layer in self._tuned.layers else hidden
 
     def _finals_of(self, output) -> list:
         """The final-normed states [batch, n, d] in a last-stage output, on this device."""
@@ -503,8 +520,12 @@ class StageWorker:
         comps = spec.components
         shape = (batch, len(layers), len(comps), n)
         with_k = {"topk_ids", "topk_logprobs"}
+        prefixes = ("", "tuned_") if self._tuned is not None else ("",)
         out = {
-            name: np.full(shape + ((spec.k,) if name in with_k else ()), fill, np.float32 if fill != -1 else np.int32)
+            prefix + name: np.full(
+                shape + ((spec.k,) if name in with_k else ()), fill, np.float32 if fill != -1 else np.int32
+            )
+            for prefix in prefixes
             for name, fill in LENS_FIELDS.items()
         }
         if spec.activations:
@@ -548,23 +569,38 @@ class StageWorker:
             flat_targets = targets.reshape(-1)[rows].to(self.device).repeat_interleave(len(keys))
             final_rows = None if final is None else final.reshape(batch * n, d)[dev_rows.to(final.device)]
             summary = self.lens.summarise(stacked, flat_targets, spec.k, final_rows, per=len(keys))
-            where = rows.numpy()
-            for name, value in vars(summary).items():
-                if value is None:
-                    continue
-                tail = out[name].shape[4:]
-                value = value.cpu().numpy().reshape((len(where), len(keys)) + tail).swapaxes(0, 1)
-                for j, (layer, comp) in enumerate(keys):
-                    li, ci = layers.index(layer), comps.index(comp)
-                    dest = out[name][:, li, ci].reshape((batch * n,) + out[name].shape[4:])
-                    dest[where] = value[j]
-                    out[name][:, li, ci] = dest.reshape(out[name][:, li, ci].shape)
+            _place(out, summary, keys, layers, comps, rows.numpy(), "")
+            tuned = [key for key in keys if key[1] == "resid_post"] if self._tuned is not None else []
+            if tuned:  # the tuned lens: the same summary of each translated resid_post state
+                with torch.no_grad():
+                    translated = torch.stack(
+                        [self._translated(windows[key].reshape(batch * n, d)[dev_rows], key[0]) for key in tuned], dim=1
+                    ).reshape(-1, d)
+                flat_targets = flat_targets[: len(rows) * len(keys) : len(keys)].repeat_interleave(len(tuned))
+                summary = self.lens.summarise(translated, flat_targets, spec.k, final_rows, per=len(tuned))
+                _place(out, summary, tuned, layers, comps, rows.numpy(), "tuned_")
         if spec.activations:
             keep = wanted.to(self.device)[:, :, None]  # only the capture positions: the rest stays zero
             for (layer, comp), window_h in windows.items():
                 kept = torch.where(keep, window_h, torch.zeros((), dtype=window_h.dtype, device=window_h.device))
                 out["activations"][:, layers.index(layer), comps.index(comp)] = _to_storage(kept, spec.activations)
         return LensChunk(mb, self.spec.stage, layers, start, end, out)
+
+
+def _place(out: dict, summary, keys, layers, comps, where: np.ndarray, prefix: str) -> None:
+    """Scatter a position-major lens summary ([position, key] rows) into the chunk's arrays
+    `out[prefix + field]` [batch, layer, component, n, ...] at flat positions `where`."""
+    for name, value in vars(summary).items():
+        if value is None:
+            continue
+        dest_all = out[prefix + name]
+        tail = dest_all.shape[4:]
+        value = value.cpu().numpy().reshape((len(where), len(keys)) + tail).swapaxes(0, 1)
+        for j, (layer, comp) in enumerate(keys):
+            li, ci = layers.index(layer), comps.index(comp)
+            dest = dest_all[:, li, ci].reshape((-1,) + tail)
+            dest[where] = value[j]
+            dest_all[:, li, ci] = dest.reshape(dest_all[:, li, ci].shape)
 
 
 def _slice_key(spec: StageSpec) -> tuple:

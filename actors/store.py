@@ -7,6 +7,8 @@ Layout (dimension names in brackets):
   lens_mask [prompt, position]: the lens exists there (every token but the last),
   topk_ids / topk_logprobs [prompt, layer, component, position, k],
   entropy / target_logprob / target_rank / kl_to_final [prompt, layer, component, position],
+  tuned_topk_ids ... tuned_kl_to_final: the same fields for the tuned lens, when the run records it
+  (`layout.lenses` lists the lenses; `LensStore.field(name, lens)` reads either),
   activations [prompt, layer, component, position, hidden] (optional; bfloat16 as uint16 bits),
   batch_done [batch]: written after the batch's data, one chunk per batch.
 The group attr `complete` is set last; a store without it never reads as finished.
@@ -24,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
+
+from actors.vocabulary import LENSES, lens_array
 
 SCHEMA_VERSION = 2  # 2: kl_to_final; per-row steering (source, edit_kind, edit_coefficient, steering_vector)
 LENS_ARRAYS = ("topk_ids", "topk_logprobs", "entropy", "target_logprob", "target_rank", "kl_to_final")
@@ -47,6 +51,7 @@ class StoreLayout:
     n_scores: int = 0  # logits of chosen tokens (e.g. answer letters) at every generated step
     n_steps: int = 1
     n_edits: int = 0  # most steering edits on one row
+    lenses: tuple[str, ...] = ("logit",)  # the logit lens's arrays always; `tuned_*` arrays with "tuned"
 
 
 class StoreError(RuntimeError):
@@ -109,13 +114,15 @@ class LensStore:
         g.create_array("component", shape=(n_c,), dtype=str, dimension_names=["component"])
         g["component"][:] = np.asarray(layout.components, dtype=object)
         dims5 = ["prompt", "layer", "component", "position", "k"]
-        array("topk_ids", (p, n_l, n_c, pos, k), (b, 1, 1, pc, k), "int32", -1, dims5)
-        array("topk_logprobs", (p, n_l, n_c, pos, k), (b, 1, 1, pc, k), "float32", np.nan, dims5)
         dims4 = dims5[:4]
-        array("entropy", (p, n_l, n_c, pos), (b, 1, 1, pc), "float32", np.nan, dims4)
-        array("target_logprob", (p, n_l, n_c, pos), (b, 1, 1, pc), "float32", np.nan, dims4)
-        array("target_rank", (p, n_l, n_c, pos), (b, 1, 1, pc), "int32", -1, dims4)
-        array("kl_to_final", (p, n_l, n_c, pos), (b, 1, 1, pc), "float32", np.nan, dims4)
+        for lens in layout.lenses:
+            name = lambda field, lens=lens: lens_array(field, lens)  # noqa: E731
+            array(name("topk_ids"), (p, n_l, n_c, pos, k), (b, 1, 1, pc, k), "int32", -1, dims5)
+            array(name("topk_logprobs"), (p, n_l, n_c, pos, k), (b, 1, 1, pc, k), "float32", np.nan, dims5)
+            array(name("entropy"), (p, n_l, n_c, pos), (b, 1, 1, pc), "float32", np.nan, dims4)
+            array(name("target_logprob"), (p, n_l, n_c, pos), (b, 1, 1, pc), "float32", np.nan, dims4)
+            array(name("target_rank"), (p, n_l, n_c, pos), (b, 1, 1, pc), "int32", -1, dims4)
+            array(name("kl_to_final"), (p, n_l, n_c, pos), (b, 1, 1, pc), "float32", np.nan, dims4)
         if layout.activations:
             storage = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}[layout.activations]
             dims = ["prompt", "layer", "component", "position", "hidden"]
@@ -206,13 +213,22 @@ class LensStore:
             "entropy": (p, n_l, n_c, pos), "target_logprob": (p, n_l, n_c, pos), "target_rank": (p, n_l, n_c, pos),
             "kl_to_final": (p, n_l, n_c, pos), "layer": (n_l,), "component": (n_c,),
         }  # fmt: skip
+        for lens in layout.get("lenses", ["logit"])[1:]:  # the tuned lens's arrays: the logit lens's shapes
+            if lens not in LENSES:
+                problems.append(f"layout: lens {lens!r} is not one of {list(LENSES)}")
+                continue
+            for field in LENS_ARRAYS:
+                expected_shapes[lens_array(field, lens)] = expected_shapes[field]
         names = set(g.array_keys())
         for name, shape in expected_shapes.items():
             if name not in names:
                 problems.append(f"{name}: array missing")
             elif tuple(g[name].shape) != tuple(shape):
                 problems.append(f"{name}: shape {tuple(g[name].shape)} but the layout record says {tuple(shape)}")
-        for name, dtype in self.EXPECTED_DTYPES.items():
+        dtypes = dict(self.EXPECTED_DTYPES)
+        for lens in layout.get("lenses", ["logit"])[1:]:
+            dtypes.update({lens_array(f, lens): dtypes[f] for f in LENS_ARRAYS})
+        for name, dtype in dtypes.items():
             if name in names and str(g[name].dtype) != dtype:
                 problems.append(f"{name}: dtype {g[name].dtype}, expected {dtype}")
         if "layer" in names and g["layer"][:].tolist() != list(layout.get("layers", [])):
@@ -234,7 +250,8 @@ class LensStore:
             )
         # A run that captured no layer (a steering sweep scores answers only) writes no lens: its
         # lens_mask stays all False by its fill value, and the lens arrays have no chunks at all.
-        unwritten = {"lens_mask", *LENS_ARRAYS} if not layout.get("layers") else set()
+        lens_names = {lens_array(f, lens) for f in LENS_ARRAYS for lens in layout.get("lenses", ["logit"])}
+        unwritten = {"lens_mask", *lens_names} if not layout.get("layers") else set()
         for name in sorted(names - unwritten):
             arr = g[name]
             if arr.nchunks_initialized != arr.nchunks:
@@ -261,17 +278,30 @@ class LensStore:
     def __getitem__(self, name: str) -> np.ndarray:
         return self.group[name][:]
 
+    @property
+    def lenses(self) -> list[str]:
+        """The lenses this store records: ["logit"] or ["logit", "tuned"]."""
+        return list(self.group.attrs["layout"].get("lenses", ["logit"]))
+
+    def field(self, name: str, lens: str = "logit"):
+        """The zarr array of lens field `name` (e.g. "entropy") for `lens` ("logit" or "tuned")."""
+        if lens not in self.lenses:
+            raise StoreError(f"lens={lens!r}: store {self.path} records {self.lenses}")
+        return self.group[lens_array(name, lens)]
+
     def tokens(self, prompt: int) -> np.ndarray:
         n = int(self.group["lengths"][prompt])
         return self.group["tokens"][prompt, :n]
 
-    def top1_table(self, prompt: int, component: str = "resid_post") -> tuple[np.ndarray, np.ndarray]:
+    def top1_table(
+        self, prompt: int, component: str = "resid_post", lens: str = "logit"
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-1 lens token ids and probabilities, `[layer, position]`, for one prompt, over
         the positions that have a lens (every token but the last). `-1`/NaN where not captured."""
         ci = self.components.index(component)
         n = int(self.group["lengths"][prompt]) - 1
-        ids = self.group["topk_ids"][prompt, :, ci, :n, 0]
-        probs = np.exp(self.group["topk_logprobs"][prompt, :, ci, :n, 0])
+        ids = self.field("topk_ids", lens)[prompt, :, ci, :n, 0]
+        probs = np.exp(self.field("topk_logprobs", lens)[prompt, :, ci, :n, 0])
         return ids, probs
 
     def activations(self, prompt: int):

@@ -50,41 +50,56 @@ def save_translators(path: str | Path, translators: Translators, meta: dict) -> 
     return Path(path)
 
 
-def load_translators(path: str | Path, model: str, d_model: int, n_layers: int) -> tuple[Translators, dict]:
-    """Translators from `path`, refused in one line when they were trained for another model,
-    another hidden size, or layers the model does not have."""
+def check_translators(path: str | Path, model: str, d_model: int, n_layers: int) -> dict:
+    """The metadata of the translators file at `path`, refused in one line when it is missing,
+    not a translators file, or trained for another model, another hidden size, or layers the
+    model does not have. Reads the header only."""
     from safetensors import safe_open
 
     path = Path(path)
+    where = f"capture.tuned_lens={str(path)!r}"
     if not path.is_file():
-        raise ValueError(f"capture.tuned_lens={str(path)!r} does not exist: give a translators .safetensors file")
+        raise ValueError(f"{where} does not exist: give a translators .safetensors file (python -m pipelines.tune)")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-            weight, bias = f.get_tensor("weight"), f.get_tensor("bias")
+            shape = tuple(f.get_slice("weight").get_shape())
+            bias = tuple(f.get_slice("bias").get_shape())
     except Exception as err:
-        raise ValueError(f"capture.tuned_lens={str(path)!r} is not a translators file ({type(err).__name__})") from None
-    if meta.get("d_model") != d_model or weight.shape[-1] != d_model:
-        raise ValueError(
-            f"capture.tuned_lens={str(path)!r} has hidden size {meta.get('d_model')}; this model's is {d_model}"
-        )
-    if meta.get("model") != model:
-        raise ValueError(
-            f"capture.tuned_lens={str(path)!r} was trained on model {meta.get('model')!r}; this run uses {model!r}"
-        )
+        raise ValueError(f"{where} is not a translators file ({type(err).__name__})") from None
+    if meta.get("d_model") != d_model or shape[-1] != d_model:
+        raise ValueError(f"{where} has hidden size {meta.get('d_model')}; this model's is {d_model}")
+    if model and meta.get("model") != model:
+        raise ValueError(f"{where} was trained on model {meta.get('model')!r}; this run uses {model!r}")
     layers = tuple(meta.get("layers", ()))
-    if any(not 0 <= layer < n_layers for layer in layers) or len(layers) != weight.shape[0]:
-        raise ValueError(
-            f"capture.tuned_lens={str(path)!r} holds layers {list(layers)}; this model has 0..{n_layers - 1}"
-        )
-    translators = Translators(layers, d_model)
-    with torch.no_grad():
-        translators.weight.copy_(weight)
-        translators.bias.copy_(bias)
+    if any(not 0 <= layer < n_layers for layer in layers) or len(layers) != shape[0] or bias[0] != shape[0]:
+        raise ValueError(f"{where} holds layers {list(layers)}; this model has 0..{n_layers - 1}")
+    return meta
+
+
+def load_translators(
+    path: str | Path, model: str, d_model: int, n_layers: int, only: tuple[int, ...] | None = None
+) -> tuple[Translators, dict]:
+    """Translators from `path` after `check_translators`; `only`: just these layers' (a stage
+    reads its own slice of the file, never the whole of it). Layers the file lacks are left out
+    (their tuned lens is the logit lens)."""
+    from safetensors import safe_open
+
+    meta = check_translators(path, model, d_model, n_layers)
+    stored = list(meta["layers"])
+    keep = [layer for layer in stored if only is None or layer in only]
+    translators = Translators(tuple(keep), d_model)
+    with safe_open(str(path), framework="pt") as f, torch.no_grad():
+        weight, bias = f.get_slice("weight"), f.get_slice("bias")
+        for i, layer in enumerate(keep):
+            j = stored.index(layer)
+            translators.weight[i].copy_(weight[j : j + 1][0])
+            translators.bias[i].copy_(bias[j : j + 1][0])
     return translators, meta
 
 
 SCHEDULES = ("constant", "linear", "cosine")
+ROWS_PER_CHUNK = 128  # positions per head product in training: [128, vocab] float32 stays small
 
 
 @dataclass(frozen=True)
@@ -130,32 +145,52 @@ class TranslatorTrainer:
         )
         self.step = 0
         self.tokens = 0
+        self.last_loss: float | None = None  # the last step's KL, averaged over layers (progress bars)
         if spec.resume_step:
             self.load(spec.resume_step)
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The model's head on a (not yet normed) state, soft-capped as the model does: [n, vocab]."""
-        logits = self.lens.norm(hidden) @ self.lens.weight.T
+    def _cap(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.lens.softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def train(self, hidden: dict, final: torch.Tensor) -> dict:
         """hidden: {layer: [n, d]}; final: [n, d] final-normed. Returns {layer: [n] KL before
-        the step}; the loss is the sum over layers of the mean KL over positions."""
+        the step}; the loss is the sum over layers of the mean KL over positions.
+
+        The head's part of the gradient is written out rather than left to autograd: for
+        KL(p_f || softmax(z)) the gradient in the logits is softmax(z) - p_f (times the soft-cap's
+        derivative 1 - (z/c)^2), so each `ROWS_PER_CHUNK` rows need one product with the head
+        forward and one back, no [n, vocab] graph is kept, and the final distribution is built
+        once per step for every layer. Autograd carries the rest (final norm and translator)."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.spec.lr * lr_factor(self.step, self.spec.steps, self.spec.warmup, self.spec.schedule)
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            final_logits = final @ self.lens.weight.T
-            cap = self.lens.softcap
-            final_logits = final_logits if cap is None else torch.tanh(final_logits / cap) * cap
+        weight, cap = self.lens.weight, self.lens.softcap
+        n = final.shape[0]
+        with torch.no_grad():  # the final distribution, once: log p_f, p_f and sum p_f log p_f per row
+            log_pf = torch.log_softmax(self._cap(final.to(weight.dtype) @ weight.T).float(), -1)
+            pf = log_pf.exp()
+            pf_log_pf = (pf * log_pf).sum(-1)
+            del log_pf
         losses = {}
-        with torch.enable_grad():
-            for layer, h in hidden.items():  # layers are independent: one backward each keeps one graph alive
-                kl = kl_to_final(self._logits(self.translators(h.detach(), layer)), final_logits)
-                kl.mean().backward()
-                losses[layer] = kl.detach()
+        for layer, h in hidden.items():
+            kl = torch.empty(n, device=final.device)
+            for a in range(0, n, ROWS_PER_CHUNK):
+                rows = slice(a, a + ROWS_PER_CHUNK)
+                with torch.enable_grad():
+                    x = self.lens.norm(self.translators(h[rows].detach(), layer))
+                with torch.no_grad():
+                    z = self._cap(x.detach().to(weight.dtype) @ weight.T).float()  # [c, vocab]
+                    log_q = torch.log_softmax(z, -1)
+                    kl[rows] = pf_log_pf[rows] - (pf[rows] * log_q).sum(-1)
+                    grad = log_q.exp_().sub_(pf[rows]).div_(n)  # d mean(KL) / d z
+                    if cap is not None:
+                        grad.mul_(1 - (z / cap) ** 2)
+                    grad_x = (grad.to(weight.dtype) @ weight).to(x.dtype)
+                x.backward(grad_x)
+            losses[layer] = kl
         self.optimizer.step()
+        self.last_loss = float(torch.stack([kl.mean() for kl in losses.values()]).mean()) if losses else None
         self.step += 1
         self.tokens += int(final.shape[0])
         if self.step == self.spec.steps or (self.spec.save_every and self.step % self.spec.save_every == 0):

@@ -21,5 +21,23 @@ LENS_FIELDS = {
     "target_rank": -1,
     "kl_to_final": float("nan"),
 }
+# Lenses a run can record: the logit lens (the plain arrays above) and the tuned lens (the same
+# fields, named `tuned_<field>`, from translated resid_post states; see actors/tuned_lens.py).
+LENSES = ("logit", "tuned")
+
+
+def lens_array(field: str, lens: str = "logit") -> str:
+    """The store array holding `field` of `lens`: `entropy` (logit), `tuned_entropy` (tuned)."""
+    return field if lens == "logit" else f"{lens}_{field}"
+
+
+def lens_fill(name: str):
+    """The "not captured" value of any lens array (either lens), or None for other arrays."""
+    for lens in LENSES[1:]:
+        if name.startswith(lens + "_"):
+            name = name[len(lens) + 1 :]
+    return LENS_FIELDS.get(name)
+
+
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")  # bfloat16 is stored as its uint16 bits

@@ -4,6 +4,7 @@ at the driver with errors that name the field, the bad value and what is valid."
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -63,6 +64,8 @@ class CaptureConf:
     window: int = 64
     activations: str | None = None  # store raw activations in this dtype
     kl_to_final: bool = True  # KL(final || lens) per cell: the final states flow back to every stage
+    lenses: list[str] = field(default_factory=lambda: ["logit"])  # [logit, tuned]: also the tuned lens
+    tuned_lens: str | None = None  # translators file (python -m pipelines.tune) for the tuned lens
 
 
 @dataclass
@@ -189,15 +192,25 @@ class BenchConf:
     data_root: str | None = None
     study_datasets: Any = "all"  # the study workload's datasets: all, a list, or null to skip it
     study_overrides: list[str] = field(default_factory=list)  # pipelines.steer settings of the study workload
+    tune_steps: int = 3  # the tuned-lens training workload's optimizer steps (0 skips it)
+    tune_batch: int = 4  # sequences per step
+    tune_tokens: int = 128  # tokens per sequence
     peers: list[str] = field(default_factory=lambda: ["nnsight", "transformer_lens", "steering_vectors"])
 
 
 @dataclass
 class TuneDataConf:
-    paths: list[str] = field(default_factory=list)  # text / JSONL files; [] = the shared datasets' questions
+    paths: list[str] = field(default_factory=list)  # text / JSONL files; [] = the default corpus (below)
     tokens: int = 128  # tokens per training sequence
     heldout_fraction: float = 0.1  # documents held out (whole documents, never split)
     seed: int = 0
+    # The default corpus: the shared datasets' questions (chat-templated, seeded shuffle, at most
+    # max_documents) each followed by the model's own sampled continuation of them.
+    max_documents: int = 2000
+    continuation_tokens: int = 48  # tokens sampled after each question (0: the questions alone)
+    temperature: float = 1.0
+    generate_batch: int = 16  # rows per micro-batch while sampling continuations
+    heldout_sequences: int = 64  # evaluate=true: held-out sequences of `tokens` tokens read
 
 
 @dataclass
@@ -221,6 +234,7 @@ class TuneConf:
     data: TuneDataConf = field(default_factory=TuneDataConf)
     train: TuneTrainConf = field(default_factory=TuneTrainConf)
     resume: bool = False  # continue from the latest step every stage checkpointed
+    evaluate: bool = False  # then compare tuned and logit lens on the held-out documents (eval.md/png)
     progress: bool = True
 
 
@@ -388,11 +402,12 @@ def run_spec(cfg, model_path: str, store_path: str, existing: str = "refuse", **
         parts["capture"] = CaptureSettings(
             layers=None if cap.layers is None else tuple(cap.layers), components=tuple(cap.components),
             positions=cap.positions if isinstance(cap.positions, str) else tuple(cap.positions), k=cap.k,
-            window=cap.window, activations=cap.activations, kl_to_final=cap.kl_to_final,
+            window=cap.window, activations=cap.activations, kl_to_final=cap.kl_to_final, lenses=tuple(cap.lenses),
+            tuned_lens=None if cap.tuned_lens is None else str(Path(cap.tuned_lens).expanduser().resolve()),
         )  # fmt: skip
     parts.update(groups)
     return RunSpec(
-        model=ModelSettings(model_path, cfg.model.dtype),
+        model=ModelSettings(model_path, cfg.model.dtype, cfg.model.name or ""),
         storage=StorageSettings(store_path, existing),
         progress=cfg.progress,
         **parts,

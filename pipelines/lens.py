@@ -157,9 +157,17 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
     store = LensStore.open(out_dir / "lens.zarr")
     for old in out_dir.glob("heatmap_prompt*.png"):  # a replaced run's, maybe of more prompts
         old.unlink()
-    plots = [
-        write_heatmap(store, i, tokenizer, out_dir / f"heatmap_prompt{i}.png", cfg.plot.max_positions)
+    plots = [  # one per prompt and lens: heatmap_prompt0.png (logit), heatmap_prompt0_tuned.png
+        write_heatmap(
+            store,
+            i,
+            tokenizer,
+            out_dir / f"heatmap_prompt{i}{'' if lens == 'logit' else '_' + lens}.png",
+            cfg.plot.max_positions,
+            lens=lens,
+        )  # fmt: skip
         for i in range(min(cfg.plot.max_prompts, store.group["tokens"].shape[0]))
+        for lens in store.lenses
     ]
     summary["plots"] = [str(p) for p in plots]
     print_summary(store, tokenizer, summary)

@@ -1,14 +1,16 @@
 """`python -m pipelines.tune`: train a tuned lens (one affine translator per layer) on the
-pipeline's own stages. Each stage trains its layers' translators against the final
-distribution rebuilt from the final-normed states the last stage sends back; one optimizer
-step per micro-batch of `train.batch` sequences of `data.tokens` tokens. Writes the
-translators (safetensors with metadata), per-stage checkpoints (`resume=true` continues from
-the latest step every stage saved), `train.zarr` (each step's KL before the update, per layer
-and position) and `loss.png`.
+pipeline's own stages, and with `evaluate=true` compare it with the logit lens on held-out text.
+Each stage trains its layers' translators against the final distribution rebuilt from the
+final-normed states the last stage sends back; one optimizer step per micro-batch of
+`train.batch` sequences of `data.tokens` tokens. Writes the translators (safetensors with
+metadata), per-stage checkpoints (`resume=true` continues from the latest step every stage
+saved), `train.zarr` (each step's KL before the update, per layer and position), `loss.png`, and
+with `evaluate=true` `heldout.zarr` (both lenses), `eval.json`, `eval.md` and `eval.png`.
 
 Training text: files given by path (`.txt`: paragraphs; `.jsonl`: `text`, `question` or
-`statement`), or by default the shared behaviour datasets' question texts (offline here). The
-lens is distilled from the model itself, so any text the model reads is sound training data;
+`statement`), or by default the shared behaviour datasets' questions, chat-templated, each
+followed by the model's own sampled continuation (`corpus.jsonl`, made once per run). The lens
+is distilled from the model itself, so any text the model reads is sound training data;
 held-out documents are split off by document, never by token."""
 
 from __future__ import annotations
@@ -37,14 +39,10 @@ from pipelines.config import (
 register()
 
 
-def documents(paths: list[str], root: Path) -> list[str]:
-    """The training text as documents: each given file's paragraphs (text) or records (JSONL),
-    or every shared dataset's questions when no path is given."""
-    files = [Path(p).expanduser() for p in paths] or sorted(root.glob("*.jsonl"))
-    if not files:
-        raise ConfigError(f"data.paths=[] and no .jsonl files in {root}: give text or JSONL files")
+def documents(paths: list[str]) -> list[str]:
+    """The training text as documents: each given file's paragraphs (text) or records (JSONL)."""
     docs = []
-    for path in files:
+    for path in (Path(p).expanduser() for p in paths):
         if not path.is_file():
             raise ConfigError(f"data.paths contains {str(path)!r}, which does not exist")
         text = path.read_text(encoding="utf-8")
@@ -65,6 +63,70 @@ def documents(paths: list[str], root: Path) -> list[str]:
         else:
             docs += [p.strip() for p in text.split("\n\n") if p.strip()]
     return docs
+
+
+def default_corpus(cfg, checkpoint, tokenizer, out_dir: Path) -> list[str]:
+    """The shared datasets' questions (a seeded shuffle, at most `data.max_documents`), each
+    rendered as a chat prompt and followed by the model's own sampled continuation: made once
+    by a generation run of the pipeline and kept in `corpus.jsonl` (resume and evaluate reuse it)."""
+    from actors.run_spec import CaptureSettings, GenerationSettings
+    from actors.sampling import SamplingSpec
+    from pipelines.prompts import encode_prompt, render_prompt, special_ids
+    from pipelines.steer import dataset_root
+
+    cached = out_dir / "corpus.jsonl"
+    if cached.is_file():
+        return [json.loads(line)["text"] for line in cached.read_text(encoding="utf-8").splitlines()]
+    root = dataset_root(None)
+    files = sorted(root.glob("*.jsonl"))
+    if not files:
+        raise ConfigError(f"data.paths=[] and no .jsonl files in {root}: give text or JSONL files")
+    questions = documents([str(f) for f in files])
+    random.Random(cfg.data.seed).shuffle(questions)
+    questions = questions[: cfg.data.max_documents]
+    prompts = [render_prompt(tokenizer, q) for q in questions]
+    d = cfg.data
+    if d.continuation_tokens:
+        eos, pad = special_ids(tokenizer, checkpoint.config())
+        spec = run_spec(
+            cfg, str(checkpoint.path), str(out_dir / "corpus.zarr"), "overwrite",
+            capture=CaptureSettings(layers=(), kl_to_final=False),
+            generation=GenerationSettings(d.continuation_tokens, SamplingSpec(
+                temperature=d.temperature, seed=d.seed, eos_token_ids=eos, pad_token_id=pad)),
+        )  # fmt: skip
+        from dataclasses import replace
+
+        spec = replace(spec, cluster=replace(spec.cluster, micro_batch_size=d.generate_batch))
+        print(
+            f"[distlens] sampling {d.continuation_tokens} tokens after each of {len(prompts)} questions",
+            file=sys.stderr,
+        )
+        coordinate(cfg, spec, [encode_prompt(tokenizer, q) for q in questions], checkpoint)
+        from actors.store import LensStore
+
+        store = LensStore.open(out_dir / "corpus.zarr")
+        by_source = dict(zip(store["source"].tolist(), (str(t) for t in store.group["generated_text"][:])))
+        prompts = [prompt + by_source[i] for i, prompt in enumerate(prompts)]
+    aside = cached.with_suffix(".partial")
+    aside.write_text("".join(json.dumps({"text": t}) + "\n" for t in prompts), encoding="utf-8")
+    aside.rename(cached)
+    return prompts
+
+
+def coordinate(cfg, spec, prompts: list[list[int]], checkpoint) -> dict:
+    """One pipeline run of `spec` over `prompts` on the configured executor."""
+    from actors.coordinator import Coordinator
+    from actors.run_spec import check_run
+
+    model_checks(check_run, spec, checkpoint.config(), prompts)
+    if cfg.cluster.executor == "ray":
+        import ray
+
+        from pipelines.lens import connect_ray
+
+        connect_ray(cfg.cluster)
+        return ray.get(ray.remote(Coordinator).options(num_cpus=0).remote(spec).run.remote(prompts))
+    return Coordinator(spec).run(prompts)
 
 
 def split_documents(docs: list[str], heldout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -99,9 +161,14 @@ def validate_tune(cfg) -> None:
         at_least(f"train.{name}", t[name], 1)
     at_least("train.warmup", t.warmup, 0)
     at_least("data.tokens", d.tokens, 2)
+    for name in ("max_documents", "generate_batch", "heldout_sequences"):
+        at_least(f"data.{name}", d[name], 1)
+    at_least("data.continuation_tokens", d.continuation_tokens, 0)
     choice("train.schedule", t.schedule, ("constant", "linear", "cosine"))
     if not t.lr > 0:
         raise ConfigError(f"train.lr={t.lr} is out of range: must be > 0")
+    if not d.temperature >= 0:
+        raise ConfigError(f"data.temperature={d.temperature} is out of range: must be >= 0")
     if not 0 < d.heldout_fraction < 1:
         raise ConfigError(f"data.heldout_fraction={d.heldout_fraction} is out of range: must be in (0, 1)")
     if cfg.cluster.tp_size != 1:
@@ -109,22 +176,43 @@ def validate_tune(cfg) -> None:
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
+    """Train (unless `evaluate=true` finds this run's translators already made), then evaluate."""
     from actors.checkpoint import resolve_checkpoint
-    from actors.coordinator import Coordinator
-    from actors.run_spec import CaptureSettings, GenerationSettings, check_cluster, check_run
+    from actors.run_spec import check_cluster
+
+    validate_tune(cfg)
+    checkpoint = resolve_checkpoint(cfg.model.name, cfg.model.revision)
+    model_checks(check_cluster, cluster_settings(cfg.cluster), checkpoint.config())
+    translators = out_dir / "translators.safetensors"
+    result = {}
+    if not (cfg.evaluate and translators.is_file() and not cfg.resume):
+        result = train(cfg, out_dir, checkpoint)
+    if cfg.evaluate:
+        result["evaluation"] = evaluate(cfg, out_dir, checkpoint)
+    return result
+
+
+def train(cfg: DictConfig, out_dir: Path, checkpoint) -> dict:
+    from dataclasses import replace
+
+    from actors.run_spec import CaptureSettings, GenerationSettings
     from actors.sampling import SamplingSpec
     from actors.slicing import plan_stages
     from actors.tuned_lens import TuneSpec, merge_stage_checkpoints
     from pipelines.prompts import special_ids
-    from pipelines.steer import dataset_root
 
-    validate_tune(cfg)
-    checkpoint = resolve_checkpoint(cfg.model.name, cfg.model.revision)
     hf_config = checkpoint.config()
-    model_checks(check_cluster, cluster_settings(cfg.cluster), hf_config)
     tokenizer = checkpoint.tokenizer()
     d, t = cfg.data, cfg.train
-    train_docs, heldout = split_documents(documents(list(d.paths), dataset_root(None)), d.heldout_fraction, d.seed)
+    ck = out_dir / "checkpoints"
+    if not cfg.resume and ck.exists() and any(ck.iterdir()):
+        raise ConfigError(
+            f"{out_dir} already holds a tuned-lens run: pass resume=true to continue it, or another storage.run"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    docs = documents(list(d.paths)) if d.paths else default_corpus(cfg, checkpoint, tokenizer, out_dir)
+    train_docs, heldout = split_documents(docs, d.heldout_fraction, d.seed)
+    (out_dir / "heldout.json").write_text(json.dumps(heldout))
     eos, _ = special_ids(tokenizer, hf_config)
     seqs = sequences(tokenizer, train_docs, d.tokens, eos[0] if eos else 0)
     if not seqs:
@@ -132,13 +220,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     rng = np.random.default_rng(t.seed)
     need = t.steps * t.batch  # epochs over the sequences, each in its own seeded order
     order = np.concatenate([rng.permutation(len(seqs)) for _ in range(-(-need // len(seqs)))])[:need]
-    ck = out_dir / "checkpoints"
     n_stages = len(plan_stages(hf_config, cfg.cluster.num_stages))
     start = latest_step(ck, n_stages) if cfg.resume else 0
-    if not cfg.resume and ck.exists() and any(ck.iterdir()):
-        raise ConfigError(
-            f"{out_dir} already holds a tuned-lens run: pass resume=true to continue it, or another storage.run"
-        )
     if start >= t.steps:
         print(f"[distlens] already trained: {t.steps} steps", file=sys.stderr)
     spec_tune = TuneSpec(
@@ -152,21 +235,15 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         generation=GenerationSettings(1, SamplingSpec(eos_token_ids=(), pad_token_id=0)),
         attrs={"model": {"name": cfg.model.name, "revision": cfg.model.revision}, "config": OmegaConf.to_container(cfg)},
     )  # fmt: skip
-    from dataclasses import replace
-
     spec = replace(spec, tune=spec_tune, cluster=replace(spec.cluster, micro_batch_size=t.batch, max_restarts=0))
+    (out_dir / "sequences.json").write_text(json.dumps({  # the same data for other trainers (the benchmark's)
+        "train": [seqs[i] for i in order], "heldout": sequences(tokenizer, heldout, d.tokens, eos[0] if eos else 0),
+        "steps": t.steps, "batch": t.batch, "lr": t.lr, "warmup": t.warmup, "weight_decay": t.weight_decay,
+        "betas": list(t.betas), "schedule": t.schedule, "seed": t.seed,
+    }))  # fmt: skip
     t0 = time.perf_counter()
     if prompts:
-        model_checks(check_run, spec, hf_config, prompts)
-        if cfg.cluster.executor == "ray":
-            import ray
-
-            from pipelines.lens import connect_ray
-
-            connect_ray(cfg.cluster)
-            ray.get(ray.remote(Coordinator).options(num_cpus=0).remote(spec).run.remote(prompts))
-        else:
-            Coordinator(spec).run(prompts)
+        coordinate(cfg, spec, prompts, checkpoint)
     wall = time.perf_counter() - t0
     losses = step_losses(out_dir, t.batch)
     meta = {
@@ -178,27 +255,125 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         ck, n_stages, t.steps, hf_config.hidden_size, out_dir / "translators.safetensors", meta
     )
     plot_losses(losses, out_dir / "loss.png")
-    (out_dir / "heldout.json").write_text(json.dumps(heldout))
-    print(f"translators: {path} ({t.steps} steps of {t.batch} x {d.tokens} tokens; {wall:.0f} s this run)")
+    tokens = len(prompts) * d.tokens
+    print(
+        f"translators: {path} ({t.steps} steps of {t.batch} x {d.tokens} tokens; this run {len(prompts) // t.batch} "
+        f"steps, {tokens} tokens in {wall:.0f} s, {tokens / max(wall, 1e-9):.0f} tokens/s)"
+    )
     for layer, curve in sorted(losses.items()):
         print(f"layer {layer:>3}: KL to the final layer {curve[0]:.3f} -> {curve[-1]:.3f} nats")
-    return {"translators": str(path), "wall_s": wall, "losses": losses}
+    return {"translators": str(path), "wall_s": wall, "tokens": tokens, "losses": losses}
+
+
+def evaluate(cfg: DictConfig, out_dir: Path, checkpoint) -> dict:
+    """Both lenses over the held-out documents (cut into `data.tokens`-token sequences, at most
+    `data.heldout_sequences`): per layer, the mean KL to the final layer and the top-1 agreement
+    with the final layer's top token. Writes heldout.zarr, eval.json, eval.md, eval.png."""
+    from actors.run_spec import CaptureSettings, GenerationSettings
+    from actors.sampling import SamplingSpec
+    from actors.store import LensStore
+    from pipelines.prompts import special_ids
+
+    tokenizer = checkpoint.tokenizer()
+    d = cfg.data
+    heldout_path = out_dir / "heldout.json"
+    if not heldout_path.is_file():
+        raise ConfigError(f"evaluate=true: {out_dir} holds no trained tuned lens (no heldout.json): train first")
+    eos, _ = special_ids(tokenizer, checkpoint.config())
+    seqs = sequences(tokenizer, json.loads(heldout_path.read_text()), d.tokens, eos[0] if eos else 0)
+    seqs = seqs[: d.heldout_sequences]
+    if not seqs:
+        raise ConfigError(f"data.tokens={d.tokens}: the held-out documents hold no sequence that long")
+    spec = run_spec(
+        cfg, str(checkpoint.path), str(out_dir / "heldout.zarr"), "overwrite",
+        capture=CaptureSettings(layers=None, components=("resid_post",), k=1, window=d.tokens + 1,
+                                lenses=("logit", "tuned"), tuned_lens=str(out_dir / "translators.safetensors")),
+        generation=GenerationSettings(1, SamplingSpec(eos_token_ids=(), pad_token_id=0)),
+        attrs={"model": {"name": cfg.model.name, "revision": cfg.model.revision}, "config": OmegaConf.to_container(cfg)},
+    )  # fmt: skip
+    coordinate(cfg, spec, seqs, checkpoint)
+    table = lens_agreement(LensStore.open(out_dir / "heldout.zarr"))
+    table["heldout_tokens"] = len(seqs) * d.tokens
+    (out_dir / "eval.json").write_text(json.dumps(table, indent=1))
+    (out_dir / "eval.md").write_text(eval_markdown(table))
+    plot_evaluation(table, out_dir / "eval.png", cfg.model.name)
+    print(eval_markdown(table))
+    return table
+
+
+def lens_agreement(store) -> dict:
+    """Per captured layer (resid_post): mean KL(final || lens) in nats and the fraction of
+    positions whose lens top-1 is the final layer's top-1, for the logit and the tuned lens."""
+    mask = store["lens_mask"]  # [row, position]
+    ci = store.components.index("resid_post")
+    final_top = store["topk_ids"][:, -1, ci, :, 0]  # the last layer's lens is the final distribution
+    table = {"layers": store.layers}
+    for lens in ("logit", "tuned"):
+        kl = store.field("kl_to_final", lens)[:, :, ci]  # [row, layer, position]
+        top = store.field("topk_ids", lens)[:, :, ci, :, 0]
+        table[f"{lens}_kl"] = [float(kl[:, li][mask].mean()) for li in range(len(store.layers))]
+        table[f"{lens}_top1"] = [float((top[:, li] == final_top)[mask].mean()) for li in range(len(store.layers))]
+    table["positions"] = int(mask.sum())
+    return table
+
+
+def eval_markdown(t: dict) -> str:
+    lines = [
+        f"Held-out: {t['positions']} positions. KL(final || lens) in nats, and top-1 agreement with the final layer.",
+        "",
+        "| layer | logit KL | tuned KL | logit top-1 | tuned top-1 |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for i, layer in enumerate(t["layers"]):
+        lines.append(
+            f"| {layer} | {t['logit_kl'][i]:.3f} | {t['tuned_kl'][i]:.3f} | "
+            f"{t['logit_top1'][i]:.2f} | {t['tuned_top1'][i]:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_evaluation(t: dict, path: Path, model: str) -> Path:
+    from pipelines.plots import pyplot
+
+    plt = pyplot()
+    fig, (kl_ax, top_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for lens, color in (("logit", "tab:gray"), ("tuned", "tab:blue")):
+        kl_ax.plot(t["layers"], t[f"{lens}_kl"], marker="o", ms=3, color=color, label=f"{lens} lens")
+        top_ax.plot(t["layers"], t[f"{lens}_top1"], marker="o", ms=3, color=color, label=f"{lens} lens")
+    kl_ax.set_yscale("symlog", linthresh=0.01)
+    kl_ax.set_ylabel("KL(final || lens), nats (held-out mean)")
+    top_ax.set_ylabel("top-1 agreement with the final layer")
+    top_ax.set_ylim(0, 1.02)
+    for ax in (kl_ax, top_ax):
+        ax.set_xlabel("layer (resid_post)")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"tuned vs logit lens on held-out text, {model} ({t['positions']} positions)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
 
 
 def step_losses(out_dir: Path, batch: int) -> dict[int, list[float]]:
-    """Each layer's mean training KL per step (before that step's update), from the run's stores."""
+    """Each layer's mean training KL per step (before that step's update), from the run's
+    stores: `train.from<S>.zarr` holds steps S+1.. until the next resumed run's start."""
+    import warnings
+
     from actors.store import LensStore
 
-    stores = sorted(out_dir.glob("train.from*.zarr"), key=lambda p: int(p.name[10:].split(".")[0]))
+    starts = sorted(int(p.name[10:].split(".")[0]) for p in out_dir.glob("train.from*.zarr"))
     curves: dict[int, list[float]] = {}
-    for path in stores:
-        store = LensStore.open(path)
+    for start, stop in zip(starts, [*starts[1:], None]):
+        store = LensStore.open(out_dir / f"train.from{start}.zarr")
         kl = store["kl_to_final"][:, :, 0]  # [row, layer, position]
         for li, layer in enumerate(store.layers):
             if np.isnan(kl[:, li]).all():
                 continue  # the last layer: no translator
-            per_row = np.nanmean(kl[:, li], axis=1)
+            with warnings.catch_warnings():  # rows a killed run never wrote are all NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                per_row = np.nanmean(kl[:, li], axis=1)
             steps = per_row[: len(per_row) // batch * batch].reshape(-1, batch).mean(axis=1)
+            steps = steps if stop is None else steps[: stop - start]
             curves.setdefault(layer, []).extend(float(x) for x in steps)
     return curves
 

@@ -52,7 +52,9 @@ _GROUPS = {
         "executor", "num_stages", "tp_size", "device", "cpus_per_stage", "gpus_per_stage", "micro_batch_size",
         "micro_batches_in_flight", "placement_timeout_s", "max_restarts", "restart_timeout_s",
     )},
-    **{k: ("capture", k) for k in ("layers", "components", "positions", "k", "activations")},
+    **{k: ("capture", k) for k in (
+        "layers", "components", "positions", "k", "activations", "kl_to_final", "lenses", "tuned_lens",
+    )},
     "lens_window": ("capture", "window"),
     "max_new_tokens": ("generation", "max_new_tokens"), "sampling": ("generation", "sampling"),
     "steering": ("steering", "edits"),

@@ -23,6 +23,12 @@ def _vector(tmp_path, hidden: int, model: str) -> str:
     return str(path)
 
 
+def _translators(tmp_path, hidden: int, model: str) -> str:
+    from actors.tuned_lens import Translators, save_translators
+
+    return str(save_translators(tmp_path / "lens.safetensors", Translators((0,), hidden), {"model": model}))
+
+
 def _dataset(tmp_path, content: bytes) -> str:
     path = tmp_path / "bad.jsonl"
     path.write_bytes(content)
@@ -157,6 +163,23 @@ CASES = {
         lambda tmp, _: [f"steer.vector={_vector(tmp, 32, 'other-model')}"],
         "was built on model 'other-model'",
     ),
+    # tuned-lens translators for another hidden size or model, or none at all
+    "tuned_lens_wrong_hidden_size": (
+        LENS,
+        lambda tmp, model: ["capture.lenses=[logit,tuned]", f"capture.tuned_lens={_translators(tmp, 7, str(model))}"],
+        "has hidden size 7; this model's is 32",
+    ),
+    "tuned_lens_of_another_model": (
+        LENS,
+        lambda tmp, _: ["capture.lenses=[logit,tuned]", f"capture.tuned_lens={_translators(tmp, 32, 'other-model')}"],
+        "was trained on model 'other-model'",
+    ),
+    "tuned_lens_without_a_file": (
+        LENS,
+        ["capture.lenses=[logit,tuned]"],
+        "capture.tuned_lens=null: capture.lenses holds tuned, so give a translators file",
+    ),
+    "unknown_lens": (LENS, ["capture.lenses=[logit,tunde]"], "capture.lenses contains 'tunde', which is not valid"),
     # an output path holding another run's store
     "output_path_holds_another_run": (
         LENS,
