@@ -32,12 +32,15 @@ def test_bench_smoke(tiny_with_tokenizer, tmp_path):
         "pipelines.bench", f"model.name={tiny_with_tokenizer}", "sizes=[3]", "long_size=42", "long_prompts=[1,2]", "baseline_max=3",
         "stages=[2]", "ray_stages=[]", "repeats=1", "sweep_coefficients=[3]", "sweep_items=2", "peers=[]",
         "scaling_size=3", "scaling_layers=[1]", "scaling_prompts=[2]", f"storage.root={tmp_path}", "storage.run=b",
-        "study_datasets=null",
+        "study_datasets=null", "tune_steps=2", "tune_batch=2", "tune_tokens=8",
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "bench" / "b"
     listed = json.loads((out / "results.json").read_text())["rows"]
+    tuned = next(r for r in listed if r["system"] == "tune_distlens_2stage")  # the same training as the plain loop
+    assert tuned["vs_plain_torch"] > 0 and tuned["max_kl_difference"] < 1e-4 and tuned["tokens"] == 32
+    assert "tuned-lens training tokens/s against a single-process plain torch loop" in (out / "table.md").read_text()
     assert not (out / "results.partial.json").exists()  # rows as measured, gone once results.json is whole
     rows = {r["system"]: r for r in listed if r["workload"] in ("trajectory", "sweep")}
     swept = {r["steer_positions"] for r in listed if r["system"] == "distlens_sweep_one_pass"}

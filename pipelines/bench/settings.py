@@ -26,6 +26,10 @@ def check(cfg, n_layers: int, prompt_len: int) -> None:
             at_least(name, value, 1)
     for name in ("scaling_size", "repeats", "prompts", "sweep_items"):
         at_least(name, cfg[name], 1)
+    at_least("tune_steps", cfg.tune_steps, 0)
+    if cfg.tune_steps:
+        at_least("tune_batch", cfg.tune_batch, 1)
+        at_least("tune_tokens", cfg.tune_tokens, 2)
     if cfg.long_size is not None and cfg.long_size <= prompt_len:
         raise ConfigError(
             f"long_size={cfg.long_size} is out of range: positions must exceed the prompt's {prompt_len} "

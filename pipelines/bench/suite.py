@@ -1,5 +1,5 @@
 """The CPU suite: named workloads (trajectories of several lengths, the long trajectory, the
-scaling workloads, a steering sweep, a steering study) on named systems, each measurement in a fresh process.
+scaling workloads, a steering sweep, a steering study, tuned-lens training) on named systems, each measurement in a fresh process.
 Writes results.json / results.csv (one row per system x workload x size: median and min/max
 over repeats); the report is `report`'s."""
 
@@ -20,6 +20,7 @@ from pipelines.bench.agreement import agreement, like_for_like, same_scores
 from pipelines.bench.report import report
 from pipelines.bench.settings import check, sweep_dataset_path
 from pipelines.bench.study import study_rows
+from pipelines.bench.tune import tune_rows
 from pipelines.bench.worker import measure
 
 METRICS = (
@@ -114,6 +115,8 @@ def run(cfg, out_dir: Path) -> list[dict]:
     rows += sweep_rows(cfg, tokenizer, hf, bench)
     if cfg.study_datasets:
         rows += study_rows(cfg, bench)
+    if cfg.tune_steps:
+        rows += tune_rows(cfg, bench)
     write(rows, cfg, out_dir)
     (out_dir / "results.partial.json").unlink(missing_ok=True)
     report(rows, out_dir)

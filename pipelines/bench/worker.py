@@ -30,11 +30,17 @@ def measure(job: dict, python: str = sys.executable) -> dict:
 def main() -> None:
     import torch
 
-    from pipelines.bench import peers, study, systems
+    from pipelines.bench import peers, study, systems, tune
 
     job = json.loads(sys.argv[1])
     torch.manual_seed(0)
-    result = {**systems.RUNNERS, **peers.RUNNERS, "steer_study": study.steer_study}[job["system"]](job)
+    result = {
+        **systems.RUNNERS,
+        **peers.RUNNERS,
+        "steer_study": study.steer_study,
+        "tune_distlens": tune.tune_distlens,
+        "tune_plain": tune.tune_plain,
+    }[job["system"]](job)
     print(PREFIX + json.dumps(result), flush=True)
 
 
