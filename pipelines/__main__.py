@@ -1,4 +1,4 @@
-"""`distlens <command> [hydra overrides]`: the console entry point (`distlens lens ...`)."""
+"""`distlens <command> [arguments]`: the console entry point (`distlens lens ...`, `distlens view <store>`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ COMMANDS = {
     "demo": "pipelines.demo",
     "verify": "pipelines.verify",
     "report": "pipelines.report",
+    "tune": "pipelines.tune",
+    "view": "pipelines.view",
 }
 
 

@@ -51,3 +51,16 @@ def tiny_with_tokenizer(tmp_path_factory, smollm2) -> Path:
     save_tiny("llama", path, vocab_size=49152, num_hidden_layers=2, hidden_size=32, intermediate_size=64)
     smollm2.tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def main_job(tmp_path_factory, smollm2):
+    """The README's main job, word for word (`python -m pipelines.lens`, no arguments), run once
+    per session: (completed process, run folder)."""
+    from driver import run_driver
+
+    cwd = tmp_path_factory.mktemp("newcomer")
+    result = run_driver("pipelines.lens", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-4000:]
+    (run_dir,) = (cwd / "outputs").iterdir()
+    return result, run_dir

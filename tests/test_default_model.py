@@ -4,23 +4,12 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 import xarray as xr
-from driver import run_driver
 
 from actors.store import LensStore
 from pipelines.heatmap import token_label, top1_labels
 from reference import run_lens
-
-
-@pytest.fixture(scope="module")
-def main_job(tmp_path_factory, smollm2):
-    cwd = tmp_path_factory.mktemp("newcomer")
-    result = run_driver("pipelines.lens", cwd=cwd)  # the README line, word for word
-    assert result.returncode == 0, result.stderr[-4000:]
-    (run_dir,) = (cwd / "outputs").iterdir()
-    return result, run_dir
 
 
 def test_main_job_writes_store_heatmaps_and_prints_generated_text(main_job):
