@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from driver import REPO, run_driver
 
 from actors.store import LensStore
@@ -211,10 +212,20 @@ def sweep_store(tmp_path_factory, tiny_with_tokenizer):
     root = tmp_path_factory.mktemp("sweep")
     vec = distlens.steering_vector(["I love it.", "Wonderful day"], ["I hate it.", "Awful day"], layer=1,
                                    model=str(tiny_with_tokenizer), cluster="inprocess", out=root / "vec")  # fmt: skip
+    # random translators, so the tuned lens differs from the logit lens everywhere
+    from actors.tuned_lens import Translators, save_translators
+
+    translators = Translators((0,), 32)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        translators.weight.copy_(torch.randn(1, 32, 32, generator=g) / 4)
+        translators.bias.copy_(torch.randn(1, 32, generator=g))
+    save_translators(root / "tuned.safetensors", translators, {"model": str(tiny_with_tokenizer)})
     distlens.sweep(
         ["The capital of France is", "Hi"], vec, [0, 2, 5], root / "run", model=str(tiny_with_tokenizer),
         cluster="inprocess", max_new_tokens=5,
-        overrides=["capture.components=[resid_post,mlp_out]", "cluster.micro_batch_size=4"],
+        overrides=["capture.components=[resid_post,mlp_out]", "cluster.micro_batch_size=4",
+                   "capture.lenses=[logit,tuned]", f"capture.tuned_lens={root / 'tuned.safetensors'}"],
     )  # fmt: skip
     return LensStore.open(root / "run" / "lens.zarr")
 
@@ -248,6 +259,19 @@ def test_sweep_page_switches_component_and_coefficient_and_differences(sweep_sto
         assert np.all(np.isnan(zero) | (zero == 0)) and np.isfinite(zero).sum() > 0
         page.page.uncheck("#diff")
         page.page.select_option("#sel-field", value="probability")
+    # the lens selector: the tuned lens's own arrays (resid_post only), tooltip and grid
+    page.page.select_option("#sel-component", "resid_post")
+    page.page.select_option("#sel-lens", "tuned")
+    row = 5
+    page.page.select_option("#sel-coefficient", value=str(row))
+    grid = page.grid()
+    assert (grid["row"], grid["lens"]) == (row, "tuned")
+    np.testing.assert_allclose(
+        as_array(grid), store_values(store, row, "resid_post", "probability", "tuned"), atol=1e-6
+    )
+    assert not np.allclose(as_array(grid), store_values(store, row, "resid_post", "probability"), equal_nan=True)
+    n = int(store.group["lengths"][row])
+    check_tooltip(page.hover(0, n - 3), store, smollm2.tokenizer(), row, 0, "resid_post", n - 3, lens="tuned")
 
 
 @pytest.fixture(scope="module")
