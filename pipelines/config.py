@@ -344,6 +344,27 @@ def _check_storage_root(root, cwd=None) -> None:
         )
 
 
+def check_storage_writable(root: str) -> None:
+    """The storage root exists (created if missing) and this user can create files in it;
+    checked before Hydra opens its log there and before Ray starts."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    if "://" in root:
+        raise ConfigError(f"storage.root={root!r}: object storage is not supported yet; give a local or mounted path")
+    path = Path(os.path.expanduser(root))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".distlens-write-check-"):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"storage.root={root!r} cannot be written ({err.strerror or err}): give a directory this user can "
+            "create files in"
+        ) from None
+
+
 def _is_list(value) -> bool:
     from omegaconf import ListConfig
 
@@ -476,3 +497,8 @@ def check_overrides(schema: type, argv: list[str] | None = None) -> None:
             if i + 1 < len(parts) and kind is not Any and typing.get_origin(kind) is not dict and kind is not dict:
                 exit_with_error(f"unknown config key {key!r}: {'.'.join(parts[: i + 1])} is a single value")
             break  # a value (or a free-form mapping): Hydra and `validate` check it
+        if key == "storage.root" and "," not in value:
+            try:
+                check_storage_writable(value)
+            except ConfigError as err:
+                exit_with_error(str(err))

@@ -61,9 +61,17 @@ def _tiny_opt(tmp_path) -> list[str]:
     return [f"model.name={path}"]
 
 
+def _under_a_file(tmp_path, _model) -> list[str]:
+    (tmp_path / "a-file").write_text("not a directory")
+    return [f"storage.root={tmp_path / 'a-file' / 'runs'}"]
+
+
 LENS, STEER = "pipelines.lens", "pipelines.steer"
 # name: (driver, overrides or a function of (tmp_path, model dir) giving them, message); all exit with 2
 CASES = {
+    # storage that cannot be written: refused before Hydra opens its log there and before Ray starts
+    "unwritable_storage_root": (LENS, ["storage.root=/proc/nope"], "storage.root='/proc/nope' cannot be written"),
+    "storage_root_under_a_file": (STEER, _under_a_file, "/a-file/runs' cannot be written (Not a directory)"),
     # invalid Hydra overrides
     "unknown_config_key": (LENS, ["capture.kk=3"], "unknown config key 'capture.kk': valid keys of capture are"),
     "unknown_config_group_option": (
