@@ -159,6 +159,9 @@ class Coordinator:
                     "run: %d prompts in %d micro-batches (%d to do), stages %s, executor %s",
                     len(prompts), len(mbs), len(todo), [list(b) for b in bounds], executor.name,
                 )  # fmt: skip
+                if spec.attrs.get("ray_cluster"):  # which cluster the driver joined or started
+                    ray_cluster = spec.attrs["ray_cluster"]
+                    log.info("ray cluster: %s at %s", ray_cluster["kind"], ray_cluster["address"])
                 self.stages.setup()
                 self._tokenizer()  # loaded before the clock starts: decoding texts is part of writing
             except BaseException:
@@ -184,6 +187,7 @@ class Coordinator:
                 "positions_per_s": round(n_pos / decode_s, 3) if decode_s else None,
                 "stage_restarts": self.restarts,
                 "stage_info": stage_info,
+                "ray_cluster": spec.attrs.get("ray_cluster"),
             }
             store.mark_complete(summary)
             log.info("complete: %s (%d tokens, %s tokens/s)", store.path, n_new, summary["tokens_per_s"])

@@ -16,19 +16,22 @@ from pipelines.config import ConfigError, exit_with_error, register
 register()
 
 
-def connect_ray(cluster) -> None:
-    """Join cluster.address / $RAY_ADDRESS, or start a local cluster bound to loopback."""
+def connect_ray(cluster) -> dict:
+    """Join `cluster.address` (host:port, `auto` = the cluster last started on this machine with
+    `ray start`, or `ray://...`), else $RAY_ADDRESS; with neither, start a private local cluster
+    bound to loopback, even when a `ray start` cluster runs on this machine (Ray's own
+    `ray.init()` would join that one). Prints and returns which: {"kind", "address"}."""
     address = cluster.address or os.environ.get("RAY_ADDRESS")
     if not address:  # a local cluster: loopback only (set before Ray reads it, if it has not yet)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
-        return
+        return _cluster_used("connected already (this process)")
     if address:
         _check_reachable(address)
         ray.init(address=address, log_to_driver=True)
-        return
+        return _cluster_used(f"joined ({'cluster.address' if cluster.address else '$RAY_ADDRESS'}={address})")
     # Ray reads the switch once, when first imported; something may have imported it before
     # this call, so give its constant the value the environment now holds (the processes
     # ray.init starts read the environment themselves).
@@ -37,12 +40,22 @@ def connect_ray(cluster) -> None:
     ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].lower() not in ("0", "false")
     repo = str(Path(__file__).resolve().parent.parent)
     ray.init(
+        address="local",  # always a new cluster: never one some other `ray start` left running
         num_cpus=cluster.num_cpus,
         include_dashboard=False,
         dashboard_host="127.0.0.1",
         # Workers import actors/ from this checkout, installed or not.
         runtime_env={"env_vars": {"PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}},
     )
+    return _cluster_used("private local cluster (started by this driver, stopped with it)")
+
+
+def _cluster_used(kind: str) -> dict:
+    import ray
+
+    info = {"kind": kind, "address": ray.get_runtime_context().gcs_address}
+    print(f"[distlens] ray cluster: {kind} at {info['address']}", file=sys.stderr, flush=True)
+    return info
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -147,7 +160,7 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
     model_checks(check_run, spec, hf_config, prompts)  # every check against the model, before any compute
     texts = list(cfg.prompts)
     if c.executor == "ray":
-        connect_ray(c)
+        attrs["ray_cluster"] = connect_ray(c)  # recorded in the store, its summary and the run log
         import ray
 
         coordinator = ray.remote(Coordinator).options(num_cpus=0).remote(spec)

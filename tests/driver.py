@@ -49,6 +49,10 @@ def ray_head(num_cpus: int = 2):
     started = subprocess.run(head, env=env, capture_output=True, text=True, timeout=180)
     assert started.returncode == 0, started.stderr[-2000:]
     try:
+        # readiness, not luck: `ray start` returns before the job agent can take submissions
+        ready = subprocess.run([sys.executable, "-m", "pipelines.ready", f"127.0.0.1:{port}", "--timeout", "180"],
+                               env=dict(env, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=240)  # fmt: skip
+        assert ready.returncode == 0, ready.stderr[-2000:]
         yield f"127.0.0.1:{port}", dashboard, env
     finally:
         subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
