@@ -327,7 +327,11 @@
       tip.appendChild(stats);
     }
     const hl = strip.querySelector(`span[data-position="${p}"]`);
-    if (hl) hl.classList.add("hl");
+    if (hl) { // keep the hovered position's token in sight in the strip
+      hl.classList.add("hl");
+      const top = hl.offsetTop - strip.offsetTop;
+      if (top < strip.scrollTop || top > strip.scrollTop + strip.clientHeight - 16) strip.scrollTop = Math.max(0, top - 24);
+    }
     tip.style.display = "block";
     const w = tip.offsetWidth, h = tip.offsetHeight;
     tip.style.left = Math.min(clientX + 14, window.innerWidth - w - 4) + "px";
