@@ -328,3 +328,34 @@ def test_view_refuses_what_is_not_a_store_in_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "nowhere" in lines[0] and "lens store" in lines[0], result.stderr
     assert not list(tmp_path.glob("**/*.html"))
+
+
+def test_serve_answers_on_loopback_only_with_the_page(sweep_store, tmp_path):
+    """`distlens view --serve`: the page over HTTP from 127.0.0.1, byte for byte as written."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    import psutil
+
+    from actors.distributed import free_port
+
+    port = free_port()
+    out = tmp_path / "served.html"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pipelines", "view", str(sweep_store.path), "--out", str(out), "--serve",
+         "--port", str(port)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )  # fmt: skip
+    try:
+        line = server.stdout.readline()  # "wrote ..." then "serving http://127.0.0.1:<port>/served.html"
+        line = server.stdout.readline()
+        assert line.startswith(f"serving http://127.0.0.1:{port}/served.html"), line + server.stderr.read()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/served.html", timeout=30) as response:
+            assert response.read() == out.read_bytes()
+        bound = [c.laddr for c in psutil.Process(server.pid).net_connections() if c.status == "LISTEN"]
+        assert bound and all(addr.ip == "127.0.0.1" for addr in bound), bound  # bound to loopback only
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
