@@ -61,6 +61,9 @@ class Coordinator:
     def stepped(self, mb: int, steps: int) -> None:
         """Micro-batch `mb` has made `steps` steps (its tokens are back at the coordinator)."""
 
+    def loading(self) -> None:
+        """The stage workers exist and are about to load their weights."""
+
     def run(self, prompts: list[list[int]], prompt_texts: list[str] | None = None) -> dict:
         """Generate from `prompts` (token ids) and write the lens store; returns a summary."""
         from transformers import AutoConfig
@@ -162,7 +165,8 @@ class Coordinator:
                 if spec.attrs.get("ray_cluster"):  # which cluster the driver joined or started
                     ray_cluster = spec.attrs["ray_cluster"]
                     log.info("ray cluster: %s at %s", ray_cluster["kind"], ray_cluster["address"])
-                self.stages.setup()
+                self.loading()
+                self._setup()
                 self._tokenizer()  # loaded before the clock starts: decoding texts is part of writing
             except BaseException:
                 run_store.abandon()
@@ -371,20 +375,55 @@ class Coordinator:
 
         return isinstance(err, RayActorError | LostStateError)
 
-    def _recover(self, err: Exception, queue: list, inflight: dict) -> None:
-        """Wait for every stage to answer again (Ray restarts a dead actor, which reloads its
-        weights), set them up, and re-run the micro-batches that were in flight from their
-        first step: finished micro-batches are in the store and are not touched."""
+    def _setup(self) -> None:
+        """Load every stage's weights; a stage actor lost while loading is restarted from the
+        same budget as one lost mid-run (`cluster.max_restarts`), or the run stops in one line."""
+        spec = self.spec
+        while True:
+            try:
+                self.stages.setup()
+                return
+            except Exception as err:
+                if not self._stage_lost(err):
+                    raise
+                if spec.cluster.tp_size > 1:
+                    raise ClusterError(
+                        f"a stage actor died while loading its weights and is not restarted (tp_size="
+                        f"{spec.cluster.tp_size}: a tensor-parallel group cannot re-form); run again"
+                    ) from err
+                self._count_failure(err, "while loading weights; loading again")
+                self._rejoin()
+
+    def _count_failure(self, err: Exception, doing: str) -> None:
+        """One more stage failure against `cluster.max_restarts`: logged, or the run stops."""
         spec = self.spec
         self.restarts += 1
         reason = str(err).strip().splitlines()[0][:200]
-        log.warning("stage failure %d of at most %d: %s", self.restarts, spec.cluster.max_restarts, reason)
-        print(f"[distlens] a stage failed ({reason}); re-running {len(inflight)} micro-batch(es)", file=sys.stderr)
+        log.warning("stage failure %d of at most %d (%s): %s", self.restarts, spec.cluster.max_restarts, doing, reason)
+        print(f"[distlens] a stage failed ({reason}); {doing}", file=sys.stderr)
         if self.restarts > spec.cluster.max_restarts:
             raise ClusterError(
                 f"stages failed {self.restarts} times (cluster.max_restarts={spec.cluster.max_restarts}); "
                 "finished micro-batches are in the store: run again with resume=true"
             ) from err
+
+    def _recover(self, err: Exception, queue: list, inflight: dict) -> None:
+        """Wait for every stage to answer again (Ray restarts a dead actor, which reloads its
+        weights), set them up, and re-run the micro-batches that were in flight from their
+        first step: finished micro-batches are in the store and are not touched."""
+        self._count_failure(err, f"re-running {len(inflight)} micro-batch(es)")
+        self._rejoin()
+        self._setup()
+        self._stats.forget()
+        for mb in sorted(inflight.values(), key=lambda m: m.index, reverse=True):
+            self._bar.update(-mb.counted)
+            mb.steps, mb.counted, mb.generated, mb.scores, mb.calls, mb.last = 0, 0, [], [], [], None
+            queue.insert(0, mb)
+        inflight.clear()
+
+    def _rejoin(self) -> None:
+        """Wait (bounded by `cluster.restart_timeout_s`) until every stage answers again."""
+        spec = self.spec
         deadline = time.monotonic() + spec.cluster.restart_timeout_s
         while True:
             try:
@@ -398,13 +437,6 @@ class Coordinator:
                         f"the stages did not come back within {spec.cluster.restart_timeout_s:.0f}s"
                     ) from again
                 time.sleep(0.2)
-        self.stages.setup()
-        self._stats.forget()
-        for mb in sorted(inflight.values(), key=lambda m: m.index, reverse=True):
-            self._bar.update(-mb.counted)
-            mb.steps, mb.counted, mb.generated, mb.scores, mb.calls, mb.last = 0, 0, [], [], [], None
-            queue.insert(0, mb)
-        inflight.clear()
 
     def _write(self, mb: _MicroBatch, chunks, store, prompt_texts) -> dict[int, list]:
         """Lay one micro-batch out by row position and write it whole; returns each row's

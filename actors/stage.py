@@ -284,19 +284,21 @@ class StageWorker:
         self.lens = LogitLens(norm, lm_head, spec.tp_rank, spec.tp_size, softcap=softcap)
 
     def info(self) -> dict:
-        n_params = sum(p.numel() for p in self.model.parameters()) + sum(p.numel() for p in self.lens.parameters())
+        """What this worker holds and has done; before `setup` (nothing loaded yet) params are 0."""
+        loaded = [m for m in (getattr(self, "model", None), getattr(self, "lens", None)) if m is not None]
+        n_params = sum(p.numel() for m in loaded for p in m.parameters())
         return {
             "stage": self.spec.stage,
             "tp_rank": self.spec.tp_rank,
             "layers": (self.spec.start, self.spec.end),
             "pid": os.getpid(),
-            "device": str(self.device),
+            "device": str(getattr(self, "device", self.spec.device)),
             "params": n_params,
             "forward_calls": self.forward_calls,
             "tokens": self.tokens,  # rows x columns this stage has run
             "busy_s": self.busy_s,  # forward time
             "lens_s": self.lens_s,  # lens time
-            "weight_loads": self.loads,  # times this process loaded a slice (pooled runs reuse it)
+            "weight_loads": getattr(self, "loads", 0),  # times this process loaded a slice (pooled runs reuse it)
             "timeline": list(self.timeline),
             # ru_maxrss is KiB on Linux: this process's peak resident memory so far.
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

@@ -76,6 +76,49 @@ def test_stage_actor_killed_mid_run_is_restarted_and_the_store_equals_an_uninter
     assert summary["stage_info"][1]["pid"] not in (coordinator.killed, summary["stage_info"][0]["pid"])
 
 
+def test_stage_actor_killed_while_loading_is_restarted_or_stops_in_one_line(ray_cluster, tiny_checkpoints, tmp_path):
+    """SIGKILL stage 1's process once the stage actors exist and before their weights load: the
+    run restarts it from the mid-run budget and the store equals an uninterrupted run's; with
+    no budget (max_restarts=0) it stops with one ClusterError line, and nothing reads complete."""
+    from actors.coordinator import Coordinator
+    from actors.executor import ClusterError
+    from actors.sampling import SamplingSpec
+
+    class KillWhileLoading(Coordinator):
+        killed = None
+
+        def loading(self):
+            self.killed = self.stages.pid(1)
+            os.kill(self.killed, signal.SIGKILL)
+
+    path = tiny_checkpoints["llama"]
+    common = dict(prompts=PROMPTS, num_stages=2, micro_batch_size=2, micro_batches_in_flight=2, max_new_tokens=4)
+    _, reference = run_lens(path, tmp_path / "reference.zarr", **common)
+
+    def spec(name, restarts):
+        return run_spec(
+            model_path=str(path), store_path=str(tmp_path / name), executor="ray", max_restarts=restarts,
+            activations="float32", sampling=SamplingSpec(eos_token_ids=(), pad_token_id=0), lens_window=4,
+            progress=False, **{k: v for k, v in common.items() if k != "prompts"},
+        )  # fmt: skip
+
+    coordinator = KillWhileLoading(spec("killed.zarr", 2))
+    summary = coordinator.run(PROMPTS)
+    killed = LensStore.open(tmp_path / "killed.zarr")
+    assert killed.is_complete and killed.verify() == []
+    assert_stores_equal(killed, reference)
+    assert summary["stage_info"][1]["pid"] not in (coordinator.killed, summary["stage_info"][0]["pid"])
+    assert summary["stage_restarts"] == 1
+    log = (tmp_path / "run.log").read_text()
+    assert "stage failure 1 of at most 2 (while loading weights; loading again)" in log
+
+    with pytest.raises(ClusterError) as refused:
+        KillWhileLoading(spec("no_budget.zarr", 0)).run(PROMPTS)
+    message = str(refused.value)
+    assert "\n" not in message and "stages failed 1 times (cluster.max_restarts=0)" in message
+    assert not (tmp_path / "no_budget.zarr").exists() or not LensStore.open(tmp_path / "no_budget.zarr").is_complete
+
+
 BASE = ["cluster=inprocess", "cluster.micro_batch_size=1", "generation.max_new_tokens=4", "progress=false"]
 LENS_PROMPTS = '["The lighthouse keeper", "Once upon a time", "In the beginning", "A cat sat"]'
 
