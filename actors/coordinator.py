@@ -65,7 +65,21 @@ class Coordinator:
         """The stage workers exist and are about to load their weights."""
 
     def run(self, prompts: list[list[int]], prompt_texts: list[str] | None = None) -> dict:
-        """Generate from `prompts` (token ids) and write the lens store; returns a summary."""
+        """Generate from `prompts` (token ids) and write the lens store; returns a summary.
+        Holds the store's lease (actors/lease.py) throughout: one driver at a time per store."""
+        from actors.lease import Lease
+
+        lease = Lease.acquire(self.spec.storage.path, take_over=self.spec.storage.existing in ("resume", "overwrite"))
+        if lease.took_over:
+            owner = lease.took_over
+            print(f"[distlens] {self.spec.storage.existing}: took over the lease of {owner.get('host')} pid {owner.get('pid')} "
+                  f"(since {owner.get('since', '?')}), which is gone", file=sys.stderr)  # fmt: skip
+        try:
+            return self._run(prompts, prompt_texts)
+        finally:
+            lease.release()
+
+    def _run(self, prompts: list[list[int]], prompt_texts: list[str] | None) -> dict:
         from transformers import AutoConfig
 
         spec = self.spec

@@ -2,7 +2,9 @@
 would, with a fault planted by the test side (a monkeypatch of the store's batch writer):
 {"kill_driver": {"after_batches": 2}}: SIGKILL this process right after the 2nd batch's
 completion record; with "mid_write": true, between the 2nd batch's data and its record;
-{"interrupt_driver": {"after_batches": 1}}: SIGINT (Ctrl-C) after the 1st batch."""
+{"interrupt_driver": {"after_batches": 1}}: SIGINT (Ctrl-C) after the 1st batch;
+{"hang_driver": {"after_batches": 1, "marker": path}}: after the 1st batch, touch `marker` and
+sleep (a driver that holds its run until the test kills it)."""
 
 from __future__ import annotations
 
@@ -11,11 +13,13 @@ import os
 import runpy
 import signal
 import sys
+import time
+from pathlib import Path
 
 from actors.store import LensStore
 
 fault = json.loads(sys.argv[1])
-kill, interrupt = fault.get("kill_driver"), fault.get("interrupt_driver")
+kill, interrupt, hang = fault.get("kill_driver"), fault.get("interrupt_driver"), fault.get("hang_driver")
 written = 0
 write_batch = LensStore.write_batch
 
@@ -31,6 +35,9 @@ def faulty_write_batch(self, batch, rows, data, texts, mark_done=True):
         os.kill(os.getpid(), signal.SIGKILL)
     if interrupt and written == interrupt["after_batches"]:
         os.kill(os.getpid(), signal.SIGINT)
+    if hang and written == hang["after_batches"]:
+        Path(hang["marker"]).touch()
+        time.sleep(600)
 
 
 LensStore.write_batch = faulty_write_batch

@@ -166,3 +166,52 @@ def test_driver_killed_then_resumed_equals_an_uninterrupted_run(fault, code, tin
         assert begun[len(finished)] == 2  # the half-written batch was written again, whole
     pids = {r["pid"] for r in store.write_log()}
     assert len(pids) == 2  # two processes wrote this store
+
+
+def test_one_driver_per_run_and_a_dead_drivers_lease_is_taken_over_by_resume_only(tiny_with_tokenizer, tmp_path):
+    """Driver A holds the run (it stops after its first batch and waits); B is refused naming A,
+    with or without resume=true; once A is killed, a plain run is refused (the lease is stale)
+    and resume=true takes the lease over and completes a store equal to an uninterrupted run's."""
+    import subprocess
+    import sys
+    import time
+
+    from driver import REPO
+
+    marker = tmp_path / "a-holds-the-run"
+    args = [f"model.name={tiny_with_tokenizer}", *BASE, f"prompts={LENS_PROMPTS}", f"storage.root={tmp_path}",
+            "storage.run=shared"]  # fmt: skip
+    wrapper = str(Path(__file__).with_name("faulty_driver.py"))
+    fault = json.dumps({"hang_driver": {"after_batches": 1, "marker": str(marker)}})
+    a = subprocess.Popen(
+        [sys.executable, wrapper, fault, "pipelines.lens", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(REPO), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert a.poll() is None and time.monotonic() < deadline, a.stderr.read().decode()[-3000:]
+            time.sleep(0.2)
+        lease = json.loads((tmp_path / "shared" / "lens.zarr.lease.json").read_text())
+        assert lease["pid"] == a.pid
+        for extra in ((), ("resume=true",)):
+            b = run_driver("pipelines.lens", *args, *extra, cwd=tmp_path)
+            errors = [line for line in b.stderr.splitlines() if line.startswith("distlens: error:")]
+            assert b.returncode == 2 and len(errors) == 1, b.stderr[-3000:]
+            assert f"is in use by another driver ({lease['host']} pid {a.pid} since" in errors[0]
+    finally:
+        a.kill()
+        a.wait(timeout=60)
+    assert not LensStore.open(tmp_path / "shared" / "lens.zarr").is_complete
+    stale = run_driver("pipelines.lens", *args, cwd=tmp_path)
+    assert stale.returncode == 2 and f"held by a driver that is gone ({lease['host']} pid {a.pid}" in stale.stderr
+    resumed = run_driver("pipelines.lens", *args, "resume=true", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"took over the lease of {lease['host']} pid {a.pid}" in resumed.stderr
+    assert not (tmp_path / "shared" / "lens.zarr.lease.json").exists()  # released at the end
+    full = _lens(tiny_with_tokenizer, tmp_path, "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    shared = LensStore.open(tmp_path / "shared" / "lens.zarr")
+    assert shared.is_complete and shared.verify() == []
+    assert_stores_equal(shared, LensStore.open(tmp_path / "full" / "lens.zarr"))
+    _assert_each_batch_written_once(shared)
