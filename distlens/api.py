@@ -183,7 +183,9 @@ def view(target, out: str | Path | None = None) -> Path:
     steering study folder; returns the page's path."""
     from pipelines.view import write_page
 
-    path = target.encoding["source"] if hasattr(target, "encoding") else target
+    path = target.encoding.get("source") if hasattr(target, "encoding") else target
+    if path is None:
+        raise ValueError("view: this Dataset was not opened by distlens.open or distlens.lens; pass the store's path")
     return write_page(path, out)
 
 
