@@ -170,10 +170,9 @@
   function computeScale() {
     const r = rowInfo(S.row);
     let m = 0;
-    const vis = [];
     for (let li = S.layerLo; li <= S.layerHi; li++) for (let p = 0; p < r.length; p++) {
       const v = cellValue(li, p);
-      if (!Number.isNaN(v)) { m = Math.max(m, Math.abs(v)); vis.push(v); }
+      if (!Number.isNaN(v)) m = Math.max(m, Math.abs(v));
     }
     if (S.diff) scale = { lo: -m || -1, hi: m || 1, diverging: true };
     else if (S.field === "probability" || S.field === "target_logprob") scale = { lo: 0, hi: 1, diverging: false };
