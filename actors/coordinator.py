@@ -158,14 +158,7 @@ class Coordinator:
         ]
         handler = self._run_log(Path(spec.storage.path).parent / "run.log")
         executor = self._given_executor or (
-            LocalExecutor()
-            if spec.cluster.executor == "local"
-            else RayExecutor(
-                spec.cluster.cpus_per_stage,
-                spec.cluster.gpus_per_stage,
-                spec.cluster.placement_timeout_s,
-                max_restarts=spec.cluster.max_restarts if spec.cluster.tp_size == 1 else 0,
-            )
+            LocalExecutor() if spec.cluster.executor == "local" else RayExecutor.for_cluster(spec.cluster)
         )
         t0 = time.perf_counter()
         try:
@@ -436,19 +429,23 @@ class Coordinator:
         inflight.clear()
 
     def _rejoin(self) -> None:
-        """Wait (bounded by `cluster.restart_timeout_s`) until every stage answers again."""
+        """Wait (bounded by `cluster.restart_timeout_s`) until every stage answers again: a
+        restarted actor whose node died waits for Ray to find it a node with room."""
         spec = self.spec
         deadline = time.monotonic() + spec.cluster.restart_timeout_s
         while True:
             try:
-                self.stages.rejoin()
+                self.stages.rejoin(timeout=max(1.0, deadline - time.monotonic()))
                 break
             except Exception as again:
-                if not self._stage_lost(again):
+                if not (self._stage_lost(again) or isinstance(again, TimeoutError)):
                     raise
                 if time.monotonic() > deadline:
+                    ex = self.stages.executor
                     raise ClusterError(
-                        f"the stages did not come back within {spec.cluster.restart_timeout_s:.0f}s"
+                        f"a lost stage did not come back within cluster.restart_timeout_s="
+                        f"{spec.cluster.restart_timeout_s:g}: it waited for a node with room for {ex.bundle} "
+                        f"(available now: {ex.available()}); add a node, then run again with resume=true"
                     ) from again
                 time.sleep(0.2)
 

@@ -2,7 +2,9 @@
 
 `LocalExecutor` keeps every worker in this process and calls it directly (tests, debugging, a
 single GPU). `RayExecutor` creates each worker as a Ray actor inside one placement group (one
-bundle per stage rank) and returns object refs, so chained calls pipeline across stages.
+bundle per stage rank, placed by `cluster.placement`) and returns object refs, so chained calls
+pipeline across stages. When a node dies Ray moves its bundles to a node with room, and the
+restarted actors come back there.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class LocalExecutor:
         """`method`: a `StageWorker` method (the function itself, never its name)."""
         return method(worker, *args)
 
-    def get(self, handle):
+    def get(self, handle, timeout: float | None = None):
         return handle
 
     def wait_first(self, handles: list) -> int:
@@ -54,14 +56,30 @@ class RayExecutor:
         placement_timeout_s: float = 60.0,
         max_restarts: int = 0,
         persistent: bool = False,
+        placement: str = "PACK",
     ):
         self.cpus = cpus_per_stage
         self.gpus = gpus_per_stage
         self.placement_timeout_s = placement_timeout_s
         self.max_restarts = max_restarts
         self.persistent = persistent
+        self.placement = placement  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (Ray's strategies)
         self._pg = None
         self._actors = []
+
+    @classmethod
+    def for_cluster(cls, cluster, persistent: bool = False) -> RayExecutor:
+        """From a run's ClusterSettings: a tensor-parallel group cannot re-form, so no restarts there."""
+        return cls(
+            cluster.cpus_per_stage, cluster.gpus_per_stage, cluster.placement_timeout_s,
+            max_restarts=cluster.max_restarts if cluster.tp_size == 1 else 0, persistent=persistent,
+            placement=cluster.placement,
+        )  # fmt: skip
+
+    @property
+    def bundle(self) -> dict:
+        """The resources of one stage rank."""
+        return {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
 
     def create(self, specs: list[StageSpec]) -> list:
         import ray
@@ -73,15 +91,15 @@ class RayExecutor:
             ray.get([a.configure.remote(spec) for a, spec in zip(actors, specs)])
             return actors
         self.close()
-        bundle = {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
-        self._pg = placement_group([dict(bundle) for _ in specs], strategy="PACK")
+        bundle = self.bundle
+        self._pg = placement_group([dict(bundle) for _ in specs], strategy=self.placement)
         ready, _ = ray.wait([self._pg.ready()], timeout=self.placement_timeout_s)
         if not ready:
             remove_placement_group(self._pg)
             self._pg = None
             raise ClusterError(
-                f"the Ray cluster cannot place {len(specs)} stage ranks of {bundle} each within "
-                f"{self.placement_timeout_s:.0f}s; available: {ray.available_resources()}. "
+                f"the Ray cluster cannot place {len(specs)} stage ranks of {bundle} each ({self.placement}) "
+                f"within {self.placement_timeout_s:.0f}s; available: {ray.available_resources()}. "
                 "Lower num_stages/tp_size or cluster.cpus_per_stage/gpus_per_stage, or add nodes."
             )
         remote_cls = ray.remote(StageWorker)
@@ -99,10 +117,11 @@ class RayExecutor:
     def call(self, worker, method, *args, num_returns: int = 1):
         return getattr(worker, method.__name__).options(num_returns=num_returns).remote(*args)
 
-    def get(self, handle):
+    def get(self, handle, timeout: float | None = None):
+        """The result; with `timeout`, a TimeoutError (Ray's GetTimeoutError) when not ready by then."""
         import ray
 
-        return ray.get(handle)
+        return ray.get(handle, timeout=timeout)
 
     def wait_first(self, handles: list) -> int:
         import ray
@@ -116,6 +135,12 @@ class RayExecutor:
 
         done, _ = ray.wait(handles, num_returns=len(handles), timeout=0)
         return len(done) == len(handles)
+
+    def available(self) -> dict:
+        """The cluster's free resources now (for messages)."""
+        import ray
+
+        return {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
 
     def shutdown(self) -> None:
         """End of a run: release the actors unless they are pooled for the next one."""

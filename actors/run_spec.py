@@ -13,7 +13,7 @@ import numpy as np
 
 from actors.adapters import adapter_for
 from actors.sampling import SamplingSpec
-from actors.vocabulary import COMPONENTS, LENSES, STEERING_SITES
+from actors.vocabulary import COMPONENTS, LENSES, PLACEMENTS, STEERING_SITES
 
 EXECUTORS = ("local", "ray")
 EXISTING = ("refuse", "resume", "overwrite")
@@ -54,6 +54,7 @@ class ClusterSettings:
     placement_timeout_s: float = 60.0  # how long to wait for the cluster to place the stages
     max_restarts: int = 3  # stage-actor failures a run survives (Ray restarts the actor; tp_size 1)
     restart_timeout_s: float = 300.0  # how long to wait for a restarted stage to answer
+    placement: str = "PACK"  # Ray placement-group strategy: actors.vocabulary.PLACEMENTS
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,11 @@ def check_cluster(c: ClusterSettings, config) -> None:
         raise SettingError(
             "cluster.num_stages", f"={c.num_stages} is out of range: valid is 1..{n} (the model's layer count)"
         )
+    if c.placement not in PLACEMENTS:
+        raise SettingError("cluster.placement", f"={c.placement!r} is not valid: choose one of {list(PLACEMENTS)}")
+    for name in ("placement_timeout_s", "restart_timeout_s"):
+        if not getattr(c, name) > 0:
+            raise SettingError(f"cluster.{name}", f"={getattr(c, name)!r} is out of range: must be > 0 (seconds)")
     if c.tp_size < 1:
         raise SettingError("cluster.tp_size", f"={c.tp_size} is out of range: must be >= 1")
     if c.tp_size > 1 and c.executor != "ray":

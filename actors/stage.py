@@ -147,6 +147,12 @@ def _hook_output(module, transform):
     return module.register_forward_hook(post)
 
 
+def _node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 class StageWorker:
     """Holds layers `[spec.start, spec.end)` and runs prefill/decode steps for micro-batches."""
 
@@ -292,6 +298,7 @@ class StageWorker:
             "tp_rank": self.spec.tp_rank,
             "layers": (self.spec.start, self.spec.end),
             "pid": os.getpid(),
+            "node_id": _node_id(),  # the Ray node this worker runs on (None outside Ray)
             "device": str(getattr(self, "device", self.spec.device)),
             "params": n_params,
             "forward_calls": self.forward_calls,

@@ -60,12 +60,14 @@ class StageGroup:
             acks += [ex.call(w, StageWorker.setup, init) for w in ranks]
         return [ex.get(a) for a in acks]
 
-    def rejoin(self) -> None:
+    def rejoin(self, timeout: float | None = None) -> None:
         """After a stage failure: every rank takes its spec again (a restarted process loads
-        its slice); raises while a restarted actor is not answering yet."""
+        its slice); raises while a restarted actor is not answering yet, or TimeoutError when
+        one has not answered within `timeout` seconds (a restart still waiting for a node)."""
         ex = self.executor
-        for worker, spec in zip(self.workers, self.specs):
-            ex.get(ex.call(worker, StageWorker.rejoin, spec))
+        calls = [ex.call(worker, StageWorker.rejoin, spec) for worker, spec in zip(self.workers, self.specs)]
+        for call in calls:
+            ex.get(call, timeout=timeout)
 
     # -- micro-batch lifecycle ----------------------------------------------------------------
     def start(self, stages, mb: int, attention_mask, positions, edits, shared: bool = False) -> list:

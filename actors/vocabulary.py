@@ -41,3 +41,6 @@ def lens_fill(name: str):
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")  # bfloat16 is stored as its uint16 bits
+
+# Ray placement-group strategies for a run's stage ranks (`cluster.placement`).
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")

@@ -47,6 +47,8 @@ class ClusterConf:
     micro_batches_in_flight: int = 2
     placement_timeout_s: float = 60.0  # refuse, naming the resources, if the stages cannot be placed by then
     max_restarts: int = 3  # stage-actor deaths a run survives: Ray restarts the actor, in-flight batches re-run
+    restart_timeout_s: float = 300.0  # how long a lost stage may take to come back (a node with room, its weights)
+    placement: str = "PACK"  # how stage ranks spread over nodes: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
 
 
 @dataclass
@@ -407,7 +409,7 @@ def cluster_settings(c):
         executor=c.executor, num_stages=c.num_stages, tp_size=c.tp_size, device=c.device,
         cpus_per_stage=c.cpus_per_stage, gpus_per_stage=c.gpus_per_stage, micro_batch_size=c.micro_batch_size,
         micro_batches_in_flight=c.micro_batches_in_flight, placement_timeout_s=c.placement_timeout_s,
-        max_restarts=c.max_restarts,
+        max_restarts=c.max_restarts, restart_timeout_s=c.restart_timeout_s, placement=c.placement,
     )  # fmt: skip
 
 

@@ -44,15 +44,14 @@ def executor_for(cfg):
     from actors.executor import LocalExecutor, RayExecutor
 
     c = cfg.cluster
-    key = (c.executor, c.num_stages, c.cpus_per_stage, c.gpus_per_stage)
+    key = (c.executor, c.num_stages, c.cpus_per_stage, c.gpus_per_stage, c.placement)
     if key not in _POOLS:
         if c.executor == "ray":
+            from pipelines.config import cluster_settings
             from pipelines.lens import connect_ray
 
             connect_ray(c)
-            _POOLS[key] = RayExecutor(
-                c.cpus_per_stage, c.gpus_per_stage, c.placement_timeout_s, max_restarts=c.max_restarts, persistent=True
-            )
+            _POOLS[key] = RayExecutor.for_cluster(cluster_settings(c), persistent=True)
         else:
             _POOLS[key] = LocalExecutor()  # in-process workers are rebuilt per run (cheap at this size)
     return _POOLS[key]

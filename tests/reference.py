@@ -50,7 +50,7 @@ _GROUPS = {
     "store_path": ("storage", "path"), "existing": ("storage", "existing"),
     **{k: ("cluster", k) for k in (
         "executor", "num_stages", "tp_size", "device", "cpus_per_stage", "gpus_per_stage", "micro_batch_size",
-        "micro_batches_in_flight", "placement_timeout_s", "max_restarts", "restart_timeout_s",
+        "micro_batches_in_flight", "placement_timeout_s", "max_restarts", "restart_timeout_s", "placement",
     )},
     **{k: ("capture", k) for k in (
         "layers", "components", "positions", "k", "activations", "kl_to_final", "lenses", "tuned_lens",
