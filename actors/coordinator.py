@@ -45,6 +45,14 @@ class _MicroBatch:
     counted: int = 0  # progress-bar units counted for this micro-batch
 
 
+class _QuietFileHandler(logging.FileHandler):
+    """A log file that never prints logging's own traceback when its storage fails (a full
+    disk): the store's writes report that failure, in one line."""
+
+    def handleError(self, record) -> None:
+        pass
+
+
 class Coordinator:
     """Runs `spec`. `executor`: an executor to use (and leave open) instead of a new one.
 
@@ -218,7 +226,7 @@ class Coordinator:
     def _run_log(path: Path) -> logging.Handler:
         """The run log beside the store (appended to by resumed runs), written by whichever
         process runs the coordinator, the driver or a Ray actor."""
-        handler = logging.FileHandler(path)
+        handler = _QuietFileHandler(path)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [pid %(process)d] %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)

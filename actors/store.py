@@ -16,6 +16,7 @@ The group attr `complete` is set last; a store without it never reads as finishe
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -56,6 +57,25 @@ class StoreLayout:
 
 class StoreError(RuntimeError):
     pass
+
+
+def _storage_errors(method):
+    """A LensStore write that the storage refuses (a full disk, a quota, a lost mount) stops
+    the run with one StoreError line naming the store; what was finished stays, and the store
+    does not read as complete until a resumed run finishes it."""
+
+    @functools.wraps(method)
+    def write(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as err:
+            raise StoreError(
+                f"writing {self.path} failed: {err.strerror or err}; every finished micro-batch is kept and the "
+                "store does not read as complete: free space (or fix the storage), then run the same command "
+                "with resume=true"
+            ) from err
+
+    return write
 
 
 class LensStore:
@@ -146,6 +166,7 @@ class LensStore:
         return cls(path, g)
 
     # -- writing ----------------------------------------------------------------------------
+    @_storage_errors
     def write_batch(
         self, batch: int, rows: slice, data: dict[str, np.ndarray], texts: dict[str, list[str]], mark_done: bool = True
     ) -> None:
@@ -186,6 +207,7 @@ class LensStore:
     def done_batches(self) -> set[int]:
         return set(np.flatnonzero(self.group["batch_done"][:]).tolist())
 
+    @_storage_errors
     def mark_complete(self, summary: dict) -> None:
         self.group.attrs.update({"complete": True, "summary": summary})
         zarr.consolidate_metadata(str(self.path), zarr_format=3)

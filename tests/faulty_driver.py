@@ -4,10 +4,13 @@ would, with a fault planted by the test side (a monkeypatch of the store's batch
 completion record; with "mid_write": true, between the 2nd batch's data and its record;
 {"interrupt_driver": {"after_batches": 1}}: SIGINT (Ctrl-C) after the 1st batch;
 {"hang_driver": {"after_batches": 1, "marker": path}}: after the 1st batch, touch `marker` and
-sleep (a driver that holds its run until the test kills it)."""
+sleep (a driver that holds its run until the test kills it);
+{"fill_disk": {"after_batches": 1, "filler": path}}: after the 1st batch, write zeros to `filler`
+until its filesystem has no space left (a real full disk: the test mounts a small tmpfs)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import runpy
@@ -20,6 +23,7 @@ from actors.store import LensStore
 
 fault = json.loads(sys.argv[1])
 kill, interrupt, hang = fault.get("kill_driver"), fault.get("interrupt_driver"), fault.get("hang_driver")
+fill = fault.get("fill_disk")
 written = 0
 write_batch = LensStore.write_batch
 
@@ -35,9 +39,21 @@ def faulty_write_batch(self, batch, rows, data, texts, mark_done=True):
         os.kill(os.getpid(), signal.SIGKILL)
     if interrupt and written == interrupt["after_batches"]:
         os.kill(os.getpid(), signal.SIGINT)
+    if fill and written == fill["after_batches"]:
+        fill_up(fill["filler"])
     if hang and written == hang["after_batches"]:
         Path(hang["marker"]).touch()
         time.sleep(600)
+
+
+def fill_up(path: str) -> None:
+    try:
+        with open(path, "wb", buffering=0) as f:
+            while True:
+                f.write(b"\0" * 4096)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
 
 
 LensStore.write_batch = faulty_write_batch
