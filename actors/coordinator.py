@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from actors import head_watch
 from actors.executor import ClusterError, LocalExecutor, RayExecutor
 from actors.progress import StageStats, progress_bar
 from actors.run_spec import RunSpec, SettingError, check_run
@@ -82,8 +83,15 @@ class Coordinator:
             owner = lease.took_over
             print(f"[distlens] {self.spec.storage.existing}: took over the lease of {owner.get('host')} pid {owner.get('pid')} "
                   f"(since {owner.get('since', '?')}), which is gone", file=sys.stderr)  # fmt: skip
+        store = self.spec.storage.path
+
+        def head_lost() -> str:  # actors/head_watch.py: the driver is about to end
+            lease.release()
+            return f"finished micro-batches are in {store}: start a cluster and run the same command with resume=true"
+
         try:
-            return self._run(prompts, prompt_texts)
+            with head_watch.on_loss(head_lost):
+                return self._run(prompts, prompt_texts)
         finally:
             lease.release()
 

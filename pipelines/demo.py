@@ -152,7 +152,9 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    from actors import head_watch
     from pipelines.config import DemoConf, check_overrides
 
     check_overrides(DemoConf)
+    head_watch.exit_on_loss()
     main()

@@ -53,8 +53,11 @@ def connect_ray(cluster) -> dict:
 def _cluster_used(kind: str) -> dict:
     import ray
 
+    from actors import head_watch
+
     info = {"kind": kind, "address": ray.get_runtime_context().gcs_address}
     print(f"[distlens] ray cluster: {kind} at {info['address']}", file=sys.stderr, flush=True)
+    head_watch.watch(info["address"])  # a command-line driver ends in one line if this head goes
     return info
 
 
@@ -161,12 +164,9 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
     texts = list(cfg.prompts)
     if c.executor == "ray":
         attrs["ray_cluster"] = connect_ray(c)  # recorded in the store, its summary and the run log
-        import ray
-
-        coordinator = ray.remote(Coordinator).options(num_cpus=0).remote(spec)
-        summary = ray.get(coordinator.run.remote(prompts, texts))
-    else:
-        summary = Coordinator(spec).run(prompts, texts)
+    # The coordinator runs here, in the driver (its stages are Ray actors): the store is written
+    # where storage.root was checked, and the lease, Ctrl-C and a lost head all meet this process.
+    summary = Coordinator(spec).run(prompts, texts)
     store = LensStore.open(out_dir / "lens.zarr")
     for old in out_dir.glob("heatmap_prompt*.png"):  # a replaced run's, maybe of more prompts
         old.unlink()
@@ -262,12 +262,14 @@ def main(cfg: DictConfig) -> dict | None:
         )
         sys.exit(130)
     except (ConfigError, StoreError, ValueError, ClusterError) as err:
-        # An error raised inside the coordinator actor arrives wrapped; report its cause.
+        # An error raised inside a stage actor arrives wrapped; report its cause.
         exit_with_error(str(getattr(err, "cause", None) or err))
 
 
 if __name__ == "__main__":
+    from actors import head_watch
     from pipelines.config import LensConf, check_overrides
 
     check_overrides(LensConf)
+    head_watch.exit_on_loss()
     main()

@@ -438,7 +438,9 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    from actors import head_watch
     from pipelines.config import SteerConf, check_overrides
 
     check_overrides(SteerConf)
+    head_watch.exit_on_loss()
     main()

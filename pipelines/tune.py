@@ -411,7 +411,9 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    from actors import head_watch
     from pipelines.config import TuneConf, check_overrides
 
     check_overrides(TuneConf)
+    head_watch.exit_on_loss()
     main()

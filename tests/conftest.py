@@ -27,6 +27,7 @@ def ray_cluster():
     import ray
 
     ray.init(
+        address="local",  # a cluster of its own, never one another test (or `ray start`) left up
         num_cpus=8,  # logical CPUs: 4 stages plus a coordinator on this 2-core machine
         include_dashboard=False,
         runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},

@@ -33,10 +33,38 @@ def run_driver(
     )
 
 
+def stop_session(session: int, timeout: float = 60) -> None:
+    """SIGKILL every process of one session (a head started by `ray_head`: its GCS, raylet,
+    agents and workers), and only those: never `ray stop`, which ends every Ray on the machine."""
+    import time
+
+    import psutil
+
+    def members():
+        found = []
+        for proc in psutil.process_iter():
+            try:
+                if os.getsid(proc.pid) == session:
+                    found.append(proc)
+            except (OSError, psutil.Error):
+                pass
+        return found
+
+    deadline = time.monotonic() + timeout
+    while (procs := members()) and time.monotonic() < deadline:
+        for proc in procs:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(procs, timeout=5)
+
+
 @contextmanager
 def ray_head(num_cpus: int = 2):
-    """A real Ray head on loopback (`ray start --head`), stopped on exit. Yields
-    (gcs address, dashboard port, env for clients)."""
+    """A real Ray head on loopback (`ray start --head`, in a session of its own), stopped on
+    exit by ending that session's processes. Yields (gcs address, dashboard port, env for
+    clients, session id: `stop_session(session)` kills the head mid-test)."""
     from actors.distributed import free_port
 
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token")
@@ -45,14 +73,34 @@ def ray_head(num_cpus: int = 2):
     head = [
         "ray", "start", "--head", "--port", str(port), "--num-cpus", str(num_cpus), "--node-ip-address", "127.0.0.1",
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+        # the job agent's HTTP port on a free one: its default (52365) may be another Ray's on this machine (a
+        # driver's private cluster, a second test run), and an agent that cannot bind never takes jobs
+        "--dashboard-agent-listen-port", "0", "--ray-client-server-port", str(free_port()),
     ]  # fmt: skip
-    started = subprocess.run(head, env=env, capture_output=True, text=True, timeout=180)
-    assert started.returncode == 0, started.stderr[-2000:]
+    started = subprocess.Popen(head, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
+    session = started.pid
     try:
+        out, err = started.communicate(timeout=180)
+        assert started.returncode == 0, err[-2000:]
         # readiness, not luck: `ray start` returns before the job agent can take submissions
         ready = subprocess.run([sys.executable, "-m", "pipelines.ready", f"127.0.0.1:{port}", "--timeout", "180"],
                                env=dict(env, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=240)  # fmt: skip
         assert ready.returncode == 0, ready.stderr[-2000:]
-        yield f"127.0.0.1:{port}", dashboard, env
+        yield f"127.0.0.1:{port}", dashboard, env, session
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_session(session)
+        _forget_cluster(f"127.0.0.1:{port}")
+
+
+def _forget_cluster(address: str) -> None:
+    """What `ray stop` also does: the machine's "latest cluster" record (read by
+    `cluster.address=auto`) no longer names a head that is gone."""
+    import tempfile
+
+    record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    try:
+        if record.read_text().strip() == address:
+            record.unlink()
+    except OSError:
+        pass

@@ -13,7 +13,7 @@ from actors.store import LensStore
 
 
 def test_ray_job_submit_runs_the_lens_driver_on_a_loopback_head(tiny_with_tokenizer, tmp_path):
-    with ray_head() as (gcs, dashboard, env):
+    with ray_head() as (gcs, dashboard, env, _):
         job = subprocess.run(
             [
                 "ray",

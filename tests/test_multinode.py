@@ -144,3 +144,57 @@ def test_with_no_node_to_move_to_the_run_stops_in_one_line_and_resume_completes_
     assert store.is_complete and store.verify() == []
     assert_stores_equal(store, uninterrupted)
     _check_against_hf(store, path)
+
+
+def test_a_lost_head_ends_the_driver_in_one_line_and_resume_on_a_new_cluster_completes(tiny_with_tokenizer, tmp_path):
+    """A driver joined to a `ray start` head holds its run after the first micro-batch (a
+    wrapper that waits there); the test kills every process of the head (GCS, raylet, agents,
+    stage actors). The driver ends in one line naming the head and the store, releases its
+    lease, and leaves a store that does not read complete; `resume=true` on a new (private)
+    cluster completes it, equal to an uninterrupted run's."""
+    import json
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from driver import REPO, ray_head, run_driver, stop_session
+
+    base = [f"model.name={tiny_with_tokenizer}", "cluster.micro_batch_size=1", "generation.max_new_tokens=4",
+            "progress=false", 'prompts=["The lighthouse keeper", "Once upon a time", "In the beginning", "A cat sat"]',
+            f"storage.root={tmp_path}"]  # fmt: skip
+    marker = tmp_path / "first-batch-written"
+    wrapper = str(Path(__file__).with_name("faulty_driver.py"))
+    fault = json.dumps({"hang_driver": {"after_batches": 1, "marker": str(marker)}})
+    with ray_head() as (gcs, _, env, session):
+        driver = subprocess.Popen(
+            [sys.executable, wrapper, fault, "pipelines.lens", *base, "storage.run=cut", f"cluster.address={gcs}"],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=dict(env, PYTHONPATH=str(REPO)),
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 300
+            while not marker.exists():
+                assert driver.poll() is None and time.monotonic() < deadline, driver.stderr.read()[-3000:]
+                time.sleep(0.2)
+            stop_session(session)  # the head is gone, with the stage actors it held
+            _, stderr = driver.communicate(timeout=120)
+        finally:
+            driver.kill()
+    errors = [line for line in stderr.splitlines() if line.startswith("distlens: error:")]
+    assert driver.returncode == 2 and len(errors) == 1, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    store_path = tmp_path / "cut" / "lens.zarr"
+    assert f"the Ray head at {gcs} stopped answering" in errors[0] and str(store_path) in errors[0], errors[0]
+    assert "resume=true" in errors[0]
+    assert not (tmp_path / "cut" / "lens.zarr.lease.json").exists()  # released on the way out
+    store = LensStore.open(store_path)
+    assert not store.is_complete and store.done_batches() == {0}
+    resumed = run_driver("pipelines.lens", *base, "storage.run=cut", "resume=true", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full = run_driver("pipelines.lens", *base, "storage.run=full", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+    store, reference = LensStore.open(store_path), LensStore.open(tmp_path / "full" / "lens.zarr")
+    assert store.is_complete and store.verify() == []
+    assert_stores_equal(store, reference)
+    assert sorted(r["batch"] for r in store.write_log() if r["event"] == "done") == [0, 1, 2, 3]

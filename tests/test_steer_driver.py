@@ -64,7 +64,7 @@ def test_multirun_over_datasets_and_layers_joins_one_cluster_and_reports_one_tab
 ):
     """`-m dataset=a,b layer=0,1` with $RAY_ADDRESS set: all four jobs run their stages on the
     one running cluster, and `pipelines.report` collects them into one 4-row table."""
-    with ray_head(num_cpus=3) as (address, _, env):
+    with ray_head(num_cpus=3) as (address, _, env, _):
         result = run_driver(
             "pipelines.steer", "-m", "dataset=survival-instinct,corrigible-neutral-HHH", "layer=0,1",
             f"model.name={tiny_with_tokenizer}", f"data.root={two_datasets}", f"storage.root={tmp_path}", *SMALL,

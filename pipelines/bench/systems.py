@@ -160,6 +160,7 @@ def distlens(job: dict) -> dict:
 
         repo = str(Path(__file__).resolve().parents[2])
         ray.init(
+            address="local",  # a cluster of its own, never one `ray start` left up
             num_cpus=max(2, job["stages"] + 1),
             include_dashboard=False,
             runtime_env={"env_vars": {"PYTHONPATH": repo}},
