@@ -9,6 +9,8 @@ restarted actors come back there.
 
 from __future__ import annotations
 
+import sys
+
 from actors.stage import StageSpec, StageWorker
 
 
@@ -93,7 +95,16 @@ class RayExecutor:
         self.close()
         bundle = self.bundle
         self._pg = placement_group([dict(bundle) for _ in specs], strategy=self.placement)
-        ready, _ = ray.wait([self._pg.ready()], timeout=self.placement_timeout_s)
+        first = min(2.0, self.placement_timeout_s)
+        ready, _ = ray.wait([self._pg.ready()], timeout=first)
+        if not ready:  # a busy cluster (other jobs hold the resources): wait, bounded, and say so
+            print(
+                f"[distlens] waiting up to {self.placement_timeout_s:g}s (cluster.placement_timeout_s) for the cluster "
+                f"to place {len(specs)} stage ranks of {bundle} each; available now: {self.available()}",
+                file=sys.stderr,
+                flush=True,
+            )
+            ready, _ = ray.wait([self._pg.ready()], timeout=self.placement_timeout_s - first)
         if not ready:
             remove_placement_group(self._pg)
             self._pg = None

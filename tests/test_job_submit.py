@@ -63,3 +63,54 @@ def test_ray_job_submit_runs_the_lens_driver_on_a_loopback_head(tiny_with_tokeni
     assert store.is_complete and store.verify() == []
     summary = store.attrs["summary"]
     assert len(summary["stages"]) == 2 and len({info["pid"] for info in summary["stage_info"]}) == 2
+
+
+def test_four_jobs_submitted_at_once_to_a_head_with_room_for_one_all_complete_and_verify(
+    tiny_with_tokenizer, tmp_path, monkeypatch
+):
+    """`ray job submit --no-wait` four times to a head with 2 CPUs: each run's two stages take
+    both, so three runs wait for placement (cluster.placement_timeout_s, raised here to 600 s)
+    instead of failing, and run when the CPUs free up. Every store completes and verifies
+    (`distlens verify`), and all four hold the same numbers, which match the unsliced model."""
+    import time
+
+    from reference import assert_kl_to_final_matches_hf, assert_stores_equal
+    from tiny_models import load_reference
+
+    runs = [f"job{i}" for i in range(4)]
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    with ray_head(num_cpus=2) as (_, dashboard, env, _):
+        address = ["--address", f"http://127.0.0.1:{dashboard}"]
+        ids = []
+        for run in runs:
+            submitted = subprocess.run(
+                ["ray", "job", "submit", *address, "--no-wait", "--working-dir", ".", "--runtime-env",
+                 "cluster/runtime_env.yaml", "--", "python", "-m", "pipelines.lens", f"model.name={tiny_with_tokenizer}",
+                 f"storage.root={tmp_path}", f"storage.run={run}", "generation.max_new_tokens=3", "progress=false",
+                 "cluster.placement_timeout_s=600"],
+                cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            assert submitted.returncode == 0, submitted.stderr[-2000:]
+            ids.append(next(w.strip("'") for w in submitted.stdout.split() if w.strip("'").startswith("raysubmit_")))
+
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        client = JobSubmissionClient(f"http://127.0.0.1:{dashboard}")  # this process has RAY_AUTH_MODE=token
+        deadline, states = time.monotonic() + 1200, {}
+        while time.monotonic() < deadline:
+            states = {job: client.get_job_status(job) for job in ids}
+            if all(state.is_terminal() for state in states.values()):
+                break
+            time.sleep(2)
+        logs = {job: client.get_job_logs(job) for job in ids}
+    assert set(states.values()) == {JobStatus.SUCCEEDED}, (states, {j: log[-2000:] for j, log in logs.items()})
+    waited = [job for job, log in logs.items() if "[distlens] waiting up to 600s (cluster.placement_timeout_s)" in log]
+    assert waited, "no job had to wait for placement: the head had room for more than one run"
+    stores = [LensStore.open(tmp_path / run / "lens.zarr") for run in runs]
+    checked = subprocess.run(["distlens", "verify", *(str(tmp_path / run / "lens.zarr") for run in runs)],
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert checked.returncode == 0 and checked.stdout.count(": ok") == 4, checked.stdout + checked.stderr
+    for store in stores:
+        assert store.is_complete
+        assert_stores_equal(store, stores[0])
+    assert assert_kl_to_final_matches_hf(load_reference(tiny_with_tokenizer), stores[0]) > 0
