@@ -12,11 +12,10 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from actors import head_watch
+from actors import head_watch, storage_fs
 from actors.executor import ClusterError, LocalExecutor, RayExecutor
 from actors.progress import StageStats, progress_bar
 from actors.run_spec import RunSpec, SettingError, check_run
@@ -44,14 +43,6 @@ class _MicroBatch:
     scores: list = field(default_factory=list)  # [batch, len(score_ids)] per generated step
     calls: list = field(default_factory=list)  # handles of its stage calls (lens chunks and acks), every rank
     counted: int = 0  # progress-bar units counted for this micro-batch
-
-
-class _QuietFileHandler(logging.FileHandler):
-    """A log file that never prints logging's own traceback when its storage fails (a full
-    disk): the store's writes report that failure, in one line."""
-
-    def handleError(self, record) -> None:
-        pass
 
 
 class Coordinator:
@@ -172,7 +163,7 @@ class Coordinator:
             for s, (a, b) in enumerate(bounds)
             for r in range(spec.cluster.tp_size)
         ]
-        handler = self._run_log(Path(spec.storage.path).parent / "run.log")
+        handler = self._run_log(storage_fs.join(storage_fs.parent(spec.storage.path), "run.log"))
         executor = self._given_executor or (
             LocalExecutor() if spec.cluster.executor == "local" else RayExecutor.for_cluster(spec.cluster)
         )
@@ -231,10 +222,11 @@ class Coordinator:
 
     # -- set-up ---------------------------------------------------------------------------------
     @staticmethod
-    def _run_log(path: Path) -> logging.Handler:
+    def _run_log(path) -> logging.Handler:
         """The run log beside the store (appended to by resumed runs), written by whichever
-        process runs the coordinator, the driver or a Ray actor."""
-        handler = _QuietFileHandler(path)
+        process runs the coordinator, the driver or a Ray actor (on object storage the object is
+        rewritten at each record, so it is there batch by batch)."""
+        handler = storage_fs.log_handler(path)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [pid %(process)d] %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)

@@ -1,10 +1,13 @@
 """The run lease: one driver at a time per store. `<store>.lease.json` names its owner (host, pid,
-the process's start time, when it took the lease); it is created atomically (O_EXCL) before the
-store is opened and removed when the run ends, however it ends. A lease whose owner is gone
+the process's start time, when it took the lease); it is created atomically (O_EXCL; on object
+storage a conditional put, `If-None-Match: *`) before the store is opened and removed when the
+run ends, however it ends. A lease whose owner is gone
 (this host, the process no longer there) is taken over by `resume=true` (or `overwrite=true`,
 which replaces the store anyway), never by a plain run; one held by a live process refuses the
 run in one line naming the owner, and so does another host's (whose liveness this host cannot
-see) unless resume or overwrite is asked for."""
+see) unless resume or overwrite is asked for. Taking over a stale lease is atomic locally (one
+contender's rename wins); object storage has no rename, so there two drivers taking over the same
+dead driver's lease at the same moment could both proceed: resume one driver at a time."""
 
 from __future__ import annotations
 
@@ -14,12 +17,12 @@ import socket
 import time
 from pathlib import Path
 
+from actors import storage_fs
 from actors.store import StoreError
 
 
-def lease_path(store_path) -> Path:
-    store_path = Path(store_path)
-    return store_path.with_name(store_path.name + ".lease.json")
+def lease_path(store_path) -> Path | str:
+    return storage_fs.beside(store_path, ".lease.json")
 
 
 def _started(pid: int) -> float | None:
@@ -51,21 +54,18 @@ def _owner_alive(owner: dict) -> bool | None:
 class Lease:
     """Held while a run writes its store; `release()` when it ends."""
 
-    def __init__(self, path: Path, owner: dict, took_over: dict | None):
+    def __init__(self, path: Path | str, owner: dict, took_over: dict | None):
         self.path, self.owner, self.took_over = path, owner, took_over
 
     @classmethod
     def acquire(cls, store_path, take_over: bool) -> Lease:
         """`take_over`: a stale lease may be taken (the run was given resume=true or overwrite=true)."""
         path = lease_path(store_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         me, took_over = _me(), None
         for _ in range(3):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+            if not storage_fs.create_exclusive(path, json.dumps(me).encode()):
                 try:
-                    owner = json.loads(path.read_text())
+                    owner = json.loads(storage_fs.read_text(path))
                 except (OSError, ValueError):  # vanished, or half-written by a writer that died
                     owner = {"host": "?", "pid": -1}
                 alive = _owner_alive(owner)
@@ -81,22 +81,21 @@ class Lease:
                         f"{store_path} has a lease held by a driver {state} ({who}; lease {path}): run again with "
                         "resume=true (or overwrite=true) to take it over, only once that driver has stopped"
                     ) from None
-                try:  # take it over: only one contender's rename succeeds
-                    path.rename(path.with_name(f"{path.name}.stale.{me['pid']}"))
-                    path.with_name(f"{path.name}.stale.{me['pid']}").unlink(missing_ok=True)
+                try:  # take it over: only one contender's rename succeeds (locally)
+                    stale = storage_fs.beside(path, f".stale.{me['pid']}")
+                    storage_fs.move(path, stale)
+                    storage_fs.remove(stale)
                     took_over = owner
                 except FileNotFoundError:
                     pass
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
             return cls(path, me, took_over)
         raise StoreError(f"{store_path}: could not take the lease {path} (other drivers are contending for it)")
 
     def release(self) -> None:
         """Remove the lease if it is still this process's."""
         try:
-            if json.loads(self.path.read_text()).get("pid") == self.owner["pid"]:
-                self.path.unlink()
+            if json.loads(storage_fs.read_text(self.path)).get("pid") == self.owner["pid"]:
+                storage_fs.remove(self.path)
         except (OSError, ValueError):
             pass

@@ -10,13 +10,13 @@ computed.
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from actors.store import LensStore, StoreError, StoreLayout, layout_dict, remove_path, write_log_path
+from actors import storage_fs
+from actors.store import LensStore, StoreError, StoreLayout, layout_dict, write_log_path
 from actors.vocabulary import lens_fill
 
 log = logging.getLogger("distlens")
@@ -52,7 +52,7 @@ def config_changes(old, new, limit: int = 3) -> str:
 class RunStore:
     """The store of one run (`store`), and what was set aside to make room for it."""
 
-    def __init__(self, store: LensStore, created: bool, replaced: list[tuple[Path, Path]]):
+    def __init__(self, store: LensStore, created: bool, replaced: list[tuple[Path | str, Path | str]]):
         self.store = store
         self.created = created  # this run made the store (new, or replacing an old one)
         self.replaced = replaced  # (path, where it was set aside) of an overwritten store and its log
@@ -62,15 +62,15 @@ class RunStore:
         """`existing`: what to do with a store already at `path`: refuse | resume | overwrite.
         A resume needs the same fingerprint (config) and the same layout (micro-batch numbers
         index rows through the rows per batch, so a store cut another way cannot continue)."""
-        path = Path(path)
+        path = storage_fs.location(path)
         replaced = []
-        if (path / "zarr.json").exists():
+        if storage_fs.exists(storage_fs.join(path, "zarr.json")):
             if existing == "overwrite":  # set aside until the new run is under way
                 for old in (path, write_log_path(path)):
-                    aside = old.with_name(old.name + ".replaced")
-                    remove_path(aside, ignore_errors=True)
-                    if old.exists():
-                        old.rename(aside)
+                    aside = storage_fs.beside(old, ".replaced")
+                    storage_fs.remove(aside, ignore_errors=True)
+                    if storage_fs.exists(old):
+                        storage_fs.move(old, aside)
                         replaced.append((old, aside))
             else:
                 store = LensStore.open(path, mode="r+")
@@ -97,7 +97,7 @@ class RunStore:
                     f"output path {path} already holds a run with {what}: pass resume=true to "
                     "continue it (same config only), overwrite=true to replace it, or choose another storage.run"
                 )
-        elif path.exists() and any(path.iterdir()):
+        elif storage_fs.names(path):
             raise StoreError(f"output path {path} exists and is not a lens store: choose another storage.run")
         return cls(LensStore.create(path, layout, attrs, vectors), created=True, replaced=replaced)
 
@@ -105,16 +105,16 @@ class RunStore:
         """Nothing was computed: leave no store behind (and an overwritten one back)."""
         if not self.created:
             return
-        shutil.rmtree(self.store.path, ignore_errors=True)
-        write_log_path(self.store.path).unlink(missing_ok=True)
+        storage_fs.remove(self.store.path, ignore_errors=True)
+        storage_fs.remove(write_log_path(self.store.path))
         for old, aside in self.replaced:
-            aside.rename(old)
+            storage_fs.move(aside, old)
         log.info("nothing computed: %s", "the replaced store is back" if self.replaced else "no store left")
 
     def started(self) -> None:
         """The new run is under way: the store it replaces goes."""
         for _, aside in self.replaced:
-            remove_path(aside, ignore_errors=True)
+            storage_fs.remove(aside, ignore_errors=True)
         self.replaced = []
 
 

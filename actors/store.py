@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from actors import storage_fs
 from actors.vocabulary import LENSES, lens_array
 
 SCHEMA_VERSION = 2  # 2: kl_to_final; per-row steering (source, edit_kind, edit_coefficient, steering_vector)
@@ -79,10 +79,11 @@ def _storage_errors(method):
 
 
 class LensStore:
-    """Writer and reader of one run's `lens.zarr`."""
+    """Writer and reader of one run's `lens.zarr`: a local path (`path` is a `Path`) or an
+    object-storage URL (`path` is the URL string; see actors/storage_fs.py)."""
 
-    def __init__(self, path: Path, group: zarr.Group):
-        self.path = Path(path)
+    def __init__(self, path, group: zarr.Group):
+        self.path = storage_fs.location(path)
         self.group = group
 
     # -- creation ---------------------------------------------------------------------------
@@ -91,9 +92,9 @@ class LensStore:
         """All arrays and their metadata up front; data arrives batch by batch. `vectors`: the
         run's steering table [n_vectors, hidden], written now (attrs `edit_kinds` say which
         vector, layer, site and positions each `edit_kind` index means)."""
-        path = Path(path)
-        write_log_path(path).unlink(missing_ok=True)  # a replaced store's log goes too
-        g = zarr.open_group(str(path), mode="w", zarr_format=3)
+        path = storage_fs.location(path)
+        storage_fs.remove(write_log_path(path))  # a replaced store's log goes too
+        g = zarr.open_group(storage_fs.zarr_store(path), mode="w", zarr_format=3)
         p, pos, b = layout.n_prompts, layout.n_positions, layout.batch_rows
         pc = min(layout.position_chunk, pos)
         n_l, n_c, k = len(layout.layers), len(layout.components), layout.k
@@ -156,10 +157,11 @@ class LensStore:
 
     @classmethod
     def open(cls, path, mode: str = "r") -> LensStore:
-        path = Path(path)
-        if not (path / "zarr.json").is_file():
+        path = storage_fs.location(path)
+        if not storage_fs.is_file(storage_fs.join(path, "zarr.json")):
             raise StoreError(f"no lens store at {path} (missing zarr.json)")
-        g = zarr.open_group(str(path), mode=mode, zarr_format=3, use_consolidated=False)
+        store = storage_fs.zarr_store(path, read_only=mode == "r")
+        g = zarr.open_group(store, mode=mode, zarr_format=3, use_consolidated=False)
         version = g.attrs.get("schema_version")
         if version != SCHEMA_VERSION:
             raise StoreError(f"store {path} has schema_version={version!r}; this code reads {SCHEMA_VERSION}")
@@ -172,8 +174,8 @@ class LensStore:
     ) -> None:
         """Write one micro-batch's rows (every position, so its chunks are written whole and
         once), then its completion record. Each write is logged (`<store>.writes.jsonl` beside
-        the store, outside the Zarr hierarchy: one line when it begins and one when its record is
-        set) with the chunks it covers."""
+        the store, outside the Zarr hierarchy: one record when it begins and one when its record
+        is set) with the chunks it covers."""
         g = self.group
         chunk = g["tokens"].chunks[0]
         chunks = list(range(rows.start // chunk, -(-rows.stop // chunk)))
@@ -191,18 +193,13 @@ class LensStore:
         self._log({"event": "done", "batch": batch, "rows": [rows.start, rows.stop], "prompt_chunks": chunks})
 
     def _log(self, record: dict) -> None:
-        record = {**record, "pid": os.getpid(), "time": round(time.time(), 3)}
-        with open(self._write_log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    @property
-    def _write_log_path(self) -> Path:
-        return write_log_path(self.path)
+        storage_fs.RecordLog(write_log_path(self.path)).append(
+            {**record, "pid": os.getpid(), "time": round(time.time(), 3)}
+        )
 
     def write_log(self) -> list[dict]:
         """Every batch write so far, in order (over resumed runs too)."""
-        path = self._write_log_path
-        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+        return storage_fs.RecordLog(write_log_path(self.path)).records()
 
     def done_batches(self) -> set[int]:
         return set(np.flatnonzero(self.group["batch_done"][:]).tolist())
@@ -210,7 +207,7 @@ class LensStore:
     @_storage_errors
     def mark_complete(self, summary: dict) -> None:
         self.group.attrs.update({"complete": True, "summary": summary})
-        zarr.consolidate_metadata(str(self.path), zarr_format=3)
+        zarr.consolidate_metadata(storage_fs.zarr_store(self.path), zarr_format=3)
 
     # -- checking ---------------------------------------------------------------------------
     EXPECTED_DTYPES = {
@@ -344,17 +341,10 @@ class LensStore:
         return values
 
 
-def write_log_path(store_path: Path) -> Path:
-    """`<store>.writes.jsonl`, beside the store: its record of batch writes."""
-    return store_path.with_name(store_path.name + ".writes.jsonl")
-
-
-def remove_path(path: Path, ignore_errors: bool = False) -> None:
-    """Remove a file or a directory tree, if it is there."""
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=ignore_errors)
-    else:
-        path.unlink(missing_ok=True)
+def write_log_path(store_path) -> Path | str:
+    """`<store>.writes.jsonl`, beside the store: its record of batch writes (on object storage a
+    folder of one object per record: storage_fs.RecordLog)."""
+    return storage_fs.beside(store_path, ".writes.jsonl")
 
 
 def layout_dict(layout: StoreLayout) -> dict:

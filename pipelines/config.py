@@ -241,6 +241,12 @@ class TuneConf:
 
 
 def register() -> None:
+    from omegaconf import OmegaConf
+
+    from pipelines.run_dir import hydra_root
+
+    # conf/*.yaml: Hydra's run directory is local even when storage.root is a URL (pipelines/run_dir.py)
+    OmegaConf.register_new_resolver("local_dir", hydra_root, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="tune_schema", node=TuneConf)
     cs.store(name="lens_schema", node=LensConf)
@@ -337,8 +343,10 @@ def _check_storage_root(root, cwd=None) -> None:
     import os
     from pathlib import Path
 
+    from actors.storage_fs import is_url
+
     cwd = Path(cwd or os.getcwd())
-    if root and not Path(root).is_absolute() and "runtime_resources" in cwd.parts:
+    if root and not is_url(root) and not Path(root).is_absolute() and "runtime_resources" in cwd.parts:
         raise ConfigError(
             f"storage.root={root!r} is relative, and this job runs in Ray's temporary working directory "
             f"{cwd}, deleted with the Ray session: pass an absolute path every node can reach, e.g. "
@@ -346,15 +354,23 @@ def _check_storage_root(root, cwd=None) -> None:
         )
 
 
-def check_storage_writable(root: str) -> None:
+def check_storage_writable(root: str, object_storage: bool = True) -> None:
     """The storage root exists (created if missing) and this user can create files in it;
-    checked before Hydra opens its log there and before Ray starts."""
+    checked before Hydra opens its log there and before Ray starts. `object_storage`: the driver
+    can write to a URL root (`s3://bucket/prefix`), checked by writing and deleting an object."""
     import os
     import tempfile
     from pathlib import Path
 
-    if "://" in root:
-        raise ConfigError(f"storage.root={root!r}: object storage is not supported yet; give a local or mounted path")
+    from actors.storage_fs import is_url
+
+    if is_url(root):
+        if not object_storage:
+            raise ConfigError(
+                f"storage.root={root!r} is object storage, which this driver does not write to (pipelines.lens "
+                "and pipelines.steer do): give a local or mounted path"
+            )
+        return _check_object_storage_writable(root)
     path = Path(os.path.expanduser(root))
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -364,6 +380,40 @@ def check_storage_writable(root: str) -> None:
         raise ConfigError(
             f"storage.root={root!r} cannot be written ({err.strerror or err}): give a directory this user can "
             "create files in"
+        ) from None
+
+
+def _check_object_storage_writable(root: str) -> None:
+    """Write and delete one small object under `root`, with short timeouts: a missing bucket, no
+    permission, no credentials or no server answering is one line naming the cause."""
+    import uuid
+
+    scheme = root.split("://", 1)[0]
+    if scheme not in ("s3", "s3a"):
+        raise ConfigError(
+            f"storage.root={root!r}: object storage scheme {scheme!r} is not supported: use s3://bucket/prefix"
+        )
+    bucket = root.split("://", 1)[1].split("/", 1)[0]
+    if not bucket:
+        raise ConfigError(f"storage.root={root!r} names no bucket: use s3://bucket/prefix")
+    from actors import storage_fs
+
+    probe = storage_fs.join(root, f".distlens-write-check-{uuid.uuid4().hex}")
+    short = {"connect_timeout": 10, "read_timeout": 30, "retries": {"max_attempts": 2}}
+    try:
+        fs, key = storage_fs.filesystem(probe, config_kwargs=short)
+        fs.pipe_file(key, b"")
+        fs.rm_file(key)
+    except Exception as err:  # botocore and s3fs raise many kinds: name the cause in one line
+        text = " ".join(str(err).split()) or type(err).__name__
+        if isinstance(err, FileNotFoundError):
+            text = f"bucket {bucket!r} does not exist ({text})"
+        elif isinstance(err, PermissionError):
+            text = f"no permission to write there ({text})"
+        raise ConfigError(
+            f"storage.root={root!r} cannot be written: {text}; give a bucket these credentials can write to "
+            "(credentials come from the AWS environment: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+            "~/.aws; AWS_ENDPOINT_URL for an S3-compatible server)"
         ) from None
 
 
@@ -461,12 +511,13 @@ def validate_steer(cfg) -> None:
     at_least("bootstrap", cfg.bootstrap, 1)
 
 
-def check_overrides(schema: type, argv: list[str] | None = None) -> None:
+def check_overrides(schema: type, argv: list[str] | None = None, object_storage: bool = False) -> None:
     """Refuse unknown keys and config-group options in the command line's `key=value` overrides
     before Hydra composes anything, with one line that names the key or option and what is
     valid (Hydra's own message spans several lines and lists nothing valid). Overrides Hydra
     treats specially (`~key`, `hydra.*`) and free-form fields are left to Hydra; `+key` is checked
-    like `key` (adding keys is never meaningful here)."""
+    like `key` (adding keys is never meaningful here). `object_storage`: the driver writes to a
+    URL storage.root (the lens and steer drivers)."""
     import dataclasses
     import sys
     import typing
@@ -501,6 +552,6 @@ def check_overrides(schema: type, argv: list[str] | None = None) -> None:
             break  # a value (or a free-form mapping): Hydra and `validate` check it
         if key == "storage.root" and "," not in value:
             try:
-                check_storage_writable(value)
+                check_storage_writable(value, object_storage)
             except ConfigError as err:
                 exit_with_error(str(err))

@@ -115,6 +115,9 @@ def steering_edits(cfg, hf_config) -> tuple[tuple, tuple | None]:
 
 
 def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict:
+    """`out_dir`: Hydra's output directory (pipelines/run_dir.py: the run's directory, or its
+    staging directory when storage.root is a URL)."""
+    from actors import storage_fs
     from actors.checkpoint import resolve_checkpoint
     from actors.coordinator import Coordinator
     from actors.run_spec import GenerationSettings, SteeringSettings, check_cluster, check_run, fingerprint
@@ -123,8 +126,10 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
     from pipelines.config import cluster_settings, model_checks, run_spec, validate
     from pipelines.heatmap import write_heatmap
     from pipelines.prompts import encode_prompt, special_ids
+    from pipelines.run_dir import run_location
 
     validate(cfg)
+    where = run_location(out_dir, cfg.storage.root)  # the store, its logs and (uploaded) the rest
     checkpoint = resolve_checkpoint(cfg.model.name, cfg.model.revision)
     hf_config = checkpoint.config()
     model_checks(check_cluster, cluster_settings(cfg.cluster), hf_config)  # before the tokenizer loads
@@ -154,7 +159,7 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
     }
     existing = "resume" if cfg.resume else "overwrite" if cfg.overwrite else "refuse"
     spec = run_spec(
-        cfg, str(checkpoint.path), str(out_dir / "lens.zarr"), existing, attrs=attrs,
+        cfg, str(checkpoint.path), str(storage_fs.join(where, "lens.zarr")), existing, attrs=attrs,
         generation=GenerationSettings(
             g.max_new_tokens, SamplingSpec(g.temperature, g.top_p, g.seed, eos if g.stop_at_eos else (), pad)
         ),
@@ -167,9 +172,9 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
     # The coordinator runs here, in the driver (its stages are Ray actors): the store is written
     # where storage.root was checked, and the lease, Ctrl-C and a lost head all meet this process.
     summary = Coordinator(spec).run(prompts, texts)
-    store = LensStore.open(out_dir / "lens.zarr")
-    for old in out_dir.glob("heatmap_prompt*.png"):  # a replaced run's, maybe of more prompts
-        old.unlink()
+    store = LensStore.open(storage_fs.join(where, "lens.zarr"))
+    for old in {*out_dir.glob("heatmap_prompt*.png"), *storage_fs.glob(where, "heatmap_prompt*.png")}:
+        storage_fs.remove(old)  # a replaced run's, maybe of more prompts
     plots = [  # one per prompt and lens: heatmap_prompt0.png (logit), heatmap_prompt0_tuned.png
         write_heatmap(
             store,
@@ -182,7 +187,7 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
         for i in range(min(cfg.plot.max_prompts, store.group["tokens"].shape[0]))
         for lens in store.lenses
     ]
-    summary["plots"] = [str(p) for p in plots]
+    summary["plots"] = [str(storage_fs.join(where, p.name)) for p in plots]  # a URL root's: once uploaded
     print_summary(store, tokenizer, summary)
     return summary
 
@@ -245,8 +250,10 @@ def save_run_record(cfg: DictConfig, out_dir: Path) -> None:
 def main(cfg: DictConfig) -> dict | None:
     from hydra.core.hydra_config import HydraConfig
 
+    from actors import storage_fs
     from actors.executor import ClusterError
     from actors.store import StoreError
+    from pipelines.run_dir import run_location, upload_staged
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
@@ -254,7 +261,7 @@ def main(cfg: DictConfig) -> dict | None:
         save_run_record(cfg, out_dir)
         return summary
     except KeyboardInterrupt:
-        store = out_dir / "lens.zarr"
+        store = storage_fs.join(run_location(out_dir, cfg.storage.root), "lens.zarr")
         print(
             f"\ninterrupted: {store} keeps every finished micro-batch and does not read as complete; "
             "run the same command with resume=true to continue",
@@ -264,12 +271,14 @@ def main(cfg: DictConfig) -> dict | None:
     except (ConfigError, StoreError, ValueError, ClusterError) as err:
         # An error raised inside a stage actor arrives wrapped; report its cause.
         exit_with_error(str(getattr(err, "cause", None) or err))
+    finally:
+        upload_staged(out_dir, cfg.storage.root)
 
 
 if __name__ == "__main__":
     from actors import head_watch
     from pipelines.config import LensConf, check_overrides
 
-    check_overrides(LensConf)
+    check_overrides(LensConf, object_storage=True)
     head_watch.exit_on_loss()
     main()

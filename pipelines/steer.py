@@ -18,6 +18,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from actors import storage_fs
 from pipelines.config import ConfigError, cluster_settings, exit_with_error, model_checks, register, run_spec
 
 register()
@@ -85,11 +86,15 @@ class Study:
     the number of datasets: label activations, layer selection, test sweeps (with the transfer
     matrix). Each run packs every dataset's rows into shared, length-sorted micro-batches."""
 
-    def __init__(self, cfg, checkpoint, tokenizer, hf_config, executor, out_dir: Path, several: bool = False):
-        """`several`: the study has several datasets, each writing into its own folder."""
+    def __init__(
+        self, cfg, checkpoint, tokenizer, hf_config, executor, out_dir: Path, several: bool = False, store_dir=None
+    ):
+        """`several`: the study has several datasets, each writing into its own folder;
+        `store_dir`: where the runs' stores go, when not in `out_dir` (a URL: pipelines/run_dir.py)."""
         from actors.run_spec import CaptureSettings, GenerationSettings
 
         self.cfg, self.tokenizer, self.executor, self.out_dir = cfg, tokenizer, executor, out_dir
+        self.store_dir = out_dir if store_dir is None else store_dir
         self.several = several
         self.model_name = cfg.model.name
         self.hidden = hf_config.hidden_size
@@ -105,7 +110,7 @@ class Study:
         from actors.coordinator import Coordinator
         from actors.store import LensStore
 
-        storage = replace(self.base.storage, path=str(self.out_dir / f"{name}.zarr"))
+        storage = replace(self.base.storage, path=str(storage_fs.join(self.store_dir, f"{name}.zarr")))
         spec = replace(self.base, storage=storage, **groups)
         print(f"[distlens] {name}: {len(prompts)} prompts", file=sys.stderr, flush=True)
         self.runs[name] = Coordinator(spec, self.executor).run(prompts)
@@ -325,27 +330,31 @@ def summary_table(results: list[dict]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
-def previous_run(out_dir: Path) -> list[Path]:
-    """What an earlier steer run left in `out_dir` (and its dataset folders): stores, vectors,
-    plots, summaries."""
-    if not out_dir.is_dir():
+def previous_run(out_dir) -> list:
+    """What an earlier steer run left in `out_dir` (and its dataset folders; a local path or a
+    URL): stores, vectors, plots, summaries."""
+    if not storage_fs.names(out_dir):
         return []
-    return sorted({p for pattern in RUN_OUTPUTS for p in [*out_dir.glob(pattern), *out_dir.glob(f"*/{pattern}")]})
+    found = {str(p) for pattern in RUN_OUTPUTS for p in [*storage_fs.glob(out_dir, pattern),
+             *storage_fs.glob(out_dir, f"*/{pattern}")]}  # fmt: skip
+    return sorted(storage_fs.location(p) for p in found)
 
 
-def clear_previous_run(out_dir: Path, overwrite: bool) -> None:
+def clear_previous_run(out_dir, overwrite: bool, staging: Path | None = None) -> None:
     """Refuse a directory that holds a steer run, or with `overwrite` remove that run's outputs
-    (so none of them is left beside the new run's)."""
-    from actors.store import StoreError, remove_path
+    (so none of them is left beside the new run's). `staging`: the local staging directory of a
+    URL `out_dir`, whose leftovers go too."""
+    from actors.store import StoreError
 
     old = previous_run(out_dir)
     if old and not overwrite:
+        name = str(old[0])[len(str(storage_fs.location(out_dir))) + 1 :]
         raise StoreError(
-            f"output path {out_dir} already holds a steer run (e.g. {old[0].relative_to(out_dir)}): "
+            f"output path {out_dir} already holds a steer run (e.g. {name}): "
             "pass overwrite=true to replace it, or choose another storage.run"
         )
-    for path in old:
-        remove_path(path)
+    for path in [*old, *(previous_run(staging) if staging is not None else [])]:
+        storage_fs.remove(path)
 
 
 def dataset_names(dataset, root: Path) -> list[str]:
@@ -370,8 +379,10 @@ def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
     from pipelines.config import validate_steer
     from pipelines.datasets import resolve_dataset
     from pipelines.lens import save_run_record
+    from pipelines.run_dir import run_location
 
     validate_steer(cfg)
+    where = run_location(out_dir, cfg.storage.root)  # the stores and run.log; the rest is uploaded there
     root = dataset_root(cfg.data.root)
     names = dataset_names(cfg.dataset, root)
     if cfg.steering.transfer and len(names) < 2:
@@ -399,11 +410,11 @@ def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
         )
     model_checks(check_cluster, cluster_settings(cfg.cluster), hf_config)
     tokenizer = checkpoint.tokenizer()
-    clear_previous_run(out_dir, overwrite=cfg.overwrite)
+    clear_previous_run(where, overwrite=cfg.overwrite, staging=out_dir if where != out_dir else None)
     save_run_record(cfg, out_dir)
     executor = executor_for(cfg)
     t0 = time.perf_counter()
-    study = Study(cfg, checkpoint, tokenizer, hf_config, executor, out_dir, several=len(tasks) > 1)
+    study = Study(cfg, checkpoint, tokenizer, hf_config, executor, out_dir, several=len(tasks) > 1, store_dir=where)
     results, transfer = run_study(study, tasks, cfg, cluster_identity(cfg))
     wall = round(time.perf_counter() - t0, 1)
     for result in results:
@@ -419,7 +430,7 @@ def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     print("\n" + table)
     print(f"{len(results)} dataset(s) in {wall:.0f} s (3 packed runs{', with the transfer matrix' if transfer else ''}); "
-          f"results in {out_dir}")  # fmt: skip
+          f"results in {where}")  # fmt: skip
     return results
 
 
@@ -429,18 +440,21 @@ def main(cfg: DictConfig):
 
     from actors.store import StoreError
     from pipelines.datasets import DatasetError
+    from pipelines.run_dir import upload_staged
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         return run(cfg, out_dir)
     except (ConfigError, DatasetError, StoreError, ValueError) as err:
         exit_with_error(str(err))
+    finally:
+        upload_staged(out_dir, cfg.storage.root)
 
 
 if __name__ == "__main__":
     from actors import head_watch
     from pipelines.config import SteerConf, check_overrides
 
-    check_overrides(SteerConf)
+    check_overrides(SteerConf, object_storage=True)
     head_watch.exit_on_loss()
     main()

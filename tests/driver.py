@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -67,7 +69,11 @@ def ray_head(num_cpus: int = 2):
     clients, session id: `stop_session(session)` kills the head mid-test)."""
     from actors.distributed import free_port
 
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token")
+    # A Ray temp dir of its own (short: Ray's socket paths must fit 107 bytes): its session, and
+    # the "latest cluster" record that `cluster.address=auto` reads, are this head's even while
+    # another test run on this machine starts heads of its own.
+    tmp = tempfile.mkdtemp(prefix="dlray-", dir="/tmp")
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_TMPDIR=tmp)
     env.pop("RAY_ADDRESS", None)
     port, dashboard = free_port(), free_port()
     head = [
@@ -90,17 +96,4 @@ def ray_head(num_cpus: int = 2):
         yield f"127.0.0.1:{port}", dashboard, env, session
     finally:
         stop_session(session)
-        _forget_cluster(f"127.0.0.1:{port}")
-
-
-def _forget_cluster(address: str) -> None:
-    """What `ray stop` also does: the machine's "latest cluster" record (read by
-    `cluster.address=auto`) no longer names a head that is gone."""
-    import tempfile
-
-    record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-    try:
-        if record.read_text().strip() == address:
-            record.unlink()
-    except OSError:
-        pass
+        shutil.rmtree(tmp, ignore_errors=True)

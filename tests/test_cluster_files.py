@@ -46,7 +46,13 @@ def test_rayjob_manifest_runs_the_driver_and_tears_down():
     spec = job["spec"]
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
     assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)  # the embedded runtime env parses too
-    check_overrides(LensConf, _lens_overrides(spec["entrypoint"]))  # exits on an unknown key or group option
+    overrides = _lens_overrides(spec["entrypoint"])
+    roots = [o.split("=", 1)[1] for o in overrides if o.startswith("storage.root=")]
+    assert roots and roots[0].startswith("s3://")  # a pod's disk goes with the pod
+    # exits on an unknown key or group option (the bucket itself is not reachable from here)
+    check_overrides(LensConf, [o for o in overrides if not o.startswith("storage.root=")])
+    head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"secretRef": {"name": "distlens-s3"}} in head["envFrom"]  # credentials from a Secret, not the config
     cluster = spec["rayClusterSpec"]
     assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
     workers = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
