@@ -69,7 +69,7 @@ def _lens(root, run: str, *extra: str, cwd: Path, env: dict, model, faults=None)
 
 @pytest.fixture(scope="module")
 def lens_runs(s3, tiny_with_tokenizer, tmp_path_factory):
-    """The same lens run to S3 (2 Ray stage actors, the coordinator an actor too) and to a local
+    """The same lens run to S3 (2 Ray stage actors, the coordinator in the driver) and to a local
     directory (in-process): (completed S3 run, S3 run URL, local store)."""
     env, _ = s3
     cwd = tmp_path_factory.mktemp("lens")
