@@ -97,7 +97,7 @@ class RayExecutor:
         self._pg = placement_group([dict(bundle) for _ in specs], strategy=self.placement)
         first = min(2.0, self.placement_timeout_s)
         ready, _ = ray.wait([self._pg.ready()], timeout=first)
-        if not ready:  # a busy cluster (other jobs hold the resources): wait, bounded, and say so
+        if not ready and self.placement_timeout_s > first:  # a busy cluster (other jobs hold it): wait, say so
             print(
                 f"[distlens] waiting up to {self.placement_timeout_s:g}s (cluster.placement_timeout_s) for the cluster "
                 f"to place {len(specs)} stage ranks of {bundle} each; available now: {self.available()}",
@@ -109,8 +109,8 @@ class RayExecutor:
             remove_placement_group(self._pg)
             self._pg = None
             raise ClusterError(
-                f"the Ray cluster cannot place {len(specs)} stage ranks of {bundle} each ({self.placement}) "
-                f"within {self.placement_timeout_s:.0f}s; available: {ray.available_resources()}. "
+                f"the Ray cluster cannot place {len(specs)} stage ranks of {bundle} each within "
+                f"{self.placement_timeout_s:.0f}s (placement {self.placement}); available: {ray.available_resources()}. "
                 "Lower num_stages/tp_size or cluster.cpus_per_stage/gpus_per_stage, or add nodes."
             )
         remote_cls = ray.remote(StageWorker)
