@@ -18,10 +18,15 @@ def run_driver(
     module: str, *overrides: str, cwd: Path, timeout: float = 600, env: dict | None = None, script: bool = False
 ) -> subprocess.CompletedProcess:
     """`env`: extra variables for this run (e.g. RAY_ADDRESS); `script`: `module` is a script
-    path run as `python <script> ...` (a test-side wrapper around a driver)."""
+    path run as `python <script> ...` (a test-side wrapper around a driver). The process is
+    forked from a Python that has the heavy libraries imported (tests/driver_zygote.py) when
+    the extra variables are ones those libraries do not read at import; else a fresh one."""
     base = dict(os.environ, PYTHONPATH=str(REPO), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     base.pop("RAY_ADDRESS", None)
-    env = {**base, **(env or {})}
+    extra = env or {}
+    env = {**base, **extra}
+    if all(_read_late(k) for k in extra) and env.get("PYTHONPATH") == str(REPO):
+        return _ZYGOTE.run([module, *overrides], cwd=cwd, env=env, timeout=timeout, script=script)
     return subprocess.run(
         [sys.executable, module, *overrides] if script else [sys.executable, "-m", module, *overrides],
         cwd=cwd,
@@ -33,6 +38,73 @@ def run_driver(
         text=True,
         timeout=timeout,
     )
+
+
+def _read_late(name: str) -> bool:
+    """Variables read when a driver uses them, not when torch, Ray or transformers import."""
+    return name in ("RAY_ADDRESS", "PYTHONPATH") or name.startswith(("AWS_", "DISTLENS_"))
+
+
+class _Zygote:
+    """One tests/driver_zygote.py per test process, started on first use."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.pending = b""  # answer bytes read past the last full line
+
+    def _started(self) -> subprocess.Popen:
+        if self.proc is None or self.proc.poll() is not None:
+            env = dict(os.environ, PYTHONPATH=str(REPO), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+            env.pop("RAY_ADDRESS", None)
+            self.proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("driver_zygote.py"))],
+                cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+            )  # fmt: skip
+            self.pending = b""
+        return self.proc
+
+    def _answer(self, timeout: float | None) -> dict | None:
+        """The zygote's next answer line, or None if none came within `timeout` seconds."""
+        import json
+        import select
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise RuntimeError(f"tests/driver_zygote.py ended (exit {self.proc.wait()})")
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return json.loads(line)
+
+    def run(self, argv: list[str], cwd: Path, env: dict, timeout: float, script: bool):
+        import json
+
+        proc = self._started()
+        with tempfile.TemporaryDirectory(prefix="dl-driver-") as tmp:
+            out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
+            request = {"argv": argv, "cwd": str(cwd), "env": env, "out": out, "err": err, "script": script}
+            proc.stdin.write((json.dumps(request) + "\n").encode())
+            pid = self._answer(None)["pid"]
+            done = self._answer(timeout)
+            if done is None:
+                os.kill(pid, signal.SIGKILL)
+                self._answer(None)
+                raise subprocess.TimeoutExpired(argv, timeout, _read(out), _read(err))
+            return subprocess.CompletedProcess([sys.executable, *argv], done["returncode"], _read(out), _read(err))
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+_ZYGOTE = _Zygote()
 
 
 def stop_session(session: int, timeout: float = 60) -> None:
