@@ -82,13 +82,24 @@ def main_job(tmp_path_factory, smollm2):
     return result, run_dir
 
 
-# The longest files first (measured: each takes minutes), so that with one file per test
-# process (pyproject's `--dist loadfile`) no long file starts last and runs alone at the end.
+# The longest files first (measured: each takes minutes), so that no long file starts last and
+# runs alone at the end.
 LONGEST_FIRST = ("test_multinode.py", "test_object_storage.py", "test_bench.py", "test_fault_tolerance.py",
                  "test_job_submit.py", "test_bad_input.py", "test_steer_driver.py", "test_default_model.py",
                  "test_viewer.py", "test_tensor_parallel.py")  # fmt: skip
+# Files whose tests share what a module fixture builds (a Ray cluster, an S3 server, reference
+# runs) stay in one test process (pyproject's `--dist loadgroup`); every other test is sent
+# to whichever process is free, so a file of many independent tests (the bad-input matrix)
+# spreads over all of them.
+KEPT_TOGETHER = {"test_dataset_formats.py", "test_model_families.py", "test_multinode.py", "test_object_storage.py",
+                 "test_ray_executor.py", "test_staged_equals_unsliced.py", "test_viewer.py", "test_fault_tolerance.py",
+                 "test_job_submit.py", "test_steering_pipeline.py", "test_tensor_parallel.py", "test_tuned_lens.py"}  # fmt: skip
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+    for item in items:
+        if item.path.name in KEPT_TOGETHER:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
