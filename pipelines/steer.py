@@ -3,7 +3,8 @@ datasets (A/B, yes/no, explicit choices). Per dataset: build label-position vect
 train split at candidate layers, pick the layer that steers best on train, sweep coefficients
 on the test split; with `steering.transfer=true` also every dataset's vector on every other
 dataset's test items. Every dataset's work of a phase is packed into one run (rows with their
-own edits), so a study is three runs whatever the number of datasets."""
+own edits), so a study is three runs whatever the number of datasets (the study itself:
+pipelines/study.py; Ray, the stage pool and the error wrapper: pipelines/session.py)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ register()
 
 
 def run(cfg: DictConfig, out_dir: Path) -> list[dict]:
+    """The steer job: every check that needs no compute, then the study, its tables and results."""
     from actors.checkpoint import resolve_checkpoint
     from actors.run_spec import check_cluster, check_steering_site
     from pipelines.config import validate_steer
