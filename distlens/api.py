@@ -18,8 +18,9 @@ def _compose(name: str, overrides: Sequence[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    import pipelines.lens  # noqa: F401  (registers the config schemas)
+    from pipelines.config import register
 
+    register()  # the config schemas, as each driver registers them
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         return compose(name, overrides=list(overrides))
@@ -53,7 +54,7 @@ def lens(
     `model`: a built-in name, a local directory or a Hugging Face id (default: SmolLM2);
     `cluster`: a `conf/cluster` choice (`local_ray` by default, `inprocess` for no Ray);
     `overrides`: any `python -m pipelines.lens` override, e.g. `"capture.layers=[0,10,20]"`."""
-    from pipelines.lens import run
+    from pipelines.lens_run import run
 
     extra = [f"generation.max_new_tokens={max_new_tokens}"] if max_new_tokens is not None else []
     cfg = _compose("lens", [*_settings(model, cluster, overrides), *extra, f"overwrite={overwrite}",
@@ -108,7 +109,8 @@ def steering_vector(
     Saved to `out/vector_layer<L>.safetensors`; returns the `SteeringVector`."""
     from actors.checkpoint import resolve_checkpoint
     from pipelines.prompts import encode_prompt
-    from pipelines.steer import Study, executor_for
+    from pipelines.session import executor_for
+    from pipelines.study import Study
     from pipelines.vectors import SteeringVector
 
     if len(positive) != len(negative) or not positive:

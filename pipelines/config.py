@@ -10,20 +10,13 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 
 from actors.vocabulary import ACTIVATION_DTYPES, MODEL_DTYPES, STEERING_POSITIONS, STEERING_SITES
+from pipelines.errors import exit_with_error
 
 POSITION_WORDS = ("all", "prompt", "generated")
 
 
 class ConfigError(ValueError):
     """A bad config value; the message names the field, the value and what is valid."""
-
-
-def exit_with_error(message: str) -> None:
-    """The drivers' one way to refuse: one line on stderr, exit code 2."""
-    import sys
-
-    print(f"distlens: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
 
 
 @dataclass

@@ -20,6 +20,7 @@ behaviour. A file holds one format, detected from its first valid line:
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import string
@@ -308,6 +309,15 @@ def load_items(path: str | Path, skip_malformed: bool = False) -> list[Item]:
     if not items:
         raise DatasetError(f"{path}: no items")
     return items
+
+
+def dataset_root(root: str | None) -> Path:
+    """Where dataset names are looked up: `root`, else $DISTLENS_MWE_DIR, else the shared
+    datasets beside this checkout."""
+    if root:
+        return Path(root).expanduser()
+    repo = Path(__file__).resolve().parent.parent
+    return Path(os.environ.get("DISTLENS_MWE_DIR", repo.parent / "shared" / "datasets" / "mwe"))
 
 
 def resolve_dataset(name: str, root: str | Path | None) -> Path:

@@ -2,8 +2,8 @@
 
 Builds a sentiment vector from the contrast set in conf/demo.yaml (positive minus negative
 sentences, each averaged over its positions), then generates with it at every coefficient in
-one batched pass through `pipelines.lens` (so the lens of every layer is recorded under
-steering), and measures the effect: the log-odds of positive against negative sentiment words
+one batched pass of the lens run (pipelines/lens_run.py: the lens of every layer is recorded
+under steering), and measures the effect: the log-odds of positive against negative sentiment words
 at each generated position, averaged over the continuation."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines.config import ConfigError, LensConf, exit_with_error, register
+from pipelines import session
+from pipelines.config import ConfigError, LensConf, register
 
 register()
 
@@ -36,14 +37,12 @@ def effect(scores: np.ndarray, n_pos: int) -> np.ndarray:
     return np.nanmean(gap, axis=1)
 
 
-def run(cfg: DictConfig, out_dir: Path) -> dict:
-    from actors.checkpoint import resolve_checkpoint
-    from actors.run_spec import check_cluster, check_steering_site
-    from actors.store import LensStore
+def lens_config(cfg: DictConfig) -> DictConfig:
+    """The demo's keys checked, then the steered generation's lens config (its vector set once
+    built), validated before the contrast pass computes anything: the keys its errors can name
+    (model.*, cluster.*, prompts) are the demo's too."""
     from actors.vocabulary import STEERING_SITES
-    from pipelines import lens
-    from pipelines.config import cluster_settings, model_checks, validate
-    from pipelines.vectors import SteeringVector
+    from pipelines.config import validate
 
     if cfg.site not in STEERING_SITES:
         raise ConfigError(f"site={cfg.site!r} is not valid: choose one of {list(STEERING_SITES)}")
@@ -55,8 +54,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         raise ConfigError(f"coefficients={list(cfg.coefficients)}: give at least 2")
     if cfg.max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} is out of range: must be >= 1")
-    # The steered generation's config, checked before the contrast pass computes anything: the
-    # keys its errors can name (model.*, cluster.*, prompts) are the demo's too.
     lens_cfg = OmegaConf.structured(LensConf)
     lens_cfg.model, lens_cfg.cluster, lens_cfg.storage = cfg.model, cfg.cluster, cfg.storage
     lens_cfg.prompts = list(cfg.prompts)
@@ -66,6 +63,20 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     lens_cfg.overwrite = True
     lens_cfg.progress = cfg.progress
     validate(lens_cfg)
+    return lens_cfg
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    from actors.checkpoint import resolve_checkpoint
+    from actors.run_spec import check_cluster, check_steering_site
+    from actors.store import LensStore
+    from pipelines import lens_run
+    from pipelines.config import cluster_settings, model_checks
+    from pipelines.prompts import encode_prompt
+    from pipelines.study import Study
+    from pipelines.vectors import SteeringVector
+
+    lens_cfg = lens_config(cfg)
     checkpoint = resolve_checkpoint(cfg.model.name, cfg.model.revision)
     hf_config = checkpoint.config()
     if not 0 <= cfg.layer < hf_config.num_hidden_layers:
@@ -74,12 +85,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     model_checks(check_steering_site, hf_config, cfg.site, keys={"site": "site"})
     tokenizer = checkpoint.tokenizer()
     out_dir.mkdir(parents=True, exist_ok=True)
-    from pipelines.prompts import encode_prompt
-    from pipelines.steer import Study
-
     prompts = [encode_prompt(tokenizer, s, chat_template=False) for s in [*cfg.positive, *cfg.negative]]
-    if cfg.cluster.executor == "ray":
-        lens.connect_ray(cfg.cluster)
+    session.connect(cfg.cluster)
     # No executor given: the run's stage actors are released before the steered run starts.
     study = Study(cfg, checkpoint, tokenizer, hf_config, None, out_dir)
     means = study.activations("contrast_activations", prompts, [cfg.layer], cfg.site, reduce="mean")[:, 0]
@@ -90,7 +97,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     vector_path = vector.save(out_dir / "sentiment_vector.safetensors")
     lens_cfg.steer.vector = str(vector_path)
     ids = word_ids(tokenizer, cfg.positive_words) + word_ids(tokenizer, cfg.negative_words)
-    lens.run(lens_cfg, out_dir, score_ids=tuple(ids))
+    lens_run.run(lens_cfg, out_dir, score_ids=tuple(ids))
     store = LensStore.open(out_dir / "lens.zarr")
     scores = store["scores"]
     first = effect(scores[:, :1], len(cfg.positive_words))
@@ -143,12 +150,8 @@ def plot_effect(rows: list[dict], path: Path) -> None:
 def main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
 
-    from actors.store import StoreError
-
-    try:
+    with session.refusals():
         return run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (ConfigError, StoreError, ValueError) as err:
-        exit_with_error(str(err))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from actors import storage_fs
+from pipelines.errors import exit_with_error
 
 STARTED = int(time.time())  # files staged since this process started are this run's (whole seconds: mtimes may be)
 
@@ -47,6 +48,4 @@ def upload_staged(output_dir: Path, root: str) -> list[str]:
     try:
         return storage_fs.upload(output_dir, where, since=STARTED, skip=(job_log,))
     except OSError as err:
-        from pipelines.config import exit_with_error
-
         exit_with_error(f"could not upload the run's files to {where} ({err}); they are in {output_dir}")

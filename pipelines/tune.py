@@ -25,16 +25,8 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines.config import (
-    ConfigError,
-    at_least,
-    choice,
-    cluster_settings,
-    exit_with_error,
-    model_checks,
-    register,
-    run_spec,
-)
+from pipelines import session
+from pipelines.config import ConfigError, at_least, choice, cluster_settings, model_checks, register, run_spec
 
 register()
 
@@ -71,8 +63,8 @@ def default_corpus(cfg, checkpoint, tokenizer, out_dir: Path) -> list[str]:
     by a generation run of the pipeline and kept in `corpus.jsonl` (resume and evaluate reuse it)."""
     from actors.run_spec import CaptureSettings, GenerationSettings
     from actors.sampling import SamplingSpec
+    from pipelines.datasets import dataset_root
     from pipelines.prompts import encode_prompt, render_prompt, special_ids
-    from pipelines.steer import dataset_root
 
     cached = out_dir / "corpus.jsonl"
     if cached.is_file():
@@ -114,19 +106,13 @@ def default_corpus(cfg, checkpoint, tokenizer, out_dir: Path) -> list[str]:
 
 
 def coordinate(cfg, spec, prompts: list[list[int]], checkpoint) -> dict:
-    """One pipeline run of `spec` over `prompts` on the configured executor."""
-    from actors.coordinator import Coordinator
+    """One pipeline run of `spec` over `prompts` on the configured executor, the coordinator in
+    this process (pipelines/session.py)."""
     from actors.run_spec import check_run
 
     model_checks(check_run, spec, checkpoint.config(), prompts)
-    if cfg.cluster.executor == "ray":
-        import ray
-
-        from pipelines.lens import connect_ray
-
-        connect_ray(cfg.cluster)
-        return ray.get(ray.remote(Coordinator).options(num_cpus=0).remote(spec).run.remote(prompts))
-    return Coordinator(spec).run(prompts)
+    session.connect(cfg.cluster)
+    return session.run_coordinator(spec, prompts)
 
 
 def split_documents(docs: list[str], heldout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -402,12 +388,8 @@ def plot_losses(curves: dict[int, list[float]], path: Path) -> Path:
 def main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
 
-    from actors.store import StoreError
-
-    try:
+    with session.refusals():
         return run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (ConfigError, StoreError, ValueError) as err:
-        exit_with_error(str(err))
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def test_config_cannot_name_a_class_to_instantiate(tiny_with_tokenizer, tmp_path
 def test_a_local_cluster_listens_on_loopback_only(tmp_path):
     script = (
         "from types import SimpleNamespace\n"
-        "from pipelines.lens import connect_ray\n"
+        "from pipelines.session import connect_ray\n"
         "import ray\n"
         "connect_ray(SimpleNamespace(address=None, num_cpus=1))\n"
         "print(sorted({n['NodeManagerAddress'] for n in ray.nodes()}), ray.get_runtime_context().gcs_address)\n"

@@ -48,7 +48,7 @@ def test_vector_is_the_aggregate_of_hf_label_activations(aggregator, tiny_with_t
 
     from actors.checkpoint import Checkpoint
     from actors.executor import LocalExecutor
-    from pipelines.steer import Study, Task
+    from pipelines.study import Study, Task
 
     model = AutoModelForCausalLM.from_pretrained(tiny_with_tokenizer, dtype=torch.float32).eval()
     tokenizer = Checkpoint("t", tiny_with_tokenizer, "test").tokenizer()

@@ -11,7 +11,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from pipelines.config import ConfigError, exit_with_error, register
+from pipelines.config import ConfigError, register
+from pipelines.errors import exit_with_error
 
 register()
 

@@ -11,7 +11,7 @@ from pipelines.config import ConfigError, at_least, choice
 
 def sweep_dataset_path(cfg) -> Path:
     """The A/B dataset the sweep workload scores."""
-    from pipelines.steer import dataset_root
+    from pipelines.datasets import dataset_root
 
     return dataset_root(cfg.data_root) / f"{cfg.sweep_dataset}.jsonl"
 

@@ -30,8 +30,9 @@ def steer_study(job: dict) -> dict:
     """One study (`mode` packed or one_at_a_time) timed from the first run to the last; the
     packed one also times HF forward passes over every run's rows."""
     from actors.checkpoint import resolve_checkpoint
-    from pipelines.datasets import resolve_dataset
-    from pipelines.steer import Study, Task, dataset_names, dataset_root, executor_for, run_study, train_test_items
+    from pipelines.datasets import dataset_root, resolve_dataset
+    from pipelines.session import executor_for
+    from pipelines.study import Study, Task, dataset_names, run_study, train_test_items
 
     cfg = compose_steer(job["model"], job["datasets"], job.get("data_root"), job["overrides"])
     root = dataset_root(cfg.data.root)

@@ -17,8 +17,8 @@ def tune_sequences(job: dict) -> list[list[int]]:
     """`steps * batch` sequences of `tokens` ids: the shared datasets' questions, in file order,
     joined by the end-of-sequence id and cut."""
     from actors.checkpoint import resolve_checkpoint
+    from pipelines.datasets import dataset_root
     from pipelines.prompts import special_ids
-    from pipelines.steer import dataset_root
     from pipelines.tune import sequences
 
     checkpoint = resolve_checkpoint(job["model"])

@@ -1,0 +1,142 @@
+"""The lens run: generate from prompts while recording the lens of every layer through the
+pipeline's stages, then write the heatmaps and print a summary. `python -m pipelines.lens`,
+the demo's steered generation and `distlens.lens` all run this."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipelines import session
+
+
+def steering_edits(cfg, hf_config) -> tuple[tuple, tuple | None]:
+    """(edits, coefficient sweep) from `steer.*`; the vector's metadata must fit the model."""
+    from actors.steering import SteeringEdit
+    from pipelines.vectors import SteeringVector
+
+    s = cfg.steer
+    if s.vector is None:
+        return (), None
+    vec = SteeringVector.load(s.vector, model=cfg.model.name, hidden_size=hf_config.hidden_size)
+    edit = SteeringEdit(vec.layer, vec.site, vec.vector, s.positions, 1.0)
+    return (edit,), tuple(s.coefficients) if s.coefficients else (float(s.coefficient),)
+
+
+def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict:
+    """`out_dir`: Hydra's output directory (pipelines/run_dir.py: the run's directory, or its
+    staging directory when storage.root is a URL)."""
+    from actors import storage_fs
+    from actors.checkpoint import resolve_checkpoint
+    from actors.run_spec import GenerationSettings, SteeringSettings, check_cluster, check_run, fingerprint
+    from actors.sampling import SamplingSpec
+    from actors.store import LensStore
+    from pipelines.config import cluster_settings, model_checks, run_spec, validate
+    from pipelines.heatmap import write_heatmap
+    from pipelines.prompts import encode_prompt, special_ids
+    from pipelines.run_dir import run_location
+
+    validate(cfg)
+    where = run_location(out_dir, cfg.storage.root)  # the store, its logs and (uploaded) the rest
+    checkpoint = resolve_checkpoint(cfg.model.name, cfg.model.revision)
+    hf_config = checkpoint.config()
+    model_checks(check_cluster, cluster_settings(cfg.cluster), hf_config)  # before the tokenizer loads
+    tokenizer = checkpoint.tokenizer()
+    prompts = [encode_prompt(tokenizer, p, cfg.generation.chat_template) for p in cfg.prompts]
+    eos, pad = special_ids(tokenizer, hf_config)
+    steering, coefficients = steering_edits(cfg, hf_config)
+    g, c = cfg.generation, cfg.cluster
+    results_cfg = OmegaConf.to_container(cfg, resolve=True)
+    # What determines the numbers: not where they are stored or how the stages are spread.
+    determining = {k: results_cfg[k] for k in ("model", "capture", "generation", "prompts", "steer")}
+    if cfg.steer.vector:  # the vector's bytes, not just its path
+        import hashlib
+
+        determining["steer_vector_sha256"] = hashlib.sha256(Path(cfg.steer.vector).read_bytes()).hexdigest()
+    fp = fingerprint(determining)
+    attrs = {
+        "model": {
+            "name": cfg.model.name,
+            "source": checkpoint.source,
+            "revision": cfg.model.revision,
+            "path": str(checkpoint.path),
+        },
+        "config": results_cfg,
+        "fingerprint": fp,
+        **session.run_info(),
+    }
+    existing = "resume" if cfg.resume else "overwrite" if cfg.overwrite else "refuse"
+    spec = run_spec(
+        cfg, str(checkpoint.path), str(storage_fs.join(where, "lens.zarr")), existing, attrs=attrs,
+        generation=GenerationSettings(
+            g.max_new_tokens, SamplingSpec(g.temperature, g.top_p, g.seed, eos if g.stop_at_eos else (), pad)
+        ),
+        steering=SteeringSettings(edits=steering, coefficients=coefficients, score_ids=tuple(score_ids)),
+    )  # fmt: skip
+    model_checks(check_run, spec, hf_config, prompts)  # every check against the model, before any compute
+    if c.executor == "ray":
+        attrs["ray_cluster"] = session.connect(c)  # recorded in the store, its summary and the run log
+    summary = session.run_coordinator(spec, prompts, list(cfg.prompts))  # in this process: pipelines/session.py
+    store = LensStore.open(storage_fs.join(where, "lens.zarr"))
+    for old in {*out_dir.glob("heatmap_prompt*.png"), *storage_fs.glob(where, "heatmap_prompt*.png")}:
+        storage_fs.remove(old)  # a replaced run's, maybe of more prompts
+    plots = [  # one per prompt and lens: heatmap_prompt0.png (logit), heatmap_prompt0_tuned.png
+        write_heatmap(
+            store,
+            i,
+            tokenizer,
+            out_dir / f"heatmap_prompt{i}{'' if lens == 'logit' else '_' + lens}.png",
+            cfg.plot.max_positions,
+            lens=lens,
+        )  # fmt: skip
+        for i in range(min(cfg.plot.max_prompts, store.group["tokens"].shape[0]))
+        for lens in store.lenses
+    ]
+    summary["plots"] = [str(storage_fs.join(where, p.name)) for p in plots]  # a URL root's: once uploaded
+    print_summary(store, tokenizer, summary)
+    return summary
+
+
+def print_summary(store, tokenizer, summary: dict, last: int = 4) -> None:
+    """On stdout: each row's generation and the lens's top-1 at its last `last` positions, at
+    about ten evenly spaced layers and the last; then the run's throughput, memory, store and heatmaps."""
+    from pipelines.heatmap import token_label
+
+    out = sys.stdout
+    n_prompts = store.group["tokens"].shape[0]
+    steered = bool(store.attrs["config"]["steer"]["vector"])
+    coefficients = store["coefficient"]
+    for i in range(n_prompts):
+        label = f", steering coefficient {coefficients[i]:g}" if steered else ""
+        print(f"\n=== row {i}{label}: {str(store.group['prompt_text'][i])!r}", file=out)
+        print(f"generated: {str(store.group['generated_text'][i])!r}", file=out)
+        ids, probs = store.top1_table(i)
+        toks = store.tokens(i)
+        n = ids.shape[1]
+        cols = list(range(max(0, n - last), n))
+        header = "layer | " + " | ".join(f"after {token_label(tokenizer, toks[j])!r}" for j in cols)
+        print(header, file=out)
+        step = max(1, len(store.layers) // 10)
+        for li in list(range(0, len(store.layers), step)) + (
+            [len(store.layers) - 1] if (len(store.layers) - 1) % step else []
+        ):
+            cells = " | ".join(f"{token_label(tokenizer, ids[li, j])!r} {probs[li, j]:.2f}" for j in cols)
+            print(f"{store.layers[li]:>5} | {cells}", file=out)
+    captured = int(store.group["lens_mask"][:].sum())
+    print(
+        f"\n{summary['generated_tokens']} tokens generated, {summary['positions']} positions run "
+        f"({captured} with a lens) in "
+        f"{summary['generate_s']} s ({summary['tokens_per_s']} tokens/s, {summary['positions_per_s']} positions/s; "
+        f"stages {summary['stages']})",
+        file=out,
+    )
+    peaks = {info["pid"]: info["peak_rss_bytes"] / 2**20 for info in summary["stage_info"]}
+    if len(peaks) < len(summary["stage_info"]):  # stages in one process (cluster=inprocess)
+        print(f"peak RSS of the process running every stage: {max(peaks.values()):.0f} MiB", file=out)
+    else:
+        print(f"peak RSS per stage process: {', '.join(f'{p:.0f} MiB' for p in peaks.values())}", file=out)
+    print(f"store:    {summary['store']}", file=out)
+    for p in summary["plots"]:
+        print(f"heatmap:  {p}", file=out)
