@@ -87,13 +87,13 @@ def main_job(tmp_path_factory, smollm2):
 LONGEST_FIRST = ("test_multinode.py", "test_object_storage.py", "test_bench.py", "test_fault_tolerance.py",
                  "test_job_submit.py", "test_bad_input.py", "test_steer_driver.py", "test_default_model.py",
                  "test_viewer.py", "test_tensor_parallel.py")  # fmt: skip
-# Files whose tests share what a module fixture builds (a Ray cluster, an S3 server, reference
-# runs) stay in one test process (pyproject's `--dist loadgroup`); every other test is sent
-# to whichever process is free, so a file of many independent tests (the bad-input matrix)
-# spreads over all of them.
-KEPT_TOGETHER = {"test_dataset_formats.py", "test_model_families.py", "test_multinode.py", "test_object_storage.py",
-                 "test_ray_executor.py", "test_staged_equals_unsliced.py", "test_viewer.py", "test_fault_tolerance.py",
-                 "test_job_submit.py", "test_steering_pipeline.py", "test_tensor_parallel.py", "test_tuned_lens.py"}  # fmt: skip
+# Files whose tests share what an expensive module fixture builds (an S3 server and its runs,
+# reference runs, a browser and its stores, a pool of stage actors) stay in one test process
+# (pyproject's `--dist loadgroup`). Every other test goes to whichever process is free, so a
+# file of many independent tests spreads over all of them (a module's Ray cluster then starts
+# in each process that runs one of its tests: seconds, against minutes of tests).
+KEPT_TOGETHER = {"test_dataset_formats.py", "test_model_families.py", "test_object_storage.py",
+                 "test_ray_executor.py", "test_staged_equals_unsliced.py", "test_viewer.py"}  # fmt: skip
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
