@@ -18,10 +18,10 @@ import numpy as np
 from actors import head_watch, storage_fs
 from actors.executor import ClusterError, LocalExecutor, RayExecutor
 from actors.progress import StageStats, progress_bar
-from actors.run_spec import RunSpec, SettingError, check_run
+from actors.run_spec import RunSpec, SettingError, check_run, stage_capture
 from actors.run_store import FinishedBatch, RunStore, lay_out_batch
 from actors.slicing import plan_stages
-from actors.stage import CaptureSpec, LostStateError, StageSpec
+from actors.stage import LostStateError, StageSpec
 from actors.stage_group import StageGroup
 from actors.steering import first_column, row_layout
 from actors.store import StoreLayout
@@ -138,10 +138,7 @@ class Coordinator:
         todo = [mb for mb in mbs if mb.index not in store.done_batches()]
         if not todo and store.is_complete:  # a resumed run that had already finished
             return dict(store.attrs["summary"], batches_run=[])
-        capture = CaptureSpec(
-            layers, tuple(cap.components), cap.k, cap.window, cap.activations, cap.lens, cap.kl_to_final,
-            tuned_lens=cap.tuned_lens if "tuned" in cap.lenses else None,
-        )  # fmt: skip
+        capture = stage_capture(cap, layers)
         specs = [
             StageSpec(
                 stage=s,

@@ -18,6 +18,7 @@ import torch
 
 from actors.adapters import get_path
 from actors.lens import LogitLens
+from actors.run_spec import CaptureSettings
 from actors.sampling import SamplingSpec, choose_tokens
 from actors.steering import edit_terms
 from actors.vocabulary import LENS_FIELDS, MODEL_DTYPES, SITES
@@ -31,18 +32,6 @@ class LostStateError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class CaptureSpec:
-    layers: tuple[int, ...]  # global layer indices to capture (all stages see the same tuple)
-    components: tuple[str, ...] = ("resid_post",)
-    k: int = 10
-    window: int = 64  # positions buffered before one batched lens pass
-    activations: str | None = None  # None, or the dtype raw activations are stored in
-    lens: bool = True  # False: activations only (e.g. a steering vector's label positions)
-    kl_to_final: bool = True  # the last stage sends final-normed hidden states back for KL(final || lens)
-    tuned_lens: str | None = None  # a translators file: also record the tuned lens of resid_post (tuned_* arrays)
-
-
-@dataclass(frozen=True)
 class StageSpec:
     stage: int
     num_stages: int
@@ -53,7 +42,9 @@ class StageSpec:
     device: str = "cpu"
     tp_rank: int = 0
     tp_size: int = 1
-    capture: CaptureSpec = field(default_factory=lambda: CaptureSpec(layers=()))
+    # The run's capture settings as a stage reads them (`stage_capture`): `layers` the global
+    # indices to capture (every stage sees the same tuple), `tuned_lens` only when it is recorded.
+    capture: CaptureSettings = field(default_factory=lambda: CaptureSettings(layers=()))
     sampling: SamplingSpec = field(default_factory=SamplingSpec)
     vectors: np.ndarray | None = None  # [n_vectors, d_model] the run's steering table, sent once
     steered: tuple[tuple[int, str], ...] = ()  # every (layer, site) some row edits; a stage hooks its own
