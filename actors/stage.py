@@ -1,5 +1,5 @@
 """The stage worker: one contiguous slice of decoder layers, wrapped by DeepSpeed inference,
-that captures its own layers' activations and runs the lens on them where they live.
+that captures its own layers' activations and runs the lens on them where they live (actors/lens_window.py).
 
 A plain class: the `local` executor calls it in-process; the `ray` executor wraps it with
 `ray.remote` where it is created. Only small things leave it: hidden states for the next
