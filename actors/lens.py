@@ -169,14 +169,8 @@ class LogitLens(nn.Module):
         top_vals, top_ids = torch.empty(n, kk, device=dev), torch.empty(n, kk, dtype=torch.long, device=dev)
         log_sum, mean_z, target_logit = (torch.empty(n, device=dev) for _ in range(3))
         rank = torch.empty(n, dtype=torch.long, device=dev)
-        if final is not None:  # the final distribution's shard, once per position: p_f = e_f / S_f
-            # final is already final-normed (the last stage's output), so only the head runs here.
-            zf = self._shard_products(final.to(self.weight.dtype), torch.empty(
-                (final.shape[0], vocab), dtype=self.weight.dtype, device=dev)).float()  # fmt: skip
-            f_max = zf.max(dim=-1).values
-            ef = torch.exp(zf - f_max[:, None])  # [positions, vocab shard]
-            f_sum = ef.sum(-1)
-            f_mean = (ef * zf).sum(-1) / f_sum  # E_{p_f}[z_f] over this shard
+        if final is not None:
+            f_max, ef, f_sum, f_mean = self._final_shard(final, vocab, dev)
             cross = torch.empty(n, device=dev)  # E_{p_f}[z_lens] over this shard, per row
             position = torch.arange(n, device=dev) // per
         for i in range(0, n, self.rows_per_pass):
@@ -200,41 +194,11 @@ class LogitLens(nn.Module):
             f_lse = (f_max + torch.log(f_sum))[position]
             f_mean = f_mean[position]
         if self.tp_size > 1:
-            # Merge the shards: each reports (max, S, E_p[z]); the global logsumexp rescales S,
-            # and the global E_p[z] is the S-weighted mean of the shards' E_p[z].
-            stats = _comm(torch.stack([local_max, log_sum, mean_z], dim=-1))
-            gathered = [torch.empty_like(stats) for _ in range(self.tp_size)]
-            dist.all_gather(gathered, stats)
-            stats = torch.stack(gathered).to(z_all.device)  # [tp, n, 3]
-            vals = [torch.empty_like(_comm(top_vals)) for _ in range(self.tp_size)]
-            ids = [torch.empty_like(_comm(top_ids)) for _ in range(self.tp_size)]
-            dist.all_gather(vals, _comm(top_vals))
-            dist.all_gather(ids, _comm(top_ids))
-            all_vals, all_ids = torch.cat(vals, -1).to(z_all.device), torch.cat(ids, -1).to(z_all.device)
-            top_vals, pick = all_vals.topk(k, dim=-1)
-            top_ids = all_ids.gather(1, pick)
-            t = _comm(target_logit)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            target_logit = t.to(z_all.device)
-            shard_lse = stats[..., 0] + stats[..., 1]  # [tp, n]
-            lse = torch.logsumexp(shard_lse, dim=0)
-            weights = torch.exp(shard_lse - lse)  # each shard's share of the probability mass
-            mean_z = (weights * stats[..., 2]).sum(0)
-            # Each shard counts its logits above the *global* target logit; the counts add up.
-            for i in range(0, n, self.rows_per_pass):
-                rows = slice(i, i + self.rows_per_pass)
-                rank[rows] = (z_all[rows].float() > target_logit[rows, None]).sum(-1, dtype=torch.int32)
-            r = _comm(rank)
-            dist.all_reduce(r)
-            rank = r.to(z_all.device)
+            top_vals, top_ids, target_logit, lse, mean_z, rank = self._merge_shards(
+                z_all, k, local_max, log_sum, mean_z, top_vals, top_ids, target_logit, rank
+            )
             if final is not None:  # the same merge for the final distribution: shards weighted by mass
-                f = _comm(torch.stack([f_lse, f_mean, cross], dim=-1))
-                parts = [torch.empty_like(f) for _ in range(self.tp_size)]
-                dist.all_gather(parts, f)
-                f = torch.stack(parts).to(z_all.device)  # [tp, n, 3]
-                f_lse = torch.logsumexp(f[..., 0], dim=0)
-                w = torch.exp(f[..., 0] - f_lse)
-                f_mean, cross = (w * f[..., 1]).sum(0), (w * f[..., 2]).sum(0)
+                f_lse, f_mean, cross = self._merge_final(f_lse, f_mean, cross, z_all.device)
         else:
             lse = local_max + log_sum
         # KL(p_f || p) = sum p_f (log p_f - log p) = (E_f[z_f] - lse_f) - (E_f[z] - lse)
@@ -247,3 +211,59 @@ class LogitLens(nn.Module):
             target_rank=rank.to(torch.int32).reshape(n),
             kl_to_final=kl,
         )
+
+    def _final_shard(self, final: torch.Tensor, vocab: int, dev) -> tuple[torch.Tensor, ...]:
+        """The final distribution's shard, once per position: p_f = e_f / S_f. Returns its max
+        logit, e_f [positions, vocab shard], S_f and E_{p_f}[z_f] over this shard."""
+        # final is already final-normed (the last stage's output), so only the head runs here.
+        zf = self._shard_products(final.to(self.weight.dtype), torch.empty(
+            (final.shape[0], vocab), dtype=self.weight.dtype, device=dev)).float()  # fmt: skip
+        f_max = zf.max(dim=-1).values
+        ef = torch.exp(zf - f_max[:, None])  # [positions, vocab shard]
+        f_sum = ef.sum(-1)
+        f_mean = (ef * zf).sum(-1) / f_sum  # E_{p_f}[z_f] over this shard
+        return f_max, ef, f_sum, f_mean
+
+    def _merge_shards(self, z_all, k, local_max, log_sum, mean_z, top_vals, top_ids, target_logit, rank):
+        """Merge the vocab shards' summaries across the stage's TP ranks: returns the global
+        top-k values and ids, target logit, logsumexp, E_p[z] and target rank."""
+        n = z_all.shape[0]
+        # Merge the shards: each reports (max, S, E_p[z]); the global logsumexp rescales S,
+        # and the global E_p[z] is the S-weighted mean of the shards' E_p[z].
+        stats = _comm(torch.stack([local_max, log_sum, mean_z], dim=-1))
+        gathered = [torch.empty_like(stats) for _ in range(self.tp_size)]
+        dist.all_gather(gathered, stats)
+        stats = torch.stack(gathered).to(z_all.device)  # [tp, n, 3]
+        vals = [torch.empty_like(_comm(top_vals)) for _ in range(self.tp_size)]
+        ids = [torch.empty_like(_comm(top_ids)) for _ in range(self.tp_size)]
+        dist.all_gather(vals, _comm(top_vals))
+        dist.all_gather(ids, _comm(top_ids))
+        all_vals, all_ids = torch.cat(vals, -1).to(z_all.device), torch.cat(ids, -1).to(z_all.device)
+        top_vals, pick = all_vals.topk(k, dim=-1)
+        top_ids = all_ids.gather(1, pick)
+        t = _comm(target_logit)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        target_logit = t.to(z_all.device)
+        shard_lse = stats[..., 0] + stats[..., 1]  # [tp, n]
+        lse = torch.logsumexp(shard_lse, dim=0)
+        weights = torch.exp(shard_lse - lse)  # each shard's share of the probability mass
+        mean_z = (weights * stats[..., 2]).sum(0)
+        # Each shard counts its logits above the *global* target logit; the counts add up.
+        for i in range(0, n, self.rows_per_pass):
+            rows = slice(i, i + self.rows_per_pass)
+            rank[rows] = (z_all[rows].float() > target_logit[rows, None]).sum(-1, dtype=torch.int32)
+        r = _comm(rank)
+        dist.all_reduce(r)
+        rank = r.to(z_all.device)
+        return top_vals, top_ids, target_logit, lse, mean_z, rank
+
+    def _merge_final(self, f_lse, f_mean, cross, device) -> tuple[torch.Tensor, ...]:
+        """The shards' merge for the final distribution, weighted by each shard's mass: returns
+        the global lse_f, E_f[z_f] and E_f[z_lens] per row."""
+        f = _comm(torch.stack([f_lse, f_mean, cross], dim=-1))
+        parts = [torch.empty_like(f) for _ in range(self.tp_size)]
+        dist.all_gather(parts, f)
+        f = torch.stack(parts).to(device)  # [tp, n, 3]
+        f_lse = torch.logsumexp(f[..., 0], dim=0)
+        w = torch.exp(f[..., 0] - f_lse)
+        return f_lse, (w * f[..., 1]).sum(0), (w * f[..., 2]).sum(0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -69,6 +69,17 @@ class CaptureSettings:
     kl_to_final: bool = True  # KL(final || lens) per captured cell (the final states flow back to every stage)
     lenses: tuple[str, ...] = ("logit",)  # "tuned" adds the tuned lens's arrays (resid_post)
     tuned_lens: str | None = None  # the translators file (python -m pipelines.tune) the tuned lens reads
+
+
+def stage_capture(cap: CaptureSettings, layers: tuple[int, ...]) -> CaptureSettings:
+    """`cap` as the stages read it: `layers` resolved to global indices (sorted, none negative,
+    never None), `components` a tuple, and `tuned_lens` kept only when the tuned lens is recorded."""
+    return replace(
+        cap,
+        layers=layers,
+        components=tuple(cap.components),
+        tuned_lens=cap.tuned_lens if "tuned" in cap.lenses else None,
+    )
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The stage worker: one contiguous slice of decoder layers, wrapped by DeepSpeed inference,
-that captures its own layers' activations and runs the lens on them where they live.
+that captures its own layers' activations and runs the lens on them where they live (actors/lens_window.py).
 
 A plain class: the `local` executor calls it in-process; the `ray` executor wraps it with
 `ray.remote` where it is created. Only small things leave it: hidden states for the next
@@ -18,9 +18,11 @@ import torch
 
 from actors.adapters import get_path
 from actors.lens import LogitLens
+from actors.lens_window import LensChunk, LensWindow, WindowBuffer, capture_mask
+from actors.run_spec import CaptureSettings
 from actors.sampling import SamplingSpec, choose_tokens
 from actors.steering import edit_terms
-from actors.vocabulary import LENS_FIELDS, MODEL_DTYPES, SITES
+from actors.vocabulary import MODEL_DTYPES, SITES
 
 DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
 
@@ -28,18 +30,6 @@ DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
 class LostStateError(RuntimeError):
     """A call for a micro-batch this worker holds no state for: the process restarted (or was
     never set up) since the micro-batch started. The coordinator re-runs the micro-batch."""
-
-
-@dataclass(frozen=True)
-class CaptureSpec:
-    layers: tuple[int, ...]  # global layer indices to capture (all stages see the same tuple)
-    components: tuple[str, ...] = ("resid_post",)
-    k: int = 10
-    window: int = 64  # positions buffered before one batched lens pass
-    activations: str | None = None  # None, or the dtype raw activations are stored in
-    lens: bool = True  # False: activations only (e.g. a steering vector's label positions)
-    kl_to_final: bool = True  # the last stage sends final-normed hidden states back for KL(final || lens)
-    tuned_lens: str | None = None  # a translators file: also record the tuned lens of resid_post (tuned_* arrays)
 
 
 @dataclass(frozen=True)
@@ -53,7 +43,9 @@ class StageSpec:
     device: str = "cpu"
     tp_rank: int = 0
     tp_size: int = 1
-    capture: CaptureSpec = field(default_factory=lambda: CaptureSpec(layers=()))
+    # The run's capture settings as a stage reads them (`stage_capture`): `layers` the global
+    # indices to capture (every stage sees the same tuple), `tuned_lens` only when it is recorded.
+    capture: CaptureSettings = field(default_factory=lambda: CaptureSettings(layers=()))
     sampling: SamplingSpec = field(default_factory=SamplingSpec)
     vectors: np.ndarray | None = None  # [n_vectors, d_model] the run's steering table, sent once
     steered: tuple[tuple[int, str], ...] = ()  # every (layer, site) some row edits; a stage hooks its own
@@ -67,19 +59,6 @@ class StageSpec:
 
 
 @dataclass
-class LensChunk:
-    """Lens results of one micro-batch, one stage, columns `[col_start, col_end)` of the
-    micro-batch's left-padded layout. Arrays are `[batch, stage_layers, component, n, ...]`."""
-
-    micro_batch: int
-    stage: int
-    layers: tuple[int, ...]
-    col_start: int
-    col_end: int
-    arrays: dict[str, np.ndarray]
-
-
-@dataclass
 class _BatchState:
     cache: object
     attention_mask: torch.Tensor  # [batch, cols fed so far]
@@ -88,33 +67,40 @@ class _BatchState:
     pad: torch.Tensor  # [batch] left pads
     prompt_cols: int
     positions: object  # "all" | "prompt" | "generated" | tuple of row positions
-    tokens: list = field(default_factory=list)  # [batch, n] int64 pieces, fed so far
-    pending: dict = field(default_factory=dict)  # (layer, comp) -> [hidden [batch, n, d], ...]
-    pending_start: int = 0
-    finals: list = field(default_factory=list)  # [batch, n, d] final-normed states from pending_start on
+    buffer: WindowBuffer = field(default_factory=WindowBuffer)  # tokens and captured states for the lens
     cols: int = 0
     finished: torch.Tensor | None = None
     generator: torch.Generator | None = None
     terms: dict = field(default_factory=dict)  # (layer, site) -> [(positions, [batch, d_model])], see edit_terms
     shared: bool = False  # a shared prefix: no lens flush and no sampling until `expand`
 
+    def advance(self, new: int, device) -> torch.Tensor:
+        """Extend the attention mask by `new` columns; returns their position ids [batch, new]."""
+        if self.cols < self.prompt_cols:  # prompt columns (in one piece or several): HF's
+            # generate positions, where left pads don't count
+            if self.cols + new > self.prompt_cols:
+                raise ValueError(f"step feeds {new} columns past the prompt's {self.prompt_cols - self.cols} left")
+            mask = self.prompt_mask
+            self.attention_mask = mask[:, : self.cols + new]
+            position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, self.cols : self.cols + new]
+        else:
+            ones = torch.ones(self.attention_mask.shape[0], new, dtype=torch.long, device=device)
+            self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
+            position_ids = self.next_position[:, None] + torch.arange(new, device=device)[None, :]
+        self.next_position = position_ids[:, -1] + 1
+        return position_ids
 
-def _wanted(state: _BatchState, start: int, end: int, sel=None) -> torch.Tensor:
-    """[batch, end - start] bool: real tokens at the selected positions (default: the
-    micro-batch's capture positions)."""
-    cols = torch.arange(start, end)[None, :]
-    row_pos = cols - state.pad[:, None]
-    real = row_pos >= 0
-    sel = state.positions if sel is None else sel
-    if sel == "all":
-        return real
-    if sel == "prompt":
-        return real & (cols < state.prompt_cols)
-    if sel == "generated":
-        return real & (cols >= state.prompt_cols)
-    if sel == "last":
-        return real & (cols == state.prompt_cols - 1)
-    return real & torch.isin(row_pos, torch.tensor(sel, dtype=torch.long))
+    def select(self, idx: torch.Tensor, dev_idx: torch.Tensor, prefix_finals: list) -> None:
+        """Row i becomes row `idx[i]` (`dev_idx` on the stage's device): its KV cache, masks,
+        pads and lens buffer (see `WindowBuffer.select`)."""
+        self.cache.batch_select_indices(dev_idx)
+        self.attention_mask = self.attention_mask[dev_idx]
+        self.prompt_mask = self.prompt_mask[dev_idx]
+        self.next_position = self.next_position[dev_idx]
+        self.pad = self.pad[idx]
+        self.buffer.select(idx, dev_idx, prefix_finals)
+        if self.finished is not None:
+            self.finished = self.finished[idx]
 
 
 def _edit_mask(state: _BatchState, start: int, end: int, positions) -> torch.Tensor:
@@ -124,7 +110,7 @@ def _edit_mask(state: _BatchState, start: int, end: int, positions) -> torch.Ten
         return (cols - state.pad[:, None]) >= positions
     if positions == "all":
         return torch.ones(len(state.pad), end - start, dtype=torch.bool)
-    return _wanted(state, start, end, positions)
+    return capture_mask(state, start, end, positions)
 
 
 def _hook_input(module, transform):
@@ -178,7 +164,7 @@ class StageWorker:
     def stats(self) -> dict:
         """Cheap counters for the coordinator's progress bar (per-stage throughput)."""
         stats = {"stage": self.spec.stage, "busy_s": self.busy_s, "tokens": self.tokens}
-        trainer = getattr(self, "_trainer", None)
+        trainer = getattr(getattr(self, "window", None), "trainer", None)
         if trainer is not None and trainer.last_loss is not None:  # training: the last step's mean KL
             stats.update(step=trainer.step, loss=trainer.last_loss)
         return stats
@@ -233,23 +219,7 @@ class StageWorker:
             self._vectors = table.to(self.device)
         self._install_hooks()
         self._states: dict[int, _BatchState] = {}
-        self._trainer = None
-        self._tuned = None  # this stage's translators, when the run records the tuned lens
-        if spec.capture.tuned_lens and spec.capture.lens:
-            from actors.tuned_lens import load_translators
-
-            mine = tuple(i for i in spec.capture.layers if spec.start <= i < spec.end)
-            n = self.config.num_hidden_layers
-            self._tuned, _ = load_translators(spec.capture.tuned_lens, "", self.config.hidden_size, n, only=mine)
-            self._tuned.to(self.device)
-        if spec.tune is not None:  # fresh, or from the checkpoint of spec.tune.resume_step
-            from actors.tuned_lens import TranslatorTrainer
-
-            last = self.config.num_hidden_layers - 1  # its lens is the final distribution: nothing to learn
-            layers = tuple(i for i in spec.capture.layers if spec.start <= i < spec.end and i != last)
-            self._trainer = TranslatorTrainer(
-                spec.tune, self.lens, layers, self.config.hidden_size, spec.stage, self.device
-            )
+        self.window = LensWindow(spec, self.lens, self.config, self.device)  # the tuned lens and its training too
         return self.info()
 
     def _load(self, init_method: str | None) -> None:
@@ -343,27 +313,6 @@ class StageWorker:
 
         return transform
 
-    @property
-    def _wants_finals(self) -> bool:
-        """Whether this run's lens needs the final layer's states (every stage of it does)."""
-        c = self.spec.capture
-        return bool(c.layers) and c.lens and c.kl_to_final
-
-    def _translated(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
-        """h + A_l h + b_l for a layer with a translator; h itself for one without (the last)."""
-        return self._tuned(hidden, layer) if layer in self._tuned.layers else hidden
-
-    def _finals_of(self, output) -> list:
-        """The final-normed states [batch, n, d] in a last-stage output, on this device."""
-        if not isinstance(output, dict) or output.get("final") is None or not self.captured_keys:
-            return []
-        return [torch.as_tensor(output["final"]).to(self.device, self.lens.weight.dtype)]
-
-    @property
-    def captured_keys(self) -> list[tuple[int, str]]:
-        layers = [i for i in range(self.spec.start, self.spec.end) if i in self.spec.capture.layers]
-        return [(i, c) for i in layers for c in self.spec.capture.components]
-
     # -- micro-batch lifecycle --------------------------------------------------------------
     def start(self, mb: int, attention_mask: np.ndarray, positions="all", edits=None, shared=False) -> None:
         """Open micro-batch `mb`; attention_mask: [batch, prompt_cols] (left-padded prompts);
@@ -403,18 +352,8 @@ class StageWorker:
         the last stage's output for the shared columns (their final-normed states)."""
         state = self._state(mb)
         idx = torch.as_tensor(np.asarray(index), dtype=torch.long)
-        dev_idx = idx.to(self.device)
-        state.cache.batch_select_indices(dev_idx)
-        state.attention_mask = state.attention_mask[dev_idx]
-        state.prompt_mask = state.prompt_mask[dev_idx]
-        state.next_position = state.next_position[dev_idx]
-        state.pad = state.pad[idx]
-        state.tokens = [t[idx] for t in state.tokens]
-        state.pending = {key: [h[dev_idx] for h in hs] for key, hs in state.pending.items()}
-        state.finals = [f[dev_idx] for f in [*self._finals_of(prefix), *state.finals]]
+        state.select(idx, idx.to(self.device), self.window.finals_of(prefix))
         state.terms = self._terms(edits, len(idx))
-        if state.finished is not None:
-            state.finished = state.finished[idx]
         state.shared = False
 
     @torch.no_grad()
@@ -429,21 +368,10 @@ class StageWorker:
         the last stage `{"tokens": [batch], "finished": [batch]}`.
         """
         state = self._state(mb)
-        state.finals += self._finals_of(tokens)
+        state.buffer.finals += self.window.finals_of(tokens)
         tokens = _as_columns(tokens)
         new = tokens.shape[1]
-        if state.cols < state.prompt_cols:  # prompt columns (in one piece or several): HF's
-            # generate positions, where left pads don't count
-            if state.cols + new > state.prompt_cols:
-                raise ValueError(f"step feeds {new} columns past the prompt's {state.prompt_cols - state.cols} left")
-            mask = state.prompt_mask
-            state.attention_mask = mask[:, : state.cols + new]
-            position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, state.cols : state.cols + new]
-        else:
-            ones = torch.ones(state.attention_mask.shape[0], new, dtype=torch.long, device=self.device)
-            state.attention_mask = torch.cat([state.attention_mask, ones], dim=1)
-            position_ids = state.next_position[:, None] + torch.arange(new, device=self.device)[None, :]
-        state.next_position = position_ids[:, -1] + 1
+        position_ids = state.advance(new, self.device)
         x = (
             tokens.to(self.device)
             if self.spec.stage == 0
@@ -466,9 +394,7 @@ class StageWorker:
         self.tokens += int(tokens.shape[0] * new)
         captured, self._capture = self._capture, None
         self.forward_calls += 1
-        for key in self.captured_keys:
-            state.pending.setdefault(key, []).extend(captured.get(key, []))
-        state.tokens.append(tokens)
+        self.window.hold(state.buffer, captured, tokens)
         state.cols += new
         chunks = [] if state.shared else self._flush(mb, state, force=False)
         if not self.spec.reports:  # every TP rank computes the merged lens; one sends it
@@ -476,140 +402,43 @@ class StageWorker:
         if not self.spec.is_last:
             return hidden.cpu() if self.device.type != "cpu" else hidden, chunks
         final = {}
-        if self._wants_finals:  # every stage's KL to the final layer: d_model floats per position
+        if self.window.wants_finals:  # every stage's KL to the final layer: d_model floats per position
             final["final"] = self.lens.norm(hidden).cpu()
         if state.shared:  # a prefix's last column is not the prompt's: nothing to sample yet
             return final, chunks
-        logits = self.lens.full_logits(hidden[:, -1])  # [batch, vocab]: stays on this stage
-        chosen = choose_tokens(logits, self.spec.sampling, state.generator).cpu()
-        sampling = self.spec.sampling
-        chosen = torch.where(state.finished, torch.full_like(chosen, sampling.pad_token_id), chosen)
-        state.finished = state.finished | torch.isin(chosen, torch.tensor(sampling.eos_token_ids, dtype=torch.long))
-        out = {"tokens": chosen.numpy(), "finished": state.finished.numpy().copy(), **final}
-        if self.spec.score_ids:  # a few chosen logits (e.g. answer letters), never the vocabulary
-            out["scores"] = logits[:, list(self.spec.score_ids)].float().cpu().numpy()
-        return out, chunks
+        return _next_tokens(self.lens, hidden, state, self.spec, final), chunks
 
     @torch.no_grad()
     def finish(self, mb: int, last_tokens) -> list[LensChunk]:
         """Close micro-batch `mb`: `last_tokens` [batch, 1] are the targets of the final column."""
         state = self._state(mb)
         del self._states[mb]
-        state.finals += self._finals_of(last_tokens)
-        state.tokens.append(_as_columns(last_tokens))
+        state.buffer.finals += self.window.finals_of(last_tokens)
+        state.buffer.tokens.append(_as_columns(last_tokens))
         chunks = self._flush(mb, state, force=True)
         return chunks if self.spec.reports else []
 
     def _flush(self, mb: int, state: _BatchState, force: bool) -> list[LensChunk]:
-        """Run the lens over buffered columns whose next token is known, one window at a time."""
-        known_end = sum(t.shape[1] for t in state.tokens) - 1  # columns < this have a target
-        if not self.captured_keys:  # nothing captured on this stage (or in this run)
-            return []
-        if self._wants_finals:  # ... and the final layer's state
-            known_end = min(known_end, state.pending_start + sum(f.shape[1] for f in state.finals))
-        window = self.spec.capture.window
-        chunks = []
-        while state.pending_start < known_end and (force or known_end - state.pending_start >= window):
-            end = min(known_end, state.pending_start + window)
-            started = time.time()
-            chunks.append(self._lens_chunk(mb, state, state.pending_start, end))
+        started = time.time()
+        chunks = self.window.flush(mb, state, force)
+        if chunks:  # time in the lens: the windows' projections and their summaries
             self.lens_s += time.time() - started
-            state.pending_start = end
         return chunks
 
-    def _lens_chunk(self, mb: int, state: _BatchState, start: int, end: int) -> LensChunk:
-        spec = self.spec.capture
-        all_tokens = torch.cat(state.tokens, dim=1)  # [batch, cols (+1 at finish)]
-        targets = all_tokens[:, start + 1 : end + 1]  # [batch, n]
-        wanted = _wanted(state, start, end)  # [batch, n]
-        flat_wanted = wanted.reshape(-1)
-        batch, n = wanted.shape
-        keys = self.captured_keys
-        layers = tuple(dict.fromkeys(i for i, _ in keys))
-        comps = spec.components
-        shape = (batch, len(layers), len(comps), n)
-        with_k = {"topk_ids", "topk_logprobs"}
-        prefixes = ("", "tuned_") if self._tuned is not None else ("",)
-        out = {
-            prefix + name: np.full(
-                shape + ((spec.k,) if name in with_k else ()), fill, np.float32 if fill != -1 else np.int32
-            )
-            for prefix in prefixes
-            for name, fill in LENS_FIELDS.items()
-        }
-        if spec.activations:
-            d = self.config.hidden_size
-            out["activations"] = np.zeros(shape + (d,), _numpy_storage_dtype(spec.activations))
-        rows = flat_wanted.nonzero()[:, 0]
-        windows = {}
-        for key in keys:
-            buf = state.pending[key]
-            hidden = torch.cat(buf, dim=1) if len(buf) > 1 else buf[0]  # [batch, pending, d]
-            windows[key], rest = hidden[:, : end - start], hidden[:, end - start :]
-            state.pending[key] = [rest] if rest.shape[1] else []
-        final = None
-        if self._wants_finals:
-            held = torch.cat(state.finals, dim=1) if len(state.finals) > 1 else state.finals[0]
-            final, rest = held[:, : end - start], held[:, end - start :]
-            state.finals = [rest] if rest.shape[1] else []
-        if self._trainer is not None and rows.numel():  # training: one optimizer step per window
-            dev_rows = rows.to(self.device)
-            d = final.shape[-1]
-            hidden = {
-                layer: windows[(layer, comp)].reshape(batch * n, d)[dev_rows]
-                for layer, comp in keys
-                if comp == "resid_post" and layer in self._trainer.translators.layers
-            }
-            losses = self._trainer.train(hidden, final.reshape(batch * n, d)[dev_rows])
-            where = rows.numpy()
-            for layer, kl in losses.items():  # the tuned lens's KL before the step, per position
-                li, ci = layers.index(layer), comps.index("resid_post")
-                dest = out["kl_to_final"][:, li, ci].reshape(batch * n)
-                dest[where] = kl.cpu().numpy()
-                out["kl_to_final"][:, li, ci] = dest.reshape(batch, n)
-        elif rows.numel() and spec.lens:  # every TP rank sees the same rows, so all or none reach the collectives
-            # One lens call over every captured (layer, component) of the window: the
-            # unembedding GEMM runs over many rows at once instead of one window per layer.
-            # Rows are position-major ([position, key]): a position's final distribution is
-            # rebuilt once for all its layers and components.
-            dev_rows = rows.to(self.device)
-            d = windows[keys[0]].shape[-1]
-            stacked = torch.stack([windows[key].reshape(batch * n, d)[dev_rows] for key in keys], dim=1).reshape(-1, d)
-            flat_targets = targets.reshape(-1)[rows].to(self.device).repeat_interleave(len(keys))
-            final_rows = None if final is None else final.reshape(batch * n, d)[dev_rows.to(final.device)]
-            summary = self.lens.summarise(stacked, flat_targets, spec.k, final_rows, per=len(keys))
-            _place(out, summary, keys, layers, comps, rows.numpy(), "")
-            tuned = [key for key in keys if key[1] == "resid_post"] if self._tuned is not None else []
-            if tuned:  # the tuned lens: the same summary of each translated resid_post state
-                with torch.no_grad():
-                    translated = torch.stack(
-                        [self._translated(windows[key].reshape(batch * n, d)[dev_rows], key[0]) for key in tuned], dim=1
-                    ).reshape(-1, d)
-                flat_targets = flat_targets[: len(rows) * len(keys) : len(keys)].repeat_interleave(len(tuned))
-                summary = self.lens.summarise(translated, flat_targets, spec.k, final_rows, per=len(tuned))
-                _place(out, summary, tuned, layers, comps, rows.numpy(), "tuned_")
-        if spec.activations:
-            keep = wanted.to(self.device)[:, :, None]  # only the capture positions: the rest stays zero
-            for (layer, comp), window_h in windows.items():
-                kept = torch.where(keep, window_h, torch.zeros((), dtype=window_h.dtype, device=window_h.device))
-                out["activations"][:, layers.index(layer), comps.index(comp)] = _to_storage(kept, spec.activations)
-        return LensChunk(mb, self.spec.stage, layers, start, end, out)
 
-
-def _place(out: dict, summary, keys, layers, comps, where: np.ndarray, prefix: str) -> None:
-    """Scatter a position-major lens summary ([position, key] rows) into the chunk's arrays
-    `out[prefix + field]` [batch, layer, component, n, ...] at flat positions `where`."""
-    for name, value in vars(summary).items():
-        if value is None:
-            continue
-        dest_all = out[prefix + name]
-        tail = dest_all.shape[4:]
-        value = value.cpu().numpy().reshape((len(where), len(keys)) + tail).swapaxes(0, 1)
-        for j, (layer, comp) in enumerate(keys):
-            li, ci = layers.index(layer), comps.index(comp)
-            dest = dest_all[:, li, ci].reshape((-1,) + tail)
-            dest[where] = value[j]
-            dest_all[:, li, ci] = dest.reshape(dest_all[:, li, ci].shape)
+def _next_tokens(lens: LogitLens, hidden: torch.Tensor, state: _BatchState, spec: StageSpec, final: dict) -> dict:
+    """The last stage's step output: each row's next token from the last column's logits
+    (the pad id once a row has finished), which rows have finished, `final` and the logits of
+    `spec.score_ids`."""
+    logits = lens.full_logits(hidden[:, -1])  # [batch, vocab]: stays on this stage
+    chosen = choose_tokens(logits, spec.sampling, state.generator).cpu()
+    sampling = spec.sampling
+    chosen = torch.where(state.finished, torch.full_like(chosen, sampling.pad_token_id), chosen)
+    state.finished = state.finished | torch.isin(chosen, torch.tensor(sampling.eos_token_ids, dtype=torch.long))
+    out = {"tokens": chosen.numpy(), "finished": state.finished.numpy().copy(), **final}
+    if spec.score_ids:  # a few chosen logits (e.g. answer letters), never the vocabulary
+        out["scores"] = logits[:, list(spec.score_ids)].float().cpu().numpy()
+    return out
 
 
 def _slice_key(spec: StageSpec) -> tuple:
@@ -622,13 +451,3 @@ def _as_columns(tokens) -> torch.Tensor:
     if isinstance(tokens, dict):
         return torch.tensor(np.asarray(tokens["tokens"]), dtype=torch.long)[:, None]
     return torch.tensor(np.asarray(tokens), dtype=torch.long)
-
-
-def _numpy_storage_dtype(name: str):
-    # numpy has no bfloat16: store its bit pattern as uint16 (the store records the dtype).
-    return {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[name]
-
-
-def _to_storage(hidden: torch.Tensor, name: str) -> np.ndarray:
-    cast = hidden.to(DTYPES[name]).cpu()
-    return cast.view(torch.uint16).numpy() if name == "bfloat16" else cast.numpy()

@@ -149,6 +149,27 @@ class TranslatorTrainer:
         if spec.resume_step:
             self.load(spec.resume_step)
 
+    @classmethod
+    def for_stage(cls, stage, lens, n_layers: int, d_model: int, device) -> TranslatorTrainer:
+        """The trainer of a stage (a `stage.StageSpec` with `tune` set): the captured layers of
+        its slice, less the model's last (its lens is the final distribution: nothing to learn)."""
+        last = n_layers - 1
+        layers = tuple(i for i in stage.capture.layers if stage.start <= i < stage.end and i != last)
+        return cls(stage.tune, lens, layers, d_model, stage.stage, device)
+
+    def train_window(self, windows: dict, final: torch.Tensor, rows: torch.Tensor) -> dict:
+        """One optimizer step on a stage's lens window: `windows` {(layer, component): [batch, n, d]}
+        its captured states, `final` [batch, n, d] the final-normed states of the same columns,
+        `rows` the flat (batch-major) positions to learn from. Returns `train`'s {layer: [rows] KL}."""
+        dev_rows = rows.to(final.device)
+        batch, n, d = final.shape
+        hidden = {
+            layer: windows[(layer, comp)].reshape(batch * n, d)[dev_rows]
+            for layer, comp in windows
+            if comp == "resid_post" and layer in self.translators.layers
+        }
+        return self.train(hidden, final.reshape(batch * n, d)[dev_rows])
+
     def _cap(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.lens.softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap

@@ -1,0 +1,265 @@
+"""One run's state, from its plan to its summary. The plan is made before any stage starts:
+the run's rows (each prompt times its edits), checked against the model; its micro-batches
+(and which of their columns and stages rows of one prompt share); its store, opened with its
+layout and attributes; and every stage's spec. The coordinator then adds the stages, the
+tokenizer and the progress bar, writes each finished micro-batch through `RunState.write`, and
+records `RunState.summary`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from actors.run_spec import RunSpec, SettingError, check_run, stage_capture
+from actors.run_store import FinishedBatch, RunStore, lay_out_batch
+from actors.slicing import plan_stages
+from actors.stage import StageSpec
+from actors.steering import first_column, row_layout
+from actors.store import StoreLayout
+
+if TYPE_CHECKING:
+    from actors.progress import StageStats
+    from actors.stage_group import StageGroup
+
+
+@dataclass
+class MicroBatch:
+    index: int
+    rows: slice
+    input_ids: np.ndarray  # [batch, prompt_cols], left-padded
+    attention_mask: np.ndarray  # [batch, prompt_cols]
+    coefficients: np.ndarray  # [batch] the recorded steering coefficient of each row
+    edits: tuple = ()  # [batch] each row's RowEdits
+    steps: int = 0
+    generated: list = field(default_factory=list)  # [batch] arrays, one per step
+    last: object = None  # handle of the last stage's latest step output
+    scores: list = field(default_factory=list)  # [batch, len(score_ids)] per generated step
+    calls: list = field(default_factory=list)  # handles of its stage calls (lens chunks and acks), every rank
+    counted: int = 0  # progress-bar units counted for this micro-batch
+
+
+@dataclass
+class RunState:
+    """One run's state: its plan (made by `plan_run`) and what the coordinator adds as the run goes."""
+
+    prompts: list  # [rows] token ids, a prompt once per row that runs it
+    prompt_texts: list | None  # the prompts' texts (by prompt, not row), or None: decoded
+    sources: np.ndarray  # [rows] the prompt each row runs
+    row_arrays: dict  # what the store records of each row's steering (`_edit_arrays`)
+    bounds: list  # [(start, end)] each stage's layers
+    specs: list  # the StageSpec of every stage and rank
+    run_store: RunStore
+    micro_batches: list  # every MicroBatch of the run
+    todo: list  # the micro-batches not yet in the store
+    stages: StageGroup | None = None
+    tokenizer: object = None  # None also when the checkpoint has none
+    bar: object = None  # the progress bar
+    stats: StageStats | None = None
+
+    @property
+    def store(self):
+        return self.run_store.store
+
+    def summary(self, generated: dict, t0: float, t_loaded: float, t_done: float, restarts: int, ray_cluster) -> dict:
+        """What the run did (recorded in the store, returned by `Coordinator.run`): `generated`
+        each row's ids, the clock at the start, once loaded and when done, the stage restarts
+        and the Ray cluster the driver joined (None outside Ray)."""
+        stage_info = self.stages.info()
+        n_new = int(sum(len(g) for g in generated.values()))
+        n_pos = int(sum(int(self.store.group["lengths"][mb.rows].sum()) for mb in self.todo))
+        decode_s = t_done - t_loaded
+        return {
+            "store": str(self.store.path),
+            "stages": [list(b) for b in self.bounds],
+            "batches_run": [mb.index for mb in self.todo],
+            "generated_tokens": n_new,
+            "positions": n_pos,
+            "load_s": round(t_loaded - t0, 3),
+            "generate_s": round(decode_s, 3),
+            "tokens_per_s": round(n_new / decode_s, 3) if decode_s else None,
+            "positions_per_s": round(n_pos / decode_s, 3) if decode_s else None,
+            "stage_restarts": restarts,
+            "stage_info": stage_info,
+            "ray_cluster": ray_cluster,
+        }
+
+    def write(self, mb: MicroBatch, chunks, generation) -> dict[int, list]:
+        """Lay one micro-batch out by row position and write it whole; returns each row's
+        generated ids. `generation`: the run's GenerationSettings."""
+        store, prompt_texts = self.store, self.prompt_texts
+        finished = FinishedBatch(
+            input_ids=mb.input_ids, attention_mask=mb.attention_mask, generated=np.stack(mb.generated, axis=1),
+            coefficients=mb.coefficients, rows={k: v[mb.rows] for k, v in self.row_arrays.items()}, scores=np.stack(mb.scores, axis=1) if mb.scores else None, chunks=chunks,
+        )  # fmt: skip
+        data, gen_len = lay_out_batch(
+            finished, store.attrs["layout"], generation.sampling.eos_token_ids, generation.max_new_tokens
+        )
+        gen = finished.generated
+        rows, prompt_cols = mb.input_ids.shape
+        pad = (mb.attention_mask == 0).sum(1)
+        texts = {"generated_text": [""] * rows, "prompt_text": [""] * rows}  # no tokenizer: empty, but written
+        tok = self.tokenizer
+        if tok is not None:
+            texts["generated_text"] = [tok.decode(gen[i, : gen_len[i]], skip_special_tokens=True) for i in range(rows)]
+            texts["prompt_text"] = (
+                [prompt_texts[r] for r in self.sources[mb.rows]]
+                if prompt_texts
+                else [tok.decode(mb.input_ids[i, pad[i] :]) for i in range(rows)]
+            )
+        store.write_batch(mb.index, mb.rows, data, texts)
+        return {mb.rows.start + i: gen[i, : gen_len[i]].tolist() for i in range(rows)}
+
+
+def plan_run(spec: RunSpec, prompts: list[list[int]], prompt_texts: list[str] | None) -> RunState:
+    """Check the run against the model, lay out its rows and micro-batches, open its store
+    and make its stages' specs."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(spec.model.path)
+    # Rows are prompts with their own edits, all in the same forward passes: a coefficient
+    # sweep runs prompt p as rows p*M .. p*M + M-1, one per coefficient.
+    s = spec.steering
+    try:
+        rows = row_layout(len(prompts), s.edits, s.coefficients, s.vectors, s.rows, config.hidden_size)
+    except ValueError as err:
+        raise SettingError("steering.rows" if s.rows is not None else "steering.edits", f": {err}") from None
+    prompts = [prompts[p] for p in rows.sources]
+    check_run(spec, config, prompts)
+    n_layers = config.num_hidden_layers
+    cap = spec.capture
+    layers = tuple(range(n_layers)) if cap.layers is None else tuple(sorted(i % n_layers for i in cap.layers))
+    bounds = plan_stages(config, spec.cluster.num_stages)
+    layout = _layout(spec, config, prompts, rows, layers)
+    row_arrays = _edit_arrays(rows, rows.kinds, layout.n_edits)
+    run_store = _open_store(spec, config, layout, rows, bounds)
+    store = run_store.store
+    mbs = _micro_batches(spec, prompts, rows, spec.generation.sampling.pad_token_id)
+    todo = [mb for mb in mbs if mb.index not in store.done_batches()]
+    return RunState(
+        prompts=prompts, prompt_texts=prompt_texts, sources=rows.sources, row_arrays=row_arrays, bounds=bounds,
+        specs=_stage_specs(spec, bounds, layers, rows), run_store=run_store, micro_batches=mbs, todo=todo,
+    )  # fmt: skip
+
+
+def _layout(spec: RunSpec, config, prompts, rows, layers: tuple) -> StoreLayout:
+    """The store's shape for these rows, layers and lenses."""
+    longest = max(len(p) for p in prompts)
+    return StoreLayout(
+        n_prompts=len(prompts),
+        n_positions=longest + spec.generation.max_new_tokens,
+        layers=layers,
+        components=tuple(spec.capture.components),
+        k=spec.capture.k,
+        batch_rows=spec.cluster.micro_batch_size,
+        hidden=config.hidden_size,
+        activations=spec.capture.activations,
+        n_scores=len(spec.steering.score_ids),
+        n_steps=spec.generation.max_new_tokens,
+        n_edits=max((len(e) for e in rows.edits), default=0),
+        lenses=tuple(spec.capture.lenses),
+    )
+
+
+def _open_store(spec: RunSpec, config, layout: StoreLayout, rows, bounds) -> RunStore:
+    """The run's store (`storage.existing` says what happens to one already there), its
+    attributes naming the stage split, the edit kinds and the tuned lens's translators."""
+    cap = spec.capture
+    kinds = rows.kinds
+    attrs = {**spec.attrs, "stages": [list(b) for b in bounds], "edit_kinds": [list(k) for k in kinds]}
+    if "tuned" in cap.lenses:  # which translators the tuned_* arrays came from
+        from actors.tuned_lens import check_translators
+
+        meta = check_translators(cap.tuned_lens, spec.model.name, config.hidden_size, config.num_hidden_layers)
+        attrs["tuned_lens"] = {
+            "path": cap.tuned_lens,
+            **{k: meta.get(k) for k in ("model", "revision", "tokens_seen")},
+        }
+    return RunStore.open(spec.storage.path, layout, attrs, spec.storage.existing, rows.vectors)
+
+
+def _stage_specs(spec: RunSpec, bounds, layers: tuple, rows) -> list[StageSpec]:
+    """One StageSpec per stage and tensor-parallel rank."""
+    capture = stage_capture(spec.capture, layers)
+    return [
+        StageSpec(
+            stage=s,
+            num_stages=len(bounds),
+            start=a,
+            end=b,
+            model_path=spec.model.path,
+            dtype=spec.model.dtype,
+            device=spec.cluster.device,
+            tp_rank=r,
+            tp_size=spec.cluster.tp_size,
+            capture=capture,
+            sampling=spec.generation.sampling,
+            vectors=rows.vectors,
+            steered=rows.steered,
+            tune=spec.tune,
+            score_ids=tuple(spec.steering.score_ids),
+        )  # fmt: skip
+        for s, (a, b) in enumerate(bounds)
+        for r in range(spec.cluster.tp_size)
+    ]
+
+
+def _edit_arrays(rows, kinds, n_edits: int) -> dict:
+    """What the store records of every row's steering: its prompt and its edits."""
+    out = {"source": rows.sources.astype(np.int32)}
+    if n_edits:
+        index = {k: i for i, k in enumerate(kinds)}
+        out["edit_kind"] = np.full((len(rows.edits), n_edits), -1, np.int32)
+        out["edit_coefficient"] = np.full((len(rows.edits), n_edits), np.nan, np.float32)
+        for r, edits in enumerate(rows.edits):
+            for j, e in enumerate(edits):
+                out["edit_kind"][r, j], out["edit_coefficient"][r, j] = index[e.kind], e.coefficient
+    return out
+
+
+def _micro_batches(spec: RunSpec, prompts, rows, pad_id: int) -> list[MicroBatch]:
+    out = []
+    b = spec.cluster.micro_batch_size
+    for index, start in enumerate(range(0, len(prompts), b)):
+        group = prompts[start : start + b]
+        coefs = np.asarray(rows.coefficients[start : start + b], np.float32)
+        cols = max(len(p) for p in group)
+        ids = np.full((len(group), cols), pad_id, np.int64)
+        mask = np.zeros((len(group), cols), np.int64)
+        for i, p in enumerate(group):  # left padding: every row's next token is the last column
+            ids[i, cols - len(p) :] = p
+            mask[i, cols - len(p) :] = 1
+        edits = rows.edits[start : start + b]
+        out.append(MicroBatch(index, slice(start, start + len(group)), ids, mask, coefs, edits))
+    return out
+
+
+def _repeats(run: RunState, mb: MicroBatch, share_prefix: bool) -> bool:
+    """Whether prefix sharing applies: it is on and the micro-batch repeats a prompt."""
+    sources = run.sources[mb.rows]
+    return share_prefix and len(np.unique(sources)) < len(sources)
+
+
+def shared_columns(run: RunState, mb: MicroBatch, share_prefix: bool) -> int:
+    """How many leading prompt columns none of the micro-batch's edits touches, when it
+    repeats prompts; 0 = nothing to share. At least the last prompt column is always left
+    out: its logits choose the first token, once per row."""
+    if not _repeats(run, mb, share_prefix):
+        return 0
+    cols = mb.input_ids.shape[1]
+    pad = int((mb.attention_mask == 0).sum(1).min())
+    starts = [first_column(e.positions, cols, pad) for row in mb.edits for e in row]
+    return max(0, min([cols - 1, *starts]))
+
+
+def shared_stages(run: RunState, mb: MicroBatch, share_prefix: bool) -> int:
+    """How many leading stages hold only layers before every edit of the micro-batch, when
+    it repeats prompts: their prompt columns are alike for every row of a prompt. Never the
+    last stage (its logits choose the first token, once per row)."""
+    if not _repeats(run, mb, share_prefix):
+        return 0
+    bounds = run.bounds
+    first = min([e.layer for row in mb.edits for e in row], default=bounds[-1][0])
+    return sum(1 for _, end in bounds[:-1] if end <= first)
