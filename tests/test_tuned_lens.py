@@ -85,8 +85,12 @@ def test_translators_trained_on_stages_equal_a_plain_torch_loop(executor, family
     weight, bias, losses = _reference(model, prompts)
     ours_w, ours_b = _stage_files(tmp_path / "ck", STEPS)  # stage 0: layers 0-1; stage 1: layer 2
     assert ours_w.shape == weight.shape  # the last layer has no translator (its lens is the final one)
-    torch.testing.assert_close(ours_w, weight, atol=1e-5, rtol=0)
-    torch.testing.assert_close(ours_b, bias, atol=1e-5, rtol=0)
+    # AdamW divides each update by the root of its second moment, so fp32 noise in a near-zero
+    # gradient (sums in another order on the stages) moves a weight by up to ~1e-5 in 4 steps:
+    # the bound is 1% of one step's learning rate (3e-3), far below what a wrong loss, schedule
+    # or soft-cap moves it.
+    torch.testing.assert_close(ours_w, weight, atol=3e-5, rtol=0)
+    torch.testing.assert_close(ours_b, bias, atol=3e-5, rtol=0)
     assert weight.abs().max() > 1e-3  # it moved
     # the store records each step's KL of the tuned lens before the update, per position
     kl = store["kl_to_final"][:, :, 0, :T]  # [row, layer, position]
