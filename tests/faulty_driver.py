@@ -5,6 +5,9 @@ completion record; with "mid_write": true, between the 2nd batch's data and its 
 {"interrupt_driver": {"after_batches": 1}}: SIGINT (Ctrl-C) after the 1st batch;
 {"hang_driver": {"after_batches": 1, "marker": path}}: after the 1st batch, touch `marker` and
 sleep (a driver that holds its run until the test kills it);
+{"hold_driver": {"after_batches": 1, "marker": path, "until": path}}: after the 1st batch, touch
+`marker` and wait (at most 600 s) until the test creates `until`, then go on and finish the run
+(a live driver holding its lease mid-run);
 {"fill_disk": {"after_batches": 1, "filler": path}}: after the 1st batch, write zeros to `filler`
 until its filesystem has no space left (a real full disk: the test mounts a small tmpfs)."""
 
@@ -23,6 +26,7 @@ from actors.store import LensStore
 
 fault = json.loads(sys.argv[1])
 kill, interrupt, hang = fault.get("kill_driver"), fault.get("interrupt_driver"), fault.get("hang_driver")
+hold = fault.get("hold_driver")
 fill = fault.get("fill_disk")
 written = 0
 write_batch = LensStore.write_batch
@@ -44,6 +48,11 @@ def faulty_write_batch(self, batch, rows, data, texts, mark_done=True):
     if hang and written == hang["after_batches"]:
         Path(hang["marker"]).touch()
         time.sleep(600)
+    if hold and written == hold["after_batches"]:
+        Path(hold["marker"]).touch()
+        deadline = time.monotonic() + 600
+        while not Path(hold["until"]).exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 def fill_up(path: str) -> None:

@@ -140,16 +140,48 @@ def assert_kl_to_final_matches_hf(model, store: LensStore, atol: float = 1e-4) -
     return checked
 
 
+# The store attrs that determine its numbers, compared by `assert_stores_equal`: the schema, the
+# layout (shapes, chunks, layers, lenses), the fingerprint of the determining config, the steering
+# kinds and whether it is complete; of the nested records, what names the model, the tuned lens and
+# the config parts the fingerprint hashes (pipelines/lens.py). Left out, since equal runs differ
+# there: the run summary (timings, pids, paths, stage info), `stages` (the placement), the Ray
+# cluster, package versions and the git commit, and every path (model, tuned lens, storage).
+DETERMINING_ATTRS = ("schema_version", "layout", "fingerprint", "edit_kinds", "complete")
+DETERMINING_PARTS = {
+    "model": ("name", "revision"),
+    "tuned_lens": ("model", "revision", "tokens_seen"),
+    "config": ("model", "capture", "generation", "prompts", "steer"),
+}
+
+
+def determining_attrs(store: LensStore) -> dict:
+    """What of `store.attrs` determines its numbers (see DETERMINING_ATTRS)."""
+    attrs = store.attrs
+    out = {name: attrs.get(name) for name in DETERMINING_ATTRS}
+    for record, parts in DETERMINING_PARTS.items():
+        value = attrs.get(record)
+        out[record] = None if value is None else {part: value.get(part) for part in parts}
+    return out
+
+
 def assert_stores_equal(a: LensStore, b: LensStore, atol: float = 1e-5) -> None:
-    """Integers exactly; floats to fp32 noise (processes with other thread counts sum in
-    another order: seen up to 5e-7 relative on values near 20)."""
-    names = ["tokens", "lengths", "lens_mask", "topk_ids", "target_rank", "topk_logprobs", "entropy", "target_logprob",
-             "kl_to_final"]  # fmt: skip
-    if "activations" in a.group:
-        names.append("activations")
-    for name in names:
+    """Both stores hold the same arrays (names, shapes, dtypes, array attrs) and every one is
+    equal: integers, booleans and texts exactly; floats to fp32 noise (processes with other
+    thread counts sum in another order: seen up to 5e-7 relative on values near 20), NaN where
+    the other has NaN. And the attrs that determine the numbers agree (`determining_attrs`)."""
+    names_a, names_b = sorted(a.group.array_keys()), sorted(b.group.array_keys())
+    assert names_a == names_b, (
+        f"the stores hold different arrays: only in {a.path}: {sorted(set(names_a) - set(names_b))}, "
+        f"only in {b.path}: {sorted(set(names_b) - set(names_a))}"
+    )
+    for name in names_a:
         x, y = a[name], b[name]
+        assert x.dtype == y.dtype and x.shape == y.shape, f"{name}: {x.dtype} {x.shape} against {y.dtype} {y.shape}"
+        assert dict(a.group[name].attrs) == dict(b.group[name].attrs), f"{name}: array attrs differ"
         if x.dtype.kind == "f":
             np.testing.assert_allclose(x, y, atol=atol, rtol=1e-6, equal_nan=True, err_msg=name)
-        else:
+        else:  # integers, booleans, and the texts (prompt_text, generated_text)
             np.testing.assert_array_equal(x, y, err_msg=name)
+    da, db = determining_attrs(a), determining_attrs(b)
+    differ = {k: (da[k], db[k]) for k in da if da[k] != db[k]}
+    assert not differ, f"attrs that determine the numbers differ ({a.path} against {b.path}): {differ}"

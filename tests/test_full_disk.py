@@ -22,18 +22,29 @@ BASE = ["cluster=inprocess", "cluster.micro_batch_size=1", "generation.max_new_t
 PROMPTS = '["The lighthouse keeper", "Once upon a time", "In the beginning", "A cat sat"]'
 
 
+def cannot_mount(reason: str) -> None:
+    """Skip outside CI; under CI (`CI` set: it runs as root) a disk that cannot be mounted fails
+    the test, naming why, so the full-disk path is never silently left untested there."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI={os.environ['CI']!r} but the full-disk test cannot run: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 16 MiB tmpfs at tmp_path/disk, unmounted afterwards."""
     disk = tmp_path / "disk"
     disk.mkdir()
     if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True, text=True
-    )
+        cannot_mount(f"mounting a tmpfs needs root (running as uid {os.geteuid()})")
+    try:
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True, text=True
+        )
+    except OSError as err:  # no mount command at all
+        cannot_mount(f"cannot run mount: {err}")
     if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        cannot_mount(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     yield disk
     subprocess.run(["umount", "-l", str(disk)], check=False)
 
@@ -70,3 +81,12 @@ def test_a_full_disk_stops_in_one_line_and_resume_completes_after_space_is_freed
     assert_stores_equal(store, reference, atol=0)  # same process layout: bit for bit
     done = [r["batch"] for r in store.write_log() if r["event"] == "done"]
     assert sorted(done) == [0, 1, 2, 3]  # every batch completed once: batch 0 was not written again
+
+
+def test_under_ci_a_disk_that_cannot_be_mounted_fails_naming_why(monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI='true'.*needs root"):
+        cannot_mount("mounting a tmpfs needs root")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="needs root"):
+        cannot_mount("mounting a tmpfs needs root")

@@ -223,15 +223,78 @@ def test_position_subset_captures_only_those_positions(tiny_checkpoints, tmp_pat
         assert np.flatnonzero(gen["lens_mask"][row]).tolist() == list(range(len(p), n - 1))
 
 
-def test_1500_position_trajectory_runs(tiny_checkpoints, tmp_path):
+def _tie_free(lp: torch.Tensor, k: int, gap: float = 1e-4) -> torch.Tensor:
+    """[position] True where the top k+1 log-probs are each more than `gap` apart: the top-k
+    ids (and the argmax) cannot swap by float noise there."""
+    top = lp.topk(k + 1, dim=-1).values
+    return (top[:, :-1] - top[:, 1:]).min(-1).values > gap
+
+
+def test_1500_positions_of_two_rows_equal_one_teacher_forced_hf_forward(tiny_checkpoints, references, tmp_path):
+    """Two rows of 4 and 9 prompt tokens (left-padded in one micro-batch: two micro-batches of one
+    row cost 2.5 times the CPU), 1,496 greedy tokens each (no EOS stop), two stages, the default
+    lens window (64) and the store's 512-position chunks: every position of both rows, across
+    every window and chunk boundary. One HF forward over each row's stored tokens: each generated
+    token is the argmax of HF's logits before it, and the lens of layers 0, 1 and the last (every
+    field) is the test's own lm_head(final_norm(h))."""
+    from actors.run_spec import CaptureSettings
+    from actors.store import StoreLayout
+
+    model = references["llama"][0]
+    window, chunk, k = CaptureSettings().window, StoreLayout(0, 0, (), (), 0, 0).position_chunk, 10
+    assert (window, chunk) == (64, 512)
+    prompts, new = [[5, 6, 7, 8], [12, 13, 14, 15, 16, 17, 18, 19, 20]], 1496
     summary, store = run_lens(
-        tiny_checkpoints["llama"], tmp_path / "s.zarr", prompts=[[5, 6, 7, 8]], max_new_tokens=1496,
-        activations=None, lens_window=128, micro_batch_size=1,
+        tiny_checkpoints["llama"], tmp_path / "s.zarr", prompts=prompts, max_new_tokens=new, activations=None,
+        lens_window=window, micro_batch_size=2, num_stages=2, k=k, layers=(0, 1, 3),
     )  # fmt: skip
-    assert int(store["lengths"][0]) == 1500
-    assert store["lens_mask"][0].sum() == 1499
-    assert summary["positions"] == 1500
-    assert (store["topk_ids"][0, :, 0, :1499, 0] >= 0).all()
+    assert store["lengths"].tolist() == [1500, 1505] and summary["positions"] == 3005
+    assert store.group["topk_ids"].chunks[3] == chunk and store["tokens"].shape[1] == 1505
+    n_layers = model.config.num_hidden_layers
+    assert store.layers == [0, 1, n_layers - 1]
+    checked = 0
+    for row, prompt in enumerate(prompts):
+        tokens = torch.tensor(store.tokens(row).tolist())[None]
+        n = tokens.shape[1] - 1  # the lens exists at every position but the last
+        assert np.flatnonzero(store["lens_mask"][row]).tolist() == list(range(n))
+        assert (store["topk_ids"][row, :, 0, :n] >= 0).all() and np.isnan(store["entropy"][row, :, 0, n:]).all()
+        with torch.no_grad():
+            out = model(tokens, output_hidden_states=True)
+        logits = out.logits[0, :n].float()
+        final = torch.log_softmax(logits, -1)
+        # greedy: every generated token is HF's argmax at the position before it (near-ties aside)
+        gen = slice(len(prompt) - 1, n)
+        decided = _tie_free(final[gen], 1)
+        assert decided.float().mean() > 0.99
+        expected = logits[gen].argmax(-1)
+        assert torch.equal(tokens[0, len(prompt) :][decided], expected[decided]), row
+        targets = tokens[0, 1:]
+        for li, layer in enumerate(store.layers):
+            last = layer == n_layers - 1
+            lp = lens_reference(model, out.hidden_states[layer + 1][0, :n], normed=last)  # HF's last is normed
+
+            def ours(name, li=li, row=row, n=n):
+                return torch.from_numpy(store[name][row, li, 0, :n])
+
+            where = f"row {row} layer {layer}"
+            top = lp.topk(k, dim=-1)
+            close = dict(atol=1e-4, rtol=0, msg=lambda m, w=where: f"{w}: {m}")
+            torch.testing.assert_close(ours("topk_logprobs"), top.values, **close)
+            clear = _tie_free(lp, k)
+            assert clear.float().mean() > 0.95, where
+            assert torch.equal(ours("topk_ids").long()[clear], top.indices[clear]), where
+            target = lp.gather(1, targets[:, None])[:, 0]
+            torch.testing.assert_close(ours("target_logprob"), target, **close)
+            torch.testing.assert_close(ours("entropy"), -(lp.exp() * lp).sum(-1), **close)
+            torch.testing.assert_close(ours("kl_to_final"), (final.exp() * (final - lp)).sum(-1), **close)
+            rank = (lp > target[:, None]).sum(-1)
+            untied = ((lp - target[:, None]).abs() > 1e-4).sum(-1) == lp.shape[-1] - 1  # no other near the target
+            assert untied.float().mean() > 0.95, where
+            assert torch.equal(ours("target_rank").long()[untied], rank[untied]), where
+            if last:  # the last layer's lens is the model's own distribution
+                torch.testing.assert_close(ours("topk_logprobs"), final.topk(k, dim=-1).values, **close)
+            checked += n
+    assert checked == 3 * (1499 + 1504)
 
 
 def test_left_pad_matches_reference_layout():

@@ -49,6 +49,54 @@ def test_steered_pipeline_equals_hooked_hf_model(site, tiny_checkpoints, tmp_pat
             torch.testing.assert_close(acts[layer, :n], ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("site", STEERING_SITES)
+def test_an_edit_at_the_last_layer_equals_the_hooked_hf_models_logits(site, tiny_checkpoints, tmp_path):
+    """An edit at layer n-1, the last stage's last layer (resid_post: right before the final
+    norm and the head), two stages, micro-batches of 2 rows (7 and 3 tokens left-padded, then 5):
+    the generated tokens are HF's hooked `generate`, and teacher-forced on the store's tokens the
+    hooked HF model's logits are the stored scores (logits of score_ids at each generated step),
+    its log-softmax the last layer's lens (k = vocab: the whole distribution) and its last
+    hidden state the stored last-layer state, final-normed."""
+    path = tiny_checkpoints["llama"]
+    model = load_reference(path)  # fresh: the edit hook must run before HF's hidden-state recorders
+    last, vocab = model.config.num_hidden_layers - 1, model.config.vocab_size
+    vector = torch.randn(64, generator=torch.Generator().manual_seed(9))
+    coefficient, new, score_ids = 1.5, 5, [40, 41, 97]
+    _, store = run_lens(
+        path, tmp_path / "s.zarr", num_stages=2, micro_batch_size=2, max_new_tokens=new, k=vocab,
+        score_ids=tuple(score_ids), steering=(SteeringEdit(last, site, vector.numpy(), "all", coefficient),),
+    )  # fmt: skip
+    assert store.layers[-1] == last
+    hook = _hook_hf(model, last, site, vector, coefficient)
+    try:
+        generated, pad = hf_generate(model, PROMPTS, new)
+        steered = []
+        for row in range(len(PROMPTS)):
+            assert store.tokens(row).tolist() == generated.sequences[row, int(pad[row]) :].tolist(), row
+            tokens = torch.as_tensor(store.tokens(row).tolist())[None]
+            n = tokens.shape[1] - 1
+            with torch.no_grad():
+                out = model(tokens, output_hidden_states=True)
+            logits = out.logits[0, :n].float()
+            steered.append(logits)
+            close = dict(atol=1e-4, rtol=0, msg=lambda m, r=row: f"row {r}: {m}")
+            start = len(PROMPTS[row]) - 1  # step 0 scores the last prompt position
+            torch.testing.assert_close(torch.from_numpy(store["scores"][row]), logits[start:, score_ids], **close)
+            ids = torch.from_numpy(store["topk_ids"][row, last, 0, :n]).long()
+            lp = torch.log_softmax(logits, -1).gather(1, ids)
+            torch.testing.assert_close(torch.from_numpy(store["topk_logprobs"][row, last, 0, :n]), lp, **close)
+            acts = torch.from_numpy(store.activations(row))[last, 0, :n]
+            with torch.no_grad():
+                normed = final_norm(model)(acts)
+            torch.testing.assert_close(normed, out.hidden_states[-1][0, :n], atol=1e-5, rtol=0)
+    finally:
+        hook.remove()
+    for row, logits in enumerate(steered):  # the edit moves the logits far past the tolerance
+        with torch.no_grad():
+            plain = model(torch.as_tensor(store.tokens(row).tolist())[None]).logits[0, : len(logits)]
+        assert (plain - logits).abs().max() > 1e-1, row
+
+
 def test_two_edits_at_one_site_add_up_like_two_hooks(tiny_checkpoints, tmp_path):
     path = tiny_checkpoints["llama"]
     model = load_reference(path)
