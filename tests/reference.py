@@ -93,14 +93,9 @@ def run_lens(path, store_path, **overrides) -> tuple[dict, LensStore]:
     prompts = spec.pop("prompts", PROMPTS)
     executor = spec.pop("executor_pool", None)
     spec = run_spec(**spec)
-    if executor is not None:  # stage actors from a pool; the coordinator in this process
-        summary = Coordinator(spec, executor).run(prompts)
-    elif spec.cluster.executor == "ray":
-        import ray
-
-        summary = ray.get(ray.remote(Coordinator).options(num_cpus=0).remote(spec).run.remote(prompts))
-    else:
-        summary = Coordinator(spec).run(prompts)
+    # The coordinator in this process, as every driver runs it (pipelines/session.py); its stages
+    # in-process, Ray actors of the spec's cluster, or actors from a pool.
+    summary = Coordinator(spec, executor).run(prompts)
     return summary, LensStore.open(store_path)
 
 
