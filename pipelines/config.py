@@ -191,6 +191,12 @@ class BenchConf:
     tune_batch: int = 4  # sequences per step
     tune_tokens: int = 128  # tokens per sequence
     peers: list[str] = field(default_factory=lambda: ["nnsight", "transformer_lens", "steering_vectors"])
+    # which workloads run (each also skipped by its own settings); pipelines.bench.settings.WORKLOADS names them
+    workloads: list[str] = field(
+        default_factory=lambda: ["lens_floor", "long", "trajectory", "scaling", "sweep", "study", "tune", "capture"]
+    )
+    capture_size: int = 128  # the capture workload's generated tokens
+    capture_rounds: int = 3  # its rounds, every system once per round, in turn
 
 
 @dataclass

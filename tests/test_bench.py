@@ -4,9 +4,10 @@ never asserted here; the like-for-like checks are."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
-from driver import run_driver
+from driver import REPO, run_driver
 
 
 def test_study_workload_packed_and_one_at_a_time_agree(tiny_with_tokenizer, tmp_path):
@@ -27,31 +28,86 @@ def test_study_workload_packed_and_one_at_a_time_agree(tiny_with_tokenizer, tmp_
     assert packed["hf_forward_s"] > 0 and packed["padded_tokens"] >= packed["rows"]
 
 
-def test_bench_smoke(tiny_with_tokenizer, tmp_path):
+def compose_bench(tmp_path, *overrides: str):
+    """The bench driver's config as `python -m pipelines.bench <overrides>` composes it."""
+    from hydra import compose, initialize_config_dir
+
+    from pipelines.config import register
+
+    register()
+    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+        return compose("bench", [*overrides, f"storage.root={tmp_path}", "storage.run=b"])
+
+
+def test_bench_driver_measures_in_fresh_processes_and_reports_again(tiny_with_tokenizer, tmp_path):
+    """`python -m pipelines.bench` end to end, each measurement a fresh process: the long
+    trajectory, whose memory figures need a process of their own; then the report again from
+    results.json alone."""
     result = run_driver(
-        "pipelines.bench", f"model.name={tiny_with_tokenizer}", "sizes=[3]", "long_size=42", "long_prompts=[1,2]", "baseline_max=3",
-        "stages=[2]", "ray_stages=[]", "repeats=1", "sweep_coefficients=[3]", "sweep_items=2", "peers=[]",
-        "scaling_size=3", "scaling_layers=[1]", "scaling_prompts=[2]", f"storage.root={tmp_path}", "storage.run=b",
-        "study_datasets=null", "tune_steps=2", "tune_batch=2", "tune_tokens=8",
-        cwd=tmp_path,
+        "pipelines.bench", f"model.name={tiny_with_tokenizer}", "workloads=[long]", "long_size=42",
+        "long_prompts=[1,2]", f"storage.root={tmp_path}",
+        "storage.run=b", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "bench" / "b"
     listed = json.loads((out / "results.json").read_text())["rows"]
+    assert not (out / "results.partial.json").exists()  # rows as measured, gone once results.json is whole
+    assert all("error" not in r for r in listed), [r for r in listed if "error" in r]
+    assert {r["workload"] for r in listed} == {"trajectory_42pos"}  # only the workload asked for
+    table = (out / "table.md").read_text()
+    # the long trajectory (39 prompt positions + 3): the baseline measured there, not extrapolated
+    long = {r["system"]: r for r in listed if r["workload"] == "trajectory_42pos"}
+    assert {"hf_generate", "distlens_local_2stage", "distlens_local_2stage_batch2", "paper_baseline"} <= set(long)
+    assert not long["paper_baseline"].get("extrapolated") and long["paper_baseline"]["T"] == 3
+    assert long["distlens_local_2stage"]["top1_agreement"] == 1.0
+    assert long["distlens_local_2stage"]["max_logprob_diff"] < 1e-4
+    assert long["distlens_local_2stage_batch2"]["positions"] == 2 * 42
+    assert all(long[s]["capture_memory"] > 0 for s in ("paper_baseline", "distlens_local_2stage"))
+    assert "(trajectory_42pos, T=3, the largest T it was measured at; 2 prompts in one batch" in table
+    assert (out / "results.csv").exists()
+    (out / "table.md").unlink()
+    again = run_driver(
+        "pipelines.bench", f"model.name={tiny_with_tokenizer}", "report_only=true", f"storage.root={tmp_path}",
+        "storage.run=b", cwd=tmp_path,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "table.md").read_text() == table
+
+
+def test_bench_suite_runs_every_other_workload(tiny_with_tokenizer, tmp_path, monkeypatch):
+    """The suite's other workloads with each measurement in this process (the driver test
+    above runs them in fresh processes; no figure asserted here needs one): the rows, the
+    like-for-like checks against the paper's baseline, the lens figures, the report."""
+    from pipelines.bench import suite, worker
+
+    # a job and its figures cross a JSON boundary, as between processes
+    monkeypatch.setattr(
+        suite, "measure", lambda job, python=None: json.loads(json.dumps(worker.run_job(json.loads(json.dumps(job)))))
+    )
+    cfg = compose_bench(
+        tmp_path, f"model.name={tiny_with_tokenizer}", "workloads=[lens_floor,trajectory,scaling,sweep,tune,capture]",
+        "sizes=[3]", "baseline_max=3", "stages=[2]", "ray_stages=[]", "repeats=1", "sweep_coefficients=[2]",
+        "sweep_items=2", "peers=[]", "scaling_size=3", "scaling_layers=[1]", "scaling_prompts=[2]",
+        "tune_steps=2", "tune_batch=2", "tune_tokens=8", "capture_size=3", "capture_rounds=1",
+    )  # fmt: skip
+    out = tmp_path / "bench" / "b"
+    listed = suite.run(cfg, out)
+    assert listed == json.loads((out / "results.json").read_text())["rows"]
+    assert all("error" not in r for r in listed), [r for r in listed if "error" in r]
+    assert not (out / "results.partial.json").exists()
     tuned = next(r for r in listed if r["system"] == "tune_distlens_2stage")  # the same training as the plain loop
     assert tuned["vs_plain_torch"] > 0 and tuned["max_kl_difference"] < 1e-4 and tuned["tokens"] == 32
     assert "tuned-lens training tokens/s against a single-process plain torch loop" in (out / "table.md").read_text()
-    assert not (out / "results.partial.json").exists()  # rows as measured, gone once results.json is whole
     rows = {r["system"]: r for r in listed if r["workload"] in ("trajectory", "sweep")}
     swept = {r["steer_positions"] for r in listed if r["system"] == "distlens_sweep_one_pass"}
     assert swept == {"last", "all"}  # label-position (shared prefix) and every position
     assert {"hf_generate", "distlens_local_2stage", "paper_baseline", "distlens_sweep_one_pass"} <= set(rows)
-    assert all("error" not in r for r in rows.values()), [r for r in rows.values() if "error" in r]
     # the staged lens and the naive baseline see the same trajectory
     assert rows["distlens_local_2stage"]["top1_agreement"] == 1.0
     assert rows["distlens_local_2stage"]["max_logprob_diff"] < 1e-4
     assert rows["distlens_sweep_one_pass"]["cost_vs_unsteered_pass"] > 0
     by_workload = {(r["workload"], r["system"], r["T"]): r for r in listed}
+    assert by_workload["lens_floor", "lens_floor", 0]["lens_ms_per_row"] > 0
     traj = by_workload["trajectory", "distlens_local_2stage", 3]
     # one prompt here, so the positions of its one store row; the last has no next token, so no lens
     positions = traj["positions"]
@@ -64,47 +120,77 @@ def test_bench_smoke(tiny_with_tokenizer, tmp_path):
     comps = by_workload["trajectory_components", "distlens_local_2stage", 3]
     assert (comps["lens_layers"], comps["lens_components"]) == (layers, 3)  # resid_post, attn_out, mlp_out
     assert comps["positions"] == positions and comps["bytes_written"] > traj["bytes_written"]
-    # the long trajectory (39 prompt positions + 3): the baseline measured there, not extrapolated
-    long = {r["system"]: r for r in listed if r["workload"] == "trajectory_42pos"}
-    assert {"hf_generate", "distlens_local_2stage", "distlens_local_2stage_batch2", "paper_baseline"} <= set(long)
-    assert not long["paper_baseline"].get("extrapolated") and long["paper_baseline"]["T"] == 3
-    assert long["distlens_local_2stage"]["top1_agreement"] == 1.0
-    assert long["distlens_local_2stage_batch2"]["positions"] == 2 * 42
-    assert all(long[s]["capture_memory"] > 0 for s in ("paper_baseline", "distlens_local_2stage"))
-    assert "(trajectory_42pos, T=3, the largest T it was measured at; 2 prompts in one batch" in (
-        (out / "table.md").read_text()
-    )
     one_layer = by_workload["scaling_layers", "distlens_local_2stage", 1]
     assert one_layer["lens_layers"] == 1 and one_layer["tokens_per_s"] > 0
     for system in ("distlens_local_2stage", "distlens_local_2stage_nocapture", "hf_generate"):
         assert by_workload["scaling_prompts", system, 2]["tokens_per_s"] > 0, system
     assert by_workload["scaling_prompts", "distlens_local_2stage", 2]["positions"] == 2 * positions
+    capture = {r["system"]: r for r in listed if r["workload"] == "capture"}
+    assert set(capture) == {"hf_generate", "distlens_local_2stage", "distlens_local_2stage_kl_off"}  # no nnsight
+    on, off = capture["distlens_local_2stage"], capture["distlens_local_2stage_kl_off"]
+    # the same layout either way (96 bytes per row before the codec, kl_to_final among them), the
+    # same greedy trajectory; without kl_to_final its chunks stay empty and are not written
+    positions = on["positions"]
+    for r in (on, off):
+        assert r["bytes_per_row"] * r["compression"] == pytest.approx(96 * positions / (positions - 1))
+    assert off["bytes_per_row"] < on["bytes_per_row"]
+    for r in (on, off):  # the ratio is this run's own: against HF generate's figure in the same round
+        assert r["vs_hf_generate_rounds"] == [r["tokens_per_s"] / capture["hf_generate"]["tokens_per_s"]]
+    assert (
+        "all-layer capture keeps >= 0.5x plain generation (capture, T=3, kl_to_final off;"
+        in (out / "table.md").read_text()
+    )
     for name in ("results.csv", "table.md", "throughput_vs_T.png", "memory_vs_T.png", "sweep_cost.png", "scaling.png"):
         assert (out / name).exists()
-    # the report again from results.json alone, nothing measured: the same table
-    table = (out / "table.md").read_text()
-    (out / "table.md").unlink()
-    again = run_driver(
-        "pipelines.bench", f"model.name={tiny_with_tokenizer}", "report_only=true", f"storage.root={tmp_path}",
-        "storage.run=b", cwd=tmp_path,
-    )  # fmt: skip
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert (out / "table.md").read_text() == table
 
 
-def test_gpu_bench_path_runs_on_cpu(tmp_path):
-    """The GPU script, on the CPU with a tiny random model: every system runs, the paper's
-    baseline and distlens see the same trajectory, and the ratio is recorded."""
-    result = run_driver(
-        "pipelines.bench.gpu", "--out", str(tmp_path), "--device", "cpu", "--shapes", "tiny",
-        "--tokens", "12", "--baseline-tokens", "6", cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_capture_rounds_take_turns_and_ratios_stay_within_a_round():
+    """The capture workload's schedule and arithmetic on made-up figures: every system once
+    per round, the order rotating by one; each ratio is of two figures from the same round."""
+    from types import SimpleNamespace
+
+    from pipelines.bench.capture import capture_rows
+    from pipelines.bench.suite import row
+
+    names = ["hf_generate", "distlens_local_2stage", "distlens_local_2stage_kl_off", "nnsight"]
+    speed = dict(zip(names, (20.0, 16.0, 18.0, 12.0)))
+    ran = []  # (system, tokens/s) in the order measured
+
+    def measure(job):  # the machine slows down as the run goes on: ratios across rounds would drift
+        assert job["T"] == 5
+        name = {"hf_generate": names[0], "nnsight": names[3]}.get(job["system"])
+        name = name or (names[1] if job.get("kl_to_final", True) else names[2])
+        ran.append((name, speed[name] / (1 + 0.1 * len(ran))))
+        return {"tokens_per_s": ran[-1][1], "wall_s": 1.0}
+
+    rows = {
+        r["system"]: r
+        for r in capture_rows(SimpleNamespace(peers=["nnsight"], capture_size=5, capture_rounds=3), measure, row)
+    }
+    assert [n for n, _ in ran] == names + names[1:] + names[:1] + names[2:] + names[:2]
+    figures = {n: [tps for m, tps in ran if m == n] for n in names}  # round by round
+    for n in names[1:3]:
+        want = [a / b for a, b in zip(figures[n], figures["hf_generate"])]
+        assert rows[n]["vs_hf_generate_rounds"] == pytest.approx(want)
+        assert (rows[n]["vs_hf_generate_min"], rows[n]["vs_hf_generate_max"]) == pytest.approx((min(want), max(want)))
+        assert rows[n]["vs_nnsight_rounds"] == pytest.approx([a / b for a, b in zip(figures[n], figures["nnsight"])])
+        assert rows[n]["repeats"] == 3
+    assert "vs_hf_generate" not in rows["hf_generate"]
+
+
+def test_gpu_bench_path_runs_on_cpu(tmp_path, monkeypatch):
+    """The GPU script, on the CPU with a tiny random model, in this process: every system
+    runs, the paper's baseline and distlens see the same trajectory, and the ratio is recorded."""
+    from pipelines.bench import gpu
+
+    argv = ["--out", str(tmp_path), "--device", "cpu", "--shapes", "tiny", "--tokens", "6", "--baseline-tokens", "4"]
+    monkeypatch.setattr("sys.argv", ["pipelines.bench.gpu", *argv])
+    gpu.main()
     results = json.loads((tmp_path / "bench_gpu.json").read_text())
     rows = {r["system"]: r for r in results["rows"]}
     assert set(rows) == {
         "hf_generate", "distlens_inprocess_capture", "distlens_inprocess_nocapture",
-        "distlens_inprocess_capture_T6", "distlens_inprocess_nocapture_T6", "paper_baseline",
+        "distlens_inprocess_capture_T4", "distlens_inprocess_nocapture_T4", "paper_baseline",
         "paper_baseline_nocapture",
     }  # fmt: skip
     assert all("error" not in r for r in rows.values()), [r for r in rows.values() if "error" in r]
@@ -152,6 +238,7 @@ def test_like_for_like_names_where_a_peer_parted_and_targets_take_its_fastest_ag
         ("sizes=[]", "sizes=[] is empty"),
         ("sweep_positions=[middle]", "sweep_positions='middle' is not valid: choose one of ['last', 'all']"),
         ("long_size=2", "long_size=2 is out of range: positions must exceed the prompt's"),
+        ("workloads=[plots]", "workloads='plots' is not valid: choose one of ['lens_floor', 'long', 'trajectory',"),
         (
             "data_root=/nonexistent scaling_layers=[1]",
             "sweep_dataset='corrigible-neutral-HHH': /nonexistent/corrigible-neutral-HHH.jsonl",
@@ -159,14 +246,25 @@ def test_like_for_like_names_where_a_peer_parted_and_targets_take_its_fastest_ag
     ],
 )
 def test_bench_refuses_bad_settings_before_measuring(tiny_with_tokenizer, tmp_path, override, message):
+    """The settings checks, in this process (the driver test below prints one as one line)."""
+    from pipelines.bench.suite import run
+    from pipelines.config import ConfigError
+
+    cfg = compose_bench(tmp_path, f"model.name={tiny_with_tokenizer}", *override.split())
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run(cfg, tmp_path / "bench" / "b")
+    assert not (tmp_path / "bench" / "b" / "results.json").exists()  # nothing measured, nothing written
+
+
+def test_bench_driver_refuses_bad_settings_in_one_line(tiny_with_tokenizer, tmp_path):
     result = run_driver(
-        "pipelines.bench", f"model.name={tiny_with_tokenizer}", *override.split(), f"storage.root={tmp_path}", "storage.run=b",
+        "pipelines.bench", f"model.name={tiny_with_tokenizer}", "sizes=[]", f"storage.root={tmp_path}", "storage.run=b",
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("distlens: error:")]
-    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
-    assert not (tmp_path / "bench" / "b" / "results.json").exists()  # nothing measured, nothing written
+    assert len(errors) == 1 and "sizes=[] is empty" in errors[0], result.stderr[-2000:]
+    assert not (tmp_path / "bench" / "b" / "results.json").exists()
 
 
 def test_kept_cpu_results_rebuild_the_kept_table():

@@ -8,6 +8,12 @@ from pathlib import Path
 from actors.vocabulary import COMPONENTS
 from pipelines.config import ConfigError, at_least, choice
 
+# The workloads `workloads=[...]` selects from, each also skipped by its own settings:
+# the lens's own cost, the long trajectory, the trajectory at each of `sizes`, the components and
+# scaling rows, the steering sweep, the steering study, tuned-lens training, and the capture
+# workload (HF generate, distlens with and without kl_to_final and nnsight, rounds in turn).
+WORKLOADS = ("lens_floor", "long", "trajectory", "scaling", "sweep", "study", "tune", "capture")
+
 
 def sweep_dataset_path(cfg) -> Path:
     """The A/B dataset the sweep workload scores."""
@@ -19,30 +25,33 @@ def sweep_dataset_path(cfg) -> Path:
 def check(cfg, n_layers: int, prompt_len: int) -> None:
     """Refuse settings the workloads cannot run, for a model of `n_layers` layers and a prompt of
     `prompt_len` tokens."""
-    if not cfg.sizes:
+    for value in cfg.workloads:
+        choice("workloads", value, WORKLOADS)
+    chosen = set(cfg.workloads)
+    if not cfg.sizes and chosen & {"trajectory", "scaling"}:
         raise ConfigError("sizes=[] is empty: give the trajectory's generated tokens T, e.g. sizes=[64,256]")
     for name in ("sizes", "stages", "ray_stages", "scaling_prompts", "sweep_coefficients", "long_prompts"):
         for value in cfg[name]:
             at_least(name, value, 1)
-    for name in ("scaling_size", "repeats", "prompts", "sweep_items"):
+    for name in ("scaling_size", "repeats", "prompts", "sweep_items", "capture_size", "capture_rounds"):
         at_least(name, cfg[name], 1)
     at_least("tune_steps", cfg.tune_steps, 0)
     if cfg.tune_steps:
         at_least("tune_batch", cfg.tune_batch, 1)
         at_least("tune_tokens", cfg.tune_tokens, 2)
-    if cfg.long_size is not None and cfg.long_size <= prompt_len:
+    if "long" in chosen and cfg.long_size is not None and cfg.long_size <= prompt_len:
         raise ConfigError(
             f"long_size={cfg.long_size} is out of range: positions must exceed the prompt's {prompt_len} "
             "(or long_size=null to skip the long trajectory)"
         )
     for value in cfg.sweep_positions:
         choice("sweep_positions", value, ("last", "all"))
-    for value in cfg.scaling_layers:
+    for value in cfg.scaling_layers if "scaling" in chosen else []:
         if not 1 <= value <= n_layers:
             raise ConfigError(f"scaling_layers={value!r} is out of range: layers captured must be 1..{n_layers}")
     for value in cfg.components:
         choice("components", value, COMPONENTS)
-    if cfg.sweep_coefficients:
+    if "sweep" in chosen and cfg.sweep_coefficients:
         path = sweep_dataset_path(cfg)
         if not path.is_file():
             raise ConfigError(

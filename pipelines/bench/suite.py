@@ -1,5 +1,7 @@
 """The CPU suite: named workloads (trajectories of several lengths, the long trajectory, the
-scaling workloads, a steering sweep, a steering study, tuned-lens training) on named systems, each measurement in a fresh process.
+scaling workloads, a steering sweep, a steering study, tuned-lens training, capture against
+plain generation in rounds) on named systems, each measurement in a fresh process; `workloads`
+picks which run.
 Writes results.json / results.csv (one row per system x workload x size: median and min/max
 over repeats); the report is `report`'s."""
 
@@ -17,6 +19,7 @@ import numpy as np
 
 from pipelines.bench import peers
 from pipelines.bench.agreement import agreement, like_for_like, same_scores
+from pipelines.bench.capture import capture_rows
 from pipelines.bench.report import report
 from pipelines.bench.settings import check, sweep_dataset_path
 from pipelines.bench.study import study_rows
@@ -57,18 +60,21 @@ def run(cfg, out_dir: Path) -> list[dict]:
     scratch.mkdir(parents=True, exist_ok=True)
     base = {"model_path": str(checkpoint.path), "prompt": prompt, "prompts": cfg.prompts, "scratch": str(scratch)}
     rows = []
+    chosen = set(cfg.workloads)
 
-    def bench(label, workload, size, repeats=None, **job):
+    def measure_one(job):
+        """One measurement of `job` (over the run's model and prompt) in a fresh process."""
         python = sys.executable
         if job["system"] in peers.ENV_OF:
             try:
                 python = peers.peer_python(job["system"])
             except subprocess.CalledProcessError as err:
-                runs = [{"error": f"could not install {peers.ENVS[peers.ENV_OF[job['system']]]}: {err}"}]
-                rows.append(row(label, workload, size, runs))
-                return rows[-1], runs[0]
+                return {"error": f"could not install {peers.ENVS[peers.ENV_OF[job['system']]]}: {err}"}
+        return measure({**base, **job}, python)
+
+    def bench(label, workload, size, repeats=None, **job):
         # job["T"], where given, is the tokens generated (a sweep's size is its coefficients)
-        runs = [measure({**base, "T": size, **job}, python) for _ in range(repeats or cfg.repeats)]
+        runs = [measure_one({"T": size, **job}) for _ in range(repeats or cfg.repeats)]
         r = row(label, workload, size, runs, **{k: v for k, v in job.items() if k in ("stages", "executor")})
         rows.append(r)
         # every row as it is measured: a run that stops later keeps what it measured
@@ -84,10 +90,11 @@ def run(cfg, out_dir: Path) -> list[dict]:
         print(f"{workload:>12} T={size:<5} {label:<28} {shown}", flush=True)
         return r, runs[0]
 
-    if cfg.lens_floor:  # the exact lens's own cost here: a ceiling on any system's capture throughput
+    # the exact lens's own cost here: a ceiling on any system's capture throughput
+    if cfg.lens_floor and "lens_floor" in chosen:
         floor, _ = bench("lens_floor", "lens_floor", 0, system="lens_floor")
         floor["prompt_tokens"] = len(prompt)
-    long_t = cfg.long_size - len(prompt) if cfg.long_size else None
+    long_t = cfg.long_size - len(prompt) if cfg.long_size and "long" in chosen else None
     long_workload = f"trajectory_{cfg.long_size}pos"
     long_ours = {}  # prompts per batch -> (row, run) of distlens at the long size
     if long_t:  # the long trajectory: distlens and plain generation, one repeat (minutes each)
@@ -99,7 +106,7 @@ def run(cfg, out_dir: Path) -> list[dict]:
             r.update(long_memory(got))
             if p > 1:
                 r["note"] = f"{p} prompts in one batch; tokens/s over all of them"
-    for size in cfg.sizes:
+    for size in cfg.sizes if "trajectory" in chosen else []:
         trajectory_rows(cfg, size, len(prompt), rows, bench)
     if long_t and cfg.baseline_long:  # measured, not extrapolated: the slowest row of the run
         print(f"[bench] paper_baseline at T={long_t}: every token re-runs the whole prefix (about an hour here)",
@@ -111,12 +118,20 @@ def run(cfg, out_dir: Path) -> list[dict]:
             ours_row.update(agreement(ours_run, base_run, len(prompt)))
     elif long_t:
         rows.append(extrapolate_baseline(rows, long_t, cfg.long_size))
-    scaling_rows(cfg, hf, bench)
-    rows += sweep_rows(cfg, tokenizer, hf, bench)
-    if cfg.study_datasets:
+    if "scaling" in chosen:
+        scaling_rows(cfg, hf, bench)
+    if "sweep" in chosen:
+        rows += sweep_rows(cfg, tokenizer, hf, bench)
+    if cfg.study_datasets and "study" in chosen:
         rows += study_rows(cfg, bench)
-    if cfg.tune_steps:
+    if cfg.tune_steps and "tune" in chosen:
         rows += tune_rows(cfg, bench)
+    if "capture" in chosen:
+        # every measurement as it is made: a run stopped in its rounds keeps the rounds it measured
+        def keep(so_far):
+            (out_dir / "results.partial.json").write_text(json.dumps({"rows": rows + so_far}, indent=2))
+
+        rows += capture_rows(cfg, measure_one, row, keep)
     write(rows, cfg, out_dir)
     (out_dir / "results.partial.json").unlink(missing_ok=True)
     report(rows, out_dir)
@@ -271,6 +286,7 @@ def write(rows, cfg, out_dir: Path) -> None:
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpus": os.cpu_count(), "python": platform.python_version()}  # fmt: skip
     meta = {"machine": machine, "repeats": cfg.repeats, "model": cfg.model.name, "prompts": cfg.prompts,
+            "workloads": list(cfg.workloads), "capture_rounds": cfg.capture_rounds,
             "warm_up": "each repeat is a fresh process; only generation is timed, after the model is loaded"}  # fmt: skip
     (out_dir / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     keys = list(dict.fromkeys(k for r in rows for k in r))

@@ -148,7 +148,8 @@ def lens_floor(job: dict) -> dict:
 
 def distlens(job: dict) -> dict:
     """distlens: the staged pipeline (`executor`, `stages`), every layer's `resid_post` lens
-    (or the job's `layers` and `components`; none with `no_capture`) at k=10, written to Zarr;
+    (or the job's `layers` and `components`; none with `no_capture`) at k=10, with its KL to the
+    final layer unless `kl_to_final` is false, written to Zarr;
     with a `vector`, steered at `steer_layer` for each of the job's `coefficients`."""
     from actors.coordinator import Coordinator
     from actors.store import LensStore
@@ -232,7 +233,8 @@ def run_spec(job: dict, prompts: int, tokens: int):
             micro_batch_size=prompts * len(job.get("coefficients") or [1]), micro_batches_in_flight=1,
         ),
         capture=CaptureSettings(
-            layers=layers, components=tuple(job.get("components", ["resid_post"])), k=10, window=job.get("window", 64)
+            layers=layers, components=tuple(job.get("components", ["resid_post"])), k=10, window=job.get("window", 64),
+            kl_to_final=job.get("kl_to_final", True),
         ),
         generation=GenerationSettings(tokens, SamplingSpec(eos_token_ids=(), pad_token_id=0)),
         steering=SteeringSettings(steering, job.get("coefficients"), tuple(job.get("score_ids", ()))),

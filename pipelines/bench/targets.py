@@ -96,6 +96,7 @@ def check(rows: list[dict]) -> list[str]:
                 out.append(f"| faster than {p['system']} (T={t}; like for like: {agree}) | {ratio:.2f}x | {verdict} |")
             elif p.get("error"):
                 out.append(f"| faster than {peer} (T={t}) | did not run: {p['error']} | MISSED |")
+    out += capture_targets(rows)
     cost = TARGETS["sweep_cost"]
     sweeps = [r for r in rows if r["system"] == "distlens_sweep_one_pass" and "cost_vs_unsteered_pass" in r]
     for where in dict.fromkeys(r.get("steer_positions", "all") for r in sweeps):
@@ -161,5 +162,34 @@ def long_targets(rows: list[dict]) -> list[str]:
             out.append(
                 f"| capture memory >= {memory:g}x lower than the baseline's ({workload}, T={t}; peak RSS above the process "
                 f"before generating, distlens's with its model) | {mem:.1f}x lower | {'met' if mem >= memory else 'MISSED'} |"
+            )
+    return out
+
+
+def capture_targets(rows: list[dict]) -> list[str]:
+    """The capture workload's ratios, each taken within one round (its median, then its range
+    over the rounds): distlens against plain generation (with and without kl_to_final) and
+    against nnsight, verdicts on the median."""
+    keep, out = TARGETS["keeps_generation"], []
+    for r in rows:
+        if r["workload"] != "capture" or not r["system"].startswith("distlens"):
+            continue
+        what = "kl_to_final off" if r["system"].endswith("_kl_off") else "defaults, kl_to_final on"
+        rounds = len(r.get("vs_hf_generate_rounds", []))
+        where = f"capture, T={r['T']}, {what}; ratio per round, {rounds} rounds in turn"
+        if "vs_hf_generate" in r:
+            ratio = r["vs_hf_generate"]
+            out.append(
+                f"| all-layer capture keeps >= {keep:g}x plain generation ({where}) | {ratio:.2f}x "
+                f"({r['vs_hf_generate_min']:.2f}-{r['vs_hf_generate_max']:.2f}) | {'met' if ratio >= keep else 'MISSED'} |"
+            )
+        peer = next((x for x in rows if x["workload"] == "capture" and x["system"] == "nnsight"), {})
+        if "vs_nnsight" in r:
+            agree = peer.get("like_for_like", "unchecked")
+            ratio = r["vs_nnsight"]
+            verdict = ("met" if ratio > 1 else "MISSED") if agree == "ok" else "not comparable: the peer disagrees"
+            out.append(
+                f"| faster than nnsight ({where}; like for like: {agree}) | {ratio:.2f}x "
+                f"({r['vs_nnsight_min']:.2f}-{r['vs_nnsight_max']:.2f}) | {verdict} |"
             )
     return out

@@ -27,21 +27,24 @@ def measure(job: dict, python: str = sys.executable) -> dict:
     return json.loads(line[len(PREFIX) :])
 
 
-def main() -> None:
+def run_job(job: dict) -> dict:
+    """The job's system run in this process (what the fresh process runs): its figures."""
     import torch
 
     from pipelines.bench import peers, study, systems, tune
 
-    job = json.loads(sys.argv[1])
     torch.manual_seed(0)
-    result = {
+    return {
         **systems.RUNNERS,
         **peers.RUNNERS,
         "steer_study": study.steer_study,
         "tune_distlens": tune.tune_distlens,
         "tune_plain": tune.tune_plain,
     }[job["system"]](job)
-    print(PREFIX + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    print(PREFIX + json.dumps(run_job(json.loads(sys.argv[1]))), flush=True)
 
 
 if __name__ == "__main__":
