@@ -20,12 +20,11 @@ def run_driver(
     """`env`: extra variables for this run (e.g. RAY_ADDRESS); `script`: `module` is a script
     path run as `python <script> ...` (a test-side wrapper around a driver). The process is
     forked from a Python that has the heavy libraries imported (tests/driver_zygote.py) when
-    the extra variables are ones those libraries do not read at import; else a fresh one."""
-    base = dict(os.environ, PYTHONPATH=str(REPO), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    base.pop("RAY_ADDRESS", None)
-    extra = env or {}
-    env = {**base, **extra}
-    if all(_read_late(k) for k in extra) and env.get("PYTHONPATH") == str(REPO):
+    its environment differs from that Python's only in variables those libraries do not read
+    at import; else a fresh one."""
+    env = {**_environment(), **(env or {})}
+    started = _environment(_ZYGOTE.env)
+    if all(_read_late(k) for k in env.keys() | started.keys() if env.get(k) != started.get(k)):
         return _ZYGOTE.run([module, *overrides], cwd=cwd, env=env, timeout=timeout, script=script)
     return subprocess.run(
         [sys.executable, module, *overrides] if script else [sys.executable, "-m", module, *overrides],
@@ -40,22 +39,30 @@ def run_driver(
     )
 
 
+def _environment(of: dict | None = None) -> dict:
+    """A driver's variables: this process's (or `of`), this checkout first on the path, loopback Ray."""
+    env = dict(os.environ if of is None else of, PYTHONPATH=str(REPO), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
 def _read_late(name: str) -> bool:
     """Variables read when a driver uses them, not when torch, Ray or transformers import."""
-    return name in ("RAY_ADDRESS", "PYTHONPATH") or name.startswith(("AWS_", "DISTLENS_"))
+    return name in ("RAY_ADDRESS", "PYTEST_CURRENT_TEST") or name.startswith(("AWS_", "DISTLENS_"))
 
 
 class _Zygote:
-    """One tests/driver_zygote.py per test process, started on first use."""
+    """One tests/driver_zygote.py per test process, started on first use with the variables
+    this process had when it imported this module (`env`)."""
 
     def __init__(self):
+        self.env = dict(os.environ)
         self.proc: subprocess.Popen | None = None
         self.pending = b""  # answer bytes read past the last full line
 
     def _started(self) -> subprocess.Popen:
         if self.proc is None or self.proc.poll() is not None:
-            env = dict(os.environ, PYTHONPATH=str(REPO), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-            env.pop("RAY_ADDRESS", None)
+            env = _environment(self.env)
             self.proc = subprocess.Popen(
                 [sys.executable, str(Path(__file__).with_name("driver_zygote.py"))],
                 cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,

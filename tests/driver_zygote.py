@@ -6,7 +6,8 @@ Protocol (one JSON object per line on stdin, answers on stdout): a request
 {"argv", "cwd", "env", "out", "err", "script"} gets {"pid"} once the child runs, then
 {"returncode"} once it has ended (negative: the signal that ended it, as `subprocess`).
 Only third-party libraries are imported here: the project's own modules (some keep
-per-process state, e.g. pipelines/run_dir.py's start time) import in each child."""
+per-process state, e.g. pipelines/run_dir.py's start time) import in each child, and so does
+Ray, whose token authentication is settled by the first `ray.init` of a process."""
 
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import numcodecs  # noqa: E402, F401
 import omegaconf  # noqa: E402, F401
-import ray  # noqa: E402, F401
 import safetensors.torch  # noqa: E402, F401
 import torch  # noqa: E402, F401
 import transformers  # noqa: E402, F401

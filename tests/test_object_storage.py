@@ -51,7 +51,8 @@ def s3(tmp_path_factory):
             mp.setenv(name, value)
         import s3fs
 
-        fs = s3fs.S3FileSystem(use_listings_cache=False)
+        # not fsspec's cached instance: another module's may point at a server it stopped
+        fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True)
         fs.mkdir(BUCKET)
         try:
             yield env, fs

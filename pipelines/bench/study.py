@@ -17,6 +17,9 @@ def compose_steer(model: str, datasets, data_root: str | None, overrides: list[s
     default cluster: two Ray stage actors on a local cluster)."""
     from hydra import compose, initialize_config_dir
 
+    from pipelines.config import register
+
+    register()  # the schemas conf/steer.yaml names
     repo = Path(__file__).resolve().parents[2]
     names = "all" if datasets == "all" else "[" + ",".join(datasets) + "]"
     args = [f"model.name={model}", f"dataset={names}", "progress=false", *overrides]
