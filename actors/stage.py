@@ -134,8 +134,10 @@ def _hook_output(module, transform):
 
 
 def _node_id() -> str | None:
-    import ray
-
+    try:  # the in-process executor runs where Ray is not installed (a GPU box's own Python)
+        import ray
+    except ImportError:
+        return None
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 

@@ -88,15 +88,60 @@ def ratios(rows: list[dict], baseline_t: int, device: str) -> dict:
     return out
 
 
+def measure_shape(results: dict, shape: str, batch: int, path: Path, prompt: list, args, device: str, dtype: str,
+                  tmp: Path) -> None:
+    """Every system on one saved model at one batch size; appends its rows and ratios to `results`."""
+    tb = args.baseline_tokens
+    base = {"model_path": str(path), "prompt": prompt, "prompts": batch, "device": device, "dtype": dtype,
+            "warmup": True, "scratch": str(tmp), "executor": "local", "stages": 1}  # fmt: skip
+    systems = [
+        ("hf_generate", hf_generate, {"T": args.tokens}),
+        ("distlens_inprocess_capture", distlens, {"T": args.tokens}),
+        ("distlens_inprocess_nocapture", distlens, {"T": args.tokens, "no_capture": True}),
+    ]
+    if tb:
+        systems += [
+            (f"distlens_inprocess_capture_T{tb}", distlens, {"T": tb}),
+            (f"distlens_inprocess_nocapture_T{tb}", distlens, {"T": tb, "no_capture": True}),
+            ("paper_baseline", paper_baseline, {"T": tb}),
+            ("paper_baseline_nocapture", paper_baseline, {"T": tb, "no_capture": True}),
+        ]
+    rows = []
+    for system, runner, job in systems:
+        try:
+            row = {"shape": shape, "batch": batch, "system": system, **measured(runner, {**base, **job})}
+        except Exception as err:  # recorded, not hidden
+            free(device)
+            row = {"shape": shape, "batch": batch, "system": system, "error": f"{type(err).__name__}: {err}"[:400]}
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k not in TRAJECTORY}))
+    by = {r["system"]: r for r in rows}
+    base_row, ours = by.get("paper_baseline", {}), by.get(f"distlens_inprocess_capture_T{tb}", {})
+    if "top1" in base_row and "top1" in ours:
+        checked = {"same_tokens": ours["tokens"][: len(base_row["tokens"])] == base_row["tokens"]}
+        checked.update(agreement(ours, base_row, len(prompt)))
+        base_row.update(checked)
+        print(f"{shape} batch {batch}: baseline vs distlens lens: {json.dumps(checked)}")
+    results["ratios"][f"{shape}@batch{batch}"] = ratios(rows, tb, device)
+    print(f"{shape} batch {batch}: {json.dumps(results['ratios'][f'{shape}@batch{batch}'])}", flush=True)
+    for r in rows:  # trajectories were for the check; the file keeps the figures
+        for key in TRAJECTORY:
+            r.pop(key, None)
+    results["rows"] += rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m pipelines.bench.gpu")
     parser.add_argument("--out", required=True)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--baseline-tokens", type=int, default=64, help="T of the paper's baseline (0: skip it)")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1], help="prompts per batch, one pass each")
     parser.add_argument("--shapes", nargs="+", default=["qwen3-4b-shaped", "llama-3.1-8b-shaped"], choices=SHAPES)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--dtype", default=None, choices=list(DTYPES), help="bfloat16 on cuda, float32 on cpu")
     args = parser.parse_args()
+    if any(b < 1 for b in args.batches):
+        parser.error(f"--batches {args.batches}: each batch size must be at least 1")
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here; valid here: --device cpu")
@@ -105,53 +150,18 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results = {
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__,
-        "dtype": dtype, "tokens": args.tokens, "baseline_tokens": args.baseline_tokens, "rows": [], "ratios": {},
+        "dtype": dtype, "tokens": args.tokens, "baseline_tokens": args.baseline_tokens, "batches": args.batches, "rows": [], "ratios": {},
     }  # fmt: skip
     prompt = list(range(1000, 1032))  # 32 prompt tokens (every shape's vocabulary holds them)
-    tb = args.baseline_tokens
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for shape in args.shapes:
             t0 = time.perf_counter()
             path, weights = build(shape, tmp, device, DTYPES[dtype])
             print(f"{shape}: built and saved in {time.perf_counter() - t0:.0f} s ({weights:.2f} GiB)", flush=True)
-            base = {"model_path": str(path), "prompt": prompt, "prompts": 1, "device": device, "dtype": dtype,
-                    "warmup": True, "scratch": str(tmp), "executor": "local", "stages": 1}  # fmt: skip
-            systems = [
-                ("hf_generate", hf_generate, {"T": args.tokens}),
-                ("distlens_inprocess_capture", distlens, {"T": args.tokens}),
-                ("distlens_inprocess_nocapture", distlens, {"T": args.tokens, "no_capture": True}),
-            ]
-            if tb:
-                systems += [
-                    (f"distlens_inprocess_capture_T{tb}", distlens, {"T": tb}),
-                    (f"distlens_inprocess_nocapture_T{tb}", distlens, {"T": tb, "no_capture": True}),
-                    ("paper_baseline", paper_baseline, {"T": tb}),
-                    ("paper_baseline_nocapture", paper_baseline, {"T": tb, "no_capture": True}),
-                ]
-            rows = []
-            for system, runner, job in systems:
-                try:
-                    row = {"shape": shape, "system": system, **measured(runner, {**base, **job})}
-                except Exception as err:  # recorded, not hidden
-                    free(device)
-                    row = {"shape": shape, "system": system, "error": f"{type(err).__name__}: {err}"[:400]}
-                rows.append(row)
-                print(json.dumps({k: v for k, v in row.items() if k not in TRAJECTORY}))
-            by = {r["system"]: r for r in rows}
-            base_row, ours = by.get("paper_baseline", {}), by.get(f"distlens_inprocess_capture_T{tb}", {})
-            if "top1" in base_row and "top1" in ours:
-                checked = {"same_tokens": ours["tokens"][: len(base_row["tokens"])] == base_row["tokens"]}
-                checked.update(agreement(ours, base_row, len(prompt)))
-                base_row.update(checked)
-                print(f"{shape}: baseline vs distlens lens: {json.dumps(checked)}")
-            results["ratios"][shape] = ratios(rows, tb, device)
-            print(f"{shape}: {json.dumps(results['ratios'][shape])}", flush=True)
-            for r in rows:  # trajectories were for the check; the file keeps the figures
-                for key in TRAJECTORY:
-                    r.pop(key, None)
-            results["rows"] += rows
-            (out / "bench_gpu.json").write_text(json.dumps(results, indent=2))
+            for batch in args.batches:
+                measure_shape(results, shape, batch, path, prompt, args, device, dtype, tmp)
+                (out / "bench_gpu.json").write_text(json.dumps(results, indent=2))
             shutil.rmtree(path)
 
 
