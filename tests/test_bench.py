@@ -183,23 +183,25 @@ def test_gpu_bench_path_runs_on_cpu(tmp_path, monkeypatch):
     runs, the paper's baseline and distlens see the same trajectory, and the ratio is recorded."""
     from pipelines.bench import gpu
 
-    argv = ["--out", str(tmp_path), "--device", "cpu", "--shapes", "tiny", "--tokens", "6", "--baseline-tokens", "4"]
+    argv = ["--out", str(tmp_path), "--device", "cpu", "--shapes", "tiny", "--tokens", "6", "--baseline-tokens", "4",
+            "--batches", "1", "2"]  # fmt: skip
     monkeypatch.setattr("sys.argv", ["pipelines.bench.gpu", *argv])
     gpu.main()
     results = json.loads((tmp_path / "bench_gpu.json").read_text())
-    rows = {r["system"]: r for r in results["rows"]}
-    assert set(rows) == {
-        "hf_generate", "distlens_inprocess_capture", "distlens_inprocess_nocapture",
-        "distlens_inprocess_capture_T4", "distlens_inprocess_nocapture_T4", "paper_baseline",
-        "paper_baseline_nocapture",
-    }  # fmt: skip
-    assert all("error" not in r for r in rows.values()), [r for r in rows.values() if "error" in r]
-    base = rows["paper_baseline"]
-    assert base["same_tokens"] and base["top1_agreement"] == 1.0 and base["max_logprob_diff"] < 1e-4
-    assert results["ratios"]["tiny"]["throughput_vs_baseline"] > 0
-    assert results["device"] == "cpu" and results["dtype"] == "float32"
-    capture = rows["distlens_inprocess_capture"]
-    assert 0 < capture["lens_share"] < 1 and capture["bytes_per_row"] > 0 and capture["lens_layers"] > 1
+    assert results["device"] == "cpu" and results["dtype"] == "float32" and results["batches"] == [1, 2]
+    for batch in (1, 2):
+        rows = {r["system"]: r for r in results["rows"] if r["batch"] == batch}
+        assert set(rows) == {
+            "hf_generate", "distlens_inprocess_capture", "distlens_inprocess_nocapture",
+            "distlens_inprocess_capture_T4", "distlens_inprocess_nocapture_T4", "paper_baseline",
+            "paper_baseline_nocapture",
+        }  # fmt: skip
+        assert all("error" not in r for r in rows.values()), [r for r in rows.values() if "error" in r]
+        base = rows["paper_baseline"]
+        assert base["same_tokens"] and base["top1_agreement"] == 1.0 and base["max_logprob_diff"] < 1e-4
+        assert results["ratios"][f"tiny@batch{batch}"]["throughput_vs_baseline"] > 0
+        capture = rows["distlens_inprocess_capture"]
+        assert 0 < capture["lens_share"] < 1 and capture["bytes_per_row"] > 0 and capture["lens_layers"] > 1
 
 
 def test_like_for_like_names_where_a_peer_parted_and_targets_take_its_fastest_agreeing_way():
