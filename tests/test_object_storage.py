@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from driver import run_driver
 
 from actors.store import LensStore
@@ -37,6 +38,9 @@ def s3(tmp_path_factory):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    # moto keeps its buckets in this process, across servers: another module's server of this
+    # test process left its bucket behind, so start from an empty account
+    requests.post(f"http://{host}:{port}/moto-api/reset", timeout=30).raise_for_status()
     env = {
         "AWS_ACCESS_KEY_ID": "distlens-test",
         "AWS_SECRET_ACCESS_KEY": SECRET,
