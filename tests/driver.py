@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -152,7 +153,10 @@ def ray_head(num_cpus: int = 2):
     # the "latest cluster" record that `cluster.address=auto` reads, are this head's even while
     # another test run on this machine starts heads of its own.
     tmp = tempfile.mkdtemp(prefix="dlray-", dir="/tmp")
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_TMPDIR=tmp)
+    # a token of its own (as `ray get-auth-token --generate` makes one): a fresh machine has no
+    # ~/.ray/auth_token until some earlier `ray.init` wrote one, and `ray start` creates none
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_TMPDIR=tmp,
+               RAY_AUTH_TOKEN=secrets.token_hex(32))  # fmt: skip
     env.pop("RAY_ADDRESS", None)
     port, dashboard = free_port(), free_port()
     head = [

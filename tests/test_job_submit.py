@@ -59,7 +59,8 @@ def test_ray_job_submit_runs_the_lens_driver_on_a_loopback_head(tiny_with_tokeni
         # which cluster a driver joins while that head is up: none unless told (a private local
         # cluster, gone with the driver); `cluster.address=auto` joins the head
         base = [f"model.name={tiny_with_tokenizer}", f"storage.root={tmp_path}", "generation.max_new_tokens=2"]
-        env = {"RAY_AUTH_MODE": "token", "RAY_TMPDIR": env["RAY_TMPDIR"]}  # `auto` reads this head's record
+        # `auto` reads this head's record; the token is the head's
+        env = {name: env[name] for name in ("RAY_AUTH_MODE", "RAY_TMPDIR", "RAY_AUTH_TOKEN")}
         private = run_driver("pipelines.lens", *base, "storage.run=private", cwd=tmp_path, env=env)
         joined = run_driver("pipelines.lens", *base, "storage.run=auto", "cluster.address=auto", cwd=tmp_path, env=env)
         for result in (private, joined):
