@@ -36,7 +36,8 @@ def test_ray_stages_equal_unsliced_and_local(family, stage_pool, tiny_checkpoint
     generated, pad = hf_generate(model, PROMPTS, 6)
     n_layers = model.config.num_hidden_layers
     _, local = run_lens(path, tmp_path / "local.zarr", num_stages=2, micro_batch_size=2)
-    for num_stages in (4, 3, 2, 1) if family == "llama" else (2,):  # llama's first run fills the pool
+    # llama: one layer a stage (its first run fills the pool) and an uneven split; every family: 2
+    for num_stages in (4, 3) if family == "llama" else (2,):
         summary, store = run_lens(
             path, tmp_path / f"ray{num_stages}.zarr", num_stages=num_stages, executor="ray", executor_pool=stage_pool,
             micro_batch_size=2,  # two micro-batches in flight, the first of left-padded rows of 7 and 3 tokens
