@@ -8,10 +8,9 @@ import time
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
+    ray = sys.modules.get("ray")  # a process that never imported Ray is no Ray actor (nor pays its import)
     try:
-        import ray
-
-        in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+        in_actor = ray is not None and ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
     except Exception:
         in_actor = False
     if in_actor:  # Ray forwards whole lines only; tqdm_ray renders a live bar on the driver

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -134,11 +135,8 @@ def _hook_output(module, transform):
 
 
 def _node_id() -> str | None:
-    try:  # the in-process executor runs where Ray is not installed (a GPU box's own Python)
-        import ray
-    except ImportError:
-        return None
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    ray = sys.modules.get("ray")  # a process that never imported Ray (the in-process executor's) runs on no Ray node
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
 
 
 class StageWorker:

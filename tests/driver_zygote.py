@@ -34,6 +34,36 @@ import zarr  # noqa: E402, F401
 from transformers import AutoModelForCausalLM  # noqa: E402, F401
 
 
+def _warm() -> None:
+    """What a driver run imports lazily, done once here: transformers' per-family config and
+    modeling modules (the families tests/tiny_models.py builds, and what they pull in: torch's
+    distributed tensors, accelerate), the tokenizers, DeepSpeed's inference engine,
+    matplotlib's pyplot and its fonts (a first savefig), object storage's clients, scipy's
+    statistics. Without it, each forked driver paid them again (seconds each)."""
+    import importlib
+    import io
+
+    import matplotlib.pyplot as plt
+    from transformers import AutoConfig, AutoTokenizer  # noqa: F401
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    for family in ("llama", "qwen3", "mistral", "gpt2", "gpt_neox", "gemma2", "gemma3_text", "phi3", "olmo2", "qwen3_moe"):
+        getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[family])
+        AutoConfig.for_model(family)
+    for name in ("accelerate", "tokenizers", "deepspeed.inference.engine", "scipy.stats", "s3fs", "fsspec.implementations.local"):
+        importlib.import_module(name)
+    fig, ax = plt.subplots()
+    ax.imshow([[0.0, 1.0]])
+    ax.set_title("warm")
+    fig.colorbar(ax.images[0])
+    fig.savefig(io.BytesIO(), format="png")
+    plt.close(fig)
+
+
+_warm()
+assert "ray" not in sys.modules, "the zygote must not import Ray (its auth is settled per process)"
+
+
 def serve() -> dict | None:
     """Answer requests until stdin closes (returns None); in a forked child, return its request."""
     for line in sys.stdin:

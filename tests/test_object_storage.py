@@ -55,13 +55,16 @@ def s3(tmp_path_factory):
             mp.setenv(name, value)
         import s3fs
 
-        # not fsspec's cached instance: another module's may point at a server it stopped
+        # fsspec caches filesystems by their arguments, not the environment: one made for another
+        # module's server (the stores this process opens) would still point there
+        s3fs.S3FileSystem.clear_instance_cache()
         fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True)
         fs.mkdir(BUCKET)
         try:
             yield env, fs
         finally:
             server.stop()
+            s3fs.S3FileSystem.clear_instance_cache()
 
 
 def _lens(root, run: str, *extra: str, cwd: Path, env: dict, model, faults=None):

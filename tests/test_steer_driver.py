@@ -68,7 +68,7 @@ def test_multirun_over_datasets_and_layers_joins_one_cluster_and_reports_one_tab
         result = run_driver(
             "pipelines.steer", "-m", "dataset=survival-instinct,corrigible-neutral-HHH", "layer=0,1",
             f"model.name={tiny_with_tokenizer}", f"data.root={two_datasets}", f"storage.root={tmp_path}", *SMALL,
-            cwd=tmp_path, env={"RAY_ADDRESS": address, "RAY_AUTH_MODE": env["RAY_AUTH_MODE"]},
+            cwd=tmp_path, env={"RAY_ADDRESS": address, **{k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}},
         )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep_dir,) = (tmp_path / "steer-multirun").iterdir()

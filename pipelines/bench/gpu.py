@@ -88,8 +88,9 @@ def ratios(rows: list[dict], baseline_t: int, device: str) -> dict:
     return out
 
 
-def measure_shape(results: dict, shape: str, batch: int, path: Path, prompt: list, args, device: str, dtype: str,
-                  tmp: Path) -> None:
+def measure_shape(
+    results: dict, shape: str, batch: int, path: Path, prompt: list, args, device: str, dtype: str, tmp: Path
+) -> None:
     """Every system on one saved model at one batch size; appends its rows and ratios to `results`."""
     tb = args.baseline_tokens
     base = {"model_path": str(path), "prompt": prompt, "prompts": batch, "device": device, "dtype": dtype,
