@@ -47,10 +47,28 @@ def _warm() -> None:
     from transformers import AutoConfig, AutoTokenizer  # noqa: F401
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    for family in ("llama", "qwen3", "mistral", "gpt2", "gpt_neox", "gemma2", "gemma3_text", "phi3", "olmo2", "qwen3_moe"):
+    for family in (
+        "llama",
+        "qwen3",
+        "mistral",
+        "gpt2",
+        "gpt_neox",
+        "gemma2",
+        "gemma3_text",
+        "phi3",
+        "olmo2",
+        "qwen3_moe",
+    ):
         getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[family])
         AutoConfig.for_model(family)
-    for name in ("accelerate", "tokenizers", "deepspeed.inference.engine", "scipy.stats", "s3fs", "fsspec.implementations.local"):
+    for name in (
+        "accelerate",
+        "tokenizers",
+        "deepspeed.inference.engine",
+        "scipy.stats",
+        "s3fs",
+        "fsspec.implementations.local",
+    ):
         importlib.import_module(name)
     fig, ax = plt.subplots()
     ax.imshow([[0.0, 1.0]])
