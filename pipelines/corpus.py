@@ -123,6 +123,18 @@ def _rows(corpus, fmt: str) -> Iterator[Row]:
     return readers[fmt](corpus)
 
 
+def _needs(module: str, fmt: str):
+    """`module` imported, or one line saying how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise CorpusError(
+            f"a {fmt} corpus needs the {module.split('.')[0]!r} package: pip install 'distlens[corpus]'"
+        ) from None
+
+
 def _open(path, mode: str = "rb"):
     from actors import storage_fs
 
@@ -206,9 +218,7 @@ def _csv_rows(corpus) -> Iterator[Row]:
 def _parquet_rows(corpus) -> Iterator[Row]:
     """Row groups before `corpus.skip` are passed over unread (their row counts are in the
     footer); the rest are read `BATCH_ROWS` rows at a time."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    pa, pq = _needs("pyarrow", "parquet"), _needs("pyarrow.parquet", "parquet")
     with _open(corpus.path) as f:
         try:
             file = pq.ParquetFile(f)
@@ -249,8 +259,7 @@ def _wanted(corpus, names: list[str]) -> list[str]:
 def _dataset_rows(corpus) -> Iterator[Row]:
     """A dataset saved with `save_to_disk` (memory-mapped Arrow files: rows are read a batch at
     a time); a DatasetDict gives `corpus.split`."""
-    import datasets
-
+    datasets = _needs("datasets", "dataset")
     try:
         ds = datasets.load_from_disk(str(corpus.path))
     except FileNotFoundError as err:
@@ -280,8 +289,7 @@ def _split(corpus, ds):
 def _hub_rows(corpus) -> Iterator[Row]:
     """A dataset named on the hub (`hf:<id>[:<config>]`, or `corpus.format=hf_hub` with a name
     or a local dataset folder), streamed: rows are fetched as they are read."""
-    import datasets
-
+    datasets = _needs("datasets", "hf_hub")
     name = str(corpus.path).removeprefix(HUB)
     config = None
     if ":" in name and "://" not in name:

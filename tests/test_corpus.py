@@ -143,7 +143,6 @@ def test_a_run_from_a_corpus_stores_its_selected_rows(fmt, hf_model, tiny_with_t
     result = run_driver(
         "pipelines.lens", f"model.name={tiny_with_tokenizer}", *RUN, f"corpus.path={path}", f"corpus.skip={SKIP}",
         f"corpus.limit={LIMIT}", *extra, f"storage.root={tmp_path}", "storage.run=r", cwd=tmp_path,
-        env={"HF_DATASETS_OFFLINE": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     rows = range(SKIP, SKIP + LIMIT)
