@@ -156,6 +156,7 @@ def test_a_run_from_a_corpus_stores_its_selected_rows(fmt, hf_model, tiny_with_t
 
 
 def test_a_run_reads_its_corpus_from_object_storage(s3, hf_model, tiny_with_tokenizer, tmp_path):  # noqa: F811
+    """The corpus a JSONL object on moto's S3 server, read to its end."""
     env, fs = s3
     local = write_corpus(tmp_path / "corpus", "jsonl")
     fs.put_file(str(local), f"{BUCKET}/corpora/corpus.jsonl")
