@@ -67,6 +67,8 @@ def corpus_format(path: str, fmt: str | None) -> str:
     fs, p = storage_fs.filesystem(path)
     if fs.isdir(p):
         return "dataset"
+    if not fs.exists(p):
+        raise CorpusError(f"corpus.path={str(path)!r} does not exist: give a file, a directory or hf:<name>")
     raise CorpusError(
         f"corpus.path={path!r}: its format cannot be told from its name: use a file ending in "
         f"{sorted(EXTENSIONS)}, a saved `datasets` directory or hf:<name>, or set corpus.format to one of {list(FORMATS)}"

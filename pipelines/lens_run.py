@@ -44,7 +44,7 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
     hf_config = checkpoint.config()
     model_checks(check_cluster, cluster_settings(cfg.cluster), hf_config)  # before the tokenizer loads
     tokenizer = checkpoint.tokenizer()
-    corpus = prompt_rows(cfg, tokenizer)
+    given = prompt_rows(cfg, tokenizer)  # the prompts: texts, token ids and (from a corpus) its rows
     eos, pad = special_ids(tokenizer, hf_config)
     steering, coefficients = steering_edits(cfg, hf_config)
     g, c = cfg.generation, cfg.cluster
@@ -52,7 +52,7 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
     # What determines the numbers: not where they are stored or how the stages are spread.
     determining = {k: results_cfg[k] for k in ("model", "capture", "generation", "prompts", "steer")}
     if cfg.corpus.path is not None:  # its identity (path, rows, content hash), never its rows
-        determining["corpus"] = corpus.identity
+        determining["corpus"] = given.identity
     if cfg.steer.vector:  # the vector's bytes, not just its path
         import hashlib
 
@@ -67,7 +67,7 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
         },
         "config": results_cfg,
         "fingerprint": fp,
-        **({"corpus": corpus.identity} if cfg.corpus.path is not None else {}),
+        **({"corpus": given.identity} if cfg.corpus.path is not None else {}),
         **session.run_info(),
     }
     existing = "resume" if cfg.resume else "overwrite" if cfg.overwrite else "refuse"
@@ -77,13 +77,13 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
             g.max_new_tokens, SamplingSpec(g.temperature, g.top_p, g.seed, eos if g.stop_at_eos else (), pad)
         ),
         steering=SteeringSettings(edits=steering, coefficients=coefficients, score_ids=tuple(score_ids)),
-        corpus=corpus.rows,
+        corpus=given.rows,
     )  # fmt: skip
-    prompts = corpus.token_ids
+    prompts = given.token_ids
     model_checks(check_run, spec, hf_config, prompts)  # every check against the model, before any compute
     if c.executor == "ray":
         attrs["ray_cluster"] = session.connect(c)  # recorded in the store, its summary and the run log
-    summary = session.run_coordinator(spec, prompts, corpus.texts)  # in this process: pipelines/session.py
+    summary = session.run_coordinator(spec, prompts, given.texts)  # in this process: pipelines/session.py
     store = LensStore.open(storage_fs.join(where, "lens.zarr"))
     for old in {*out_dir.glob("heatmap_prompt*.png"), *storage_fs.glob(where, "heatmap_prompt*.png")}:
         storage_fs.remove(old)  # a replaced run's, maybe of more prompts
