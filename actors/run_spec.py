@@ -103,6 +103,19 @@ class SteeringSettings:
 
 
 @dataclass(frozen=True)
+class CorpusRows:
+    """The prompts' rows of a corpus (pipelines/corpus.py), by prompt (as given, before a sweep
+    repeats them): which corpus row each is, and the limits a row carries itself. Generation
+    does not read `max_new_tokens` and `stop` yet; `check_run` bounds each row by its own."""
+
+    path: str  # the corpus, for messages ("<path> row <index>")
+    field: str  # the prompt's field
+    index: np.ndarray  # [prompts] int64: each prompt's corpus index (stored as `corpus_index`)
+    max_new_tokens: np.ndarray  # [prompts] int32: the row's own, 0 = generation.max_new_tokens
+    stop: dict = field(default_factory=dict)  # {prompt: (str, ...)}: the rows with stop strings of their own
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """One run's settings, grouped as the config groups are."""
 
@@ -115,6 +128,7 @@ class RunSpec:
     attrs: dict = field(default_factory=dict)  # recorded in the store (config, model id, versions)
     progress: bool = True
     tune: object = None  # a tuned_lens.TuneSpec: the stages train tuned-lens translators on the lens windows
+    corpus: CorpusRows | None = None  # the prompts came from a corpus: their rows
 
 
 def fingerprint(config: dict) -> str:
@@ -164,9 +178,16 @@ def check_steering_site(config, site: str, field: str = "steering.site") -> None
         raise SettingError(field, f"{text} does not exist in model family {config.model_type!r}: it has {sites}")
 
 
-def check_run(spec: RunSpec, config, prompts: list[list[int]]) -> None:
+def row_max_new_tokens(spec: RunSpec, prompt: int) -> int:
+    """The tokens prompt `prompt` may generate: its corpus row's own `max_new_tokens`, else the run's."""
+    own = 0 if spec.corpus is None else int(spec.corpus.max_new_tokens[prompt])
+    return own or spec.generation.max_new_tokens
+
+
+def check_run(spec: RunSpec, config, prompts: list[list[int]], sources=None) -> None:
     """Every check of a run against the model's `config` (a Hugging Face config) and its
-    prompts (token ids, one row each). Raises `SettingError` naming the first bad setting."""
+    prompts (token ids, one row each; `sources`: the prompt each row runs, when a sweep repeats
+    them). Raises `SettingError` naming the first bad setting."""
     check_cluster(spec.cluster, config)
     adapter = adapter_for(config.model_type)
     n = config.num_hidden_layers
@@ -223,14 +244,7 @@ def check_run(spec: RunSpec, config, prompts: list[list[int]]) -> None:
     if any(len(p) == 0 for p in prompts):
         raise SettingError("prompts", " holds a prompt with no tokens: every prompt needs at least one")
     longest = max(len(p) for p in prompts)
-    context = getattr(config, "max_position_embeddings", None)
-    if context and longest + spec.generation.max_new_tokens > context:
-        i = max(range(len(prompts)), key=lambda j: len(prompts[j]))
-        raise SettingError(
-            "prompts",
-            f"[{i}] is {longest} tokens; with max_new_tokens={spec.generation.max_new_tokens} that exceeds the model's "
-            f"context of {context} positions",
-        )
+    _check_context(spec, config, prompts, sources)
     if not isinstance(spec.capture.positions, str):
         beyond = [p for p in spec.capture.positions if p >= longest + spec.generation.max_new_tokens - 1]
         if beyond:
@@ -239,6 +253,27 @@ def check_run(spec: RunSpec, config, prompts: list[list[int]]) -> None:
                 f" contains {beyond[0]}, out of range: this run's lens positions are "
                 f"0..{longest + spec.generation.max_new_tokens - 2}",
             )
+
+
+def _check_context(spec: RunSpec, config, prompts, sources) -> None:
+    """Each row's prompt and the tokens it may generate (its own max_new_tokens, or the run's)
+    fit the model's context; a corpus row is named by its corpus index and field."""
+    context = getattr(config, "max_position_embeddings", None)
+    if not context:
+        return
+    for row, ids in enumerate(prompts):
+        prompt = row if sources is None else int(sources[row])
+        budget = row_max_new_tokens(spec, prompt)
+        if len(ids) + budget <= context:
+            continue
+        if spec.corpus is None:
+            where, what = "prompts", f"[{prompt}] is {len(ids)} tokens; with max_new_tokens={budget}"
+        else:
+            c = spec.corpus
+            own = " (the row's own)" if c.max_new_tokens[prompt] else ""
+            where = "corpus"
+            what = f" {c.path} row {c.index[prompt]} field {c.field!r} is {len(ids)} tokens; with max_new_tokens={budget}{own}"
+        raise SettingError(where, f"{what} that exceeds the model's context of {context} positions")
 
 
 def check_lenses(spec: RunSpec, config) -> None:

@@ -126,14 +126,18 @@ def plan_run(spec: RunSpec, prompts: list[list[int]], prompt_texts: list[str] | 
         rows = row_layout(len(prompts), s.edits, s.coefficients, s.vectors, s.rows, config.hidden_size)
     except ValueError as err:
         raise SettingError("steering.rows" if s.rows is not None else "steering.edits", f": {err}") from None
+    n_given = len(prompts)
     prompts = [prompts[p] for p in rows.sources]
-    check_run(spec, config, prompts)
+    check_run(spec, config, prompts, rows.sources)
     n_layers = config.num_hidden_layers
     cap = spec.capture
     layers = tuple(range(n_layers)) if cap.layers is None else tuple(sorted(i % n_layers for i in cap.layers))
     bounds = plan_stages(config, spec.cluster.num_stages)
     layout = _layout(spec, config, prompts, rows, layers)
     row_arrays = _edit_arrays(rows, rows.kinds, layout.n_edits)
+    # each row's corpus row (inline prompts: the prompt's index among those given)
+    corpus_index = np.arange(n_given, dtype=np.int64) if spec.corpus is None else spec.corpus.index
+    row_arrays["corpus_index"] = np.asarray(corpus_index, np.int64)[rows.sources]
     run_store = _open_store(spec, config, layout, rows, bounds)
     store = run_store.store
     mbs = _micro_batches(spec, prompts, rows, spec.generation.sampling.pad_token_id)

@@ -3,6 +3,7 @@ dimensions (so `xarray.open_zarr` labels them) and per-batch completion records.
 
 Layout (dimension names in brackets):
   tokens [prompt, position] int32 (-1 past the end), lengths / prompt_lengths [prompt],
+  corpus_index [prompt] int64: the corpus row the row's prompt is (inline prompts: their index),
   prompt_text / generated_text [prompt], layer [layer], component [component],
   lens_mask [prompt, position]: the lens exists there (every token but the last),
   topk_ids / topk_logprobs [prompt, layer, component, position, k],
@@ -111,6 +112,7 @@ class LensStore:
         array("prompt_lengths", (p,), (b,), "int32", 0, ["prompt"])
         array("coefficient", (p,), (b,), "float32", np.nan, ["prompt"])  # the row's sweep coefficient
         array("source", (p,), (b,), "int32", -1, ["prompt"])  # the prompt (of those given) the row runs
+        array("corpus_index", (p,), (b,), "int64", -1, ["prompt"])  # the row's corpus row (or prompt index)
         if layout.n_edits:
             e = layout.n_edits
             array("edit_kind", (p, e), (b, e), "int32", -1, ["prompt", "edit"])  # index into attrs edit_kinds
@@ -214,6 +216,7 @@ class LensStore:
         "tokens": "int32", "lengths": "int32", "prompt_lengths": "int32", "lens_mask": "bool",
         "topk_ids": "int32", "topk_logprobs": "float32", "entropy": "float32", "target_logprob": "float32",
         "target_rank": "int32", "kl_to_final": "float32", "coefficient": "float32", "batch_done": "bool",
+        "corpus_index": "int64",
     }  # fmt: skip
 
     def verify(self) -> list[str]:

@@ -38,9 +38,10 @@ def _list(values) -> str:
 
 
 def lens(
-    prompts: Sequence[str],
+    prompts: Sequence[str] | None = None,
     out: str | Path = "distlens_runs/lens",
     *,
+    corpus: str | Path | None = None,
     model: str | None = None,
     cluster: str | None = None,
     max_new_tokens: int | None = None,
@@ -51,15 +52,20 @@ def lens(
     """Generate from `prompts` recording the lens of every layer; the store is written to
     `out/lens.zarr` (with its heatmaps) and returned opened as an xarray Dataset.
 
+    `corpus`: the prompts from a corpus instead (`corpus.path`: a JSONL, Parquet, CSV or text
+    file, a saved `datasets` directory or hf:<name>; `corpus.field`, `corpus.skip`, `corpus.limit`
+    ... as overrides); giving both is refused.
     `model`: a built-in name, a local directory or a Hugging Face id (default: SmolLM2);
     `cluster`: a `conf/cluster` choice (`local_ray` by default, `inprocess` for no Ray);
     `overrides`: any `python -m pipelines.lens` override, e.g. `"capture.layers=[0,10,20]"`."""
     from pipelines.lens_run import run
 
     extra = [f"generation.max_new_tokens={max_new_tokens}"] if max_new_tokens is not None else []
+    if corpus is not None:
+        extra.append(f"corpus.path={corpus}")
     cfg = _compose("lens", [*_settings(model, cluster, overrides), *extra, f"overwrite={overwrite}",
                             f"progress={progress}"])  # fmt: skip
-    cfg.prompts = [str(p) for p in prompts]
+    cfg.prompts = [] if prompts is None else [str(p) for p in prompts]  # with a corpus too: both are refused
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     run(cfg, out)
@@ -195,4 +201,4 @@ def _save_config(cfg, out: Path) -> None:
     from omegaconf import OmegaConf
 
     (out / ".hydra").mkdir(exist_ok=True)
-    OmegaConf.save(cfg, out / ".hydra" / "config.yaml")
+    OmegaConf.save(cfg, out / ".hydra" / "config.yaml", resolve=True)

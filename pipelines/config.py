@@ -91,6 +91,19 @@ class SteerEditConf:
 
 
 @dataclass
+class CorpusConf:
+    """Prompts from a corpus (pipelines/corpus.py) instead of `prompts`: streamed, its identity
+    (never its rows) recorded."""
+
+    path: str | None = None  # a .jsonl/.json, .parquet, .csv or .txt file (local or s3://), a saved dataset, hf:<name>
+    field: str | None = None  # the prompt's field; None: the first the corpus has of prompt, text, question
+    format: str | None = None  # jsonl | parquet | csv | text | dataset | hf_hub; None: from the path
+    skip: int = 0  # rows passed over first
+    limit: int | None = None  # rows taken after them (None: to the end)
+    split: str = "train"  # the split of a saved DatasetDict or a hub dataset
+
+
+@dataclass
 class LensConf:
     model: ModelConf = field(default_factory=ModelConf)
     cluster: ClusterConf = field(default_factory=ClusterConf)
@@ -99,7 +112,8 @@ class LensConf:
     generation: GenerationConf = field(default_factory=GenerationConf)
     plot: PlotConf = field(default_factory=PlotConf)
     steer: SteerEditConf = field(default_factory=SteerEditConf)
-    prompts: list[str] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)  # conf/lens.yaml: three examples, or none with a corpus
+    corpus: CorpusConf = field(default_factory=CorpusConf)
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -246,6 +260,8 @@ def register() -> None:
 
     # conf/*.yaml: Hydra's run directory is local even when storage.root is a URL (pipelines/run_dir.py)
     OmegaConf.register_new_resolver("local_dir", hydra_root, replace=True)
+    # conf/lens.yaml: its example prompts give way to a corpus, so that giving both can be refused
+    OmegaConf.register_new_resolver("unless_corpus", lambda path, prompts: [] if path else prompts, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="tune_schema", node=TuneConf)
     cs.store(name="lens_schema", node=LensConf)
@@ -325,15 +341,40 @@ def validate(cfg) -> None:
     at_least("generation.temperature", g.temperature, 0.0)
     if not 0.0 < g.top_p <= 1.0:
         raise ConfigError(f"generation.top_p={g.top_p!r} is out of range: must be in (0, 1]")
-    if not cfg.prompts:
+    if cfg.corpus.path is not None:
+        _validate_corpus(cfg)
+    elif not cfg.prompts:
         raise ConfigError(
-            "prompts=[] is empty: give at least one prompt, e.g. prompts='[\"The capital of France is\"]'"
+            "prompts=[] is empty: give at least one prompt, e.g. prompts='[\"The capital of France is\"]', "
+            "or a corpus (corpus.path=prompts.jsonl)"
         )
     for i, p in enumerate(cfg.prompts):
         if not isinstance(p, str) or not p.strip():
             raise ConfigError(f"prompts[{i}]={p!r} is empty: every prompt needs text")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("resume=true and overwrite=true contradict each other: choose one")
+
+
+def _validate_corpus(cfg) -> None:
+    """The `corpus` group's own settings (its rows are checked as they are read: pipelines/corpus.py)."""
+    from pipelines.corpus import FORMATS, corpus_format
+
+    c = cfg.corpus
+    if cfg.prompts:
+        raise ConfigError(
+            f"prompts and corpus.path={c.path!r} both give the prompts: use one (prompts=[...] or corpus.path)"
+        )
+    if not str(c.path).strip():
+        raise ConfigError("corpus.path='' is empty: give a file, a saved dataset directory or hf:<name>")
+    if c.format is not None:
+        choice("corpus.format", c.format, FORMATS)
+    at_least("corpus.skip", c.skip, 0)
+    if c.limit is not None:
+        at_least("corpus.limit", c.limit, 1)
+    if c.field is not None and corpus_format(c.path, c.format) == "text":
+        raise ConfigError(
+            f"corpus.field={c.field!r}: a text corpus has no fields (each line is a prompt); leave it out"
+        )
 
 
 def _check_storage_root(root, cwd=None) -> None:

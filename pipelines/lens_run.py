@@ -35,7 +35,7 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
     from actors.store import LensStore
     from pipelines.config import cluster_settings, model_checks, run_spec, validate
     from pipelines.heatmap import write_heatmap
-    from pipelines.prompts import encode_prompt, special_ids
+    from pipelines.prompts import special_ids
     from pipelines.run_dir import run_location
 
     validate(cfg)
@@ -44,13 +44,15 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
     hf_config = checkpoint.config()
     model_checks(check_cluster, cluster_settings(cfg.cluster), hf_config)  # before the tokenizer loads
     tokenizer = checkpoint.tokenizer()
-    prompts = [encode_prompt(tokenizer, p, cfg.generation.chat_template) for p in cfg.prompts]
+    given = prompt_rows(cfg, tokenizer)  # the prompts: texts, token ids and (from a corpus) its rows
     eos, pad = special_ids(tokenizer, hf_config)
     steering, coefficients = steering_edits(cfg, hf_config)
     g, c = cfg.generation, cfg.cluster
     results_cfg = OmegaConf.to_container(cfg, resolve=True)
     # What determines the numbers: not where they are stored or how the stages are spread.
     determining = {k: results_cfg[k] for k in ("model", "capture", "generation", "prompts", "steer")}
+    if cfg.corpus.path is not None:  # its identity (path, rows, content hash), never its rows
+        determining["corpus"] = given.identity
     if cfg.steer.vector:  # the vector's bytes, not just its path
         import hashlib
 
@@ -65,6 +67,7 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
         },
         "config": results_cfg,
         "fingerprint": fp,
+        **({"corpus": given.identity} if cfg.corpus.path is not None else {}),
         **session.run_info(),
     }
     existing = "resume" if cfg.resume else "overwrite" if cfg.overwrite else "refuse"
@@ -74,11 +77,13 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
             g.max_new_tokens, SamplingSpec(g.temperature, g.top_p, g.seed, eos if g.stop_at_eos else (), pad)
         ),
         steering=SteeringSettings(edits=steering, coefficients=coefficients, score_ids=tuple(score_ids)),
+        corpus=given.rows,
     )  # fmt: skip
+    prompts = given.token_ids
     model_checks(check_run, spec, hf_config, prompts)  # every check against the model, before any compute
     if c.executor == "ray":
         attrs["ray_cluster"] = session.connect(c)  # recorded in the store, its summary and the run log
-    summary = session.run_coordinator(spec, prompts, list(cfg.prompts))  # in this process: pipelines/session.py
+    summary = session.run_coordinator(spec, prompts, given.texts)  # in this process: pipelines/session.py
     store = LensStore.open(storage_fs.join(where, "lens.zarr"))
     for old in {*out_dir.glob("heatmap_prompt*.png"), *storage_fs.glob(where, "heatmap_prompt*.png")}:
         storage_fs.remove(old)  # a replaced run's, maybe of more prompts
@@ -95,20 +100,37 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
         for lens in store.lenses
     ]
     summary["plots"] = [str(storage_fs.join(where, p.name)) for p in plots]  # a URL root's: once uploaded
-    print_summary(store, tokenizer, summary)
+    print_summary(store, tokenizer, summary, rows=None if cfg.corpus.path is None else cfg.plot.max_prompts)
     return summary
 
 
-def print_summary(store, tokenizer, summary: dict, last: int = 4) -> None:
-    """On stdout: each row's generation and the lens's top-1 at its last `last` positions, at
-    about ten evenly spaced layers and the last; then the run's throughput, memory, store and heatmaps."""
+def prompt_rows(cfg, tokenizer):
+    """The run's prompts (texts and token ids) from `prompts`, or streamed from `corpus.path`
+    (pipelines/corpus.py: then `.rows` and `.identity` say which corpus rows they are)."""
+    from pipelines.corpus import CorpusPrompts, read_corpus
+    from pipelines.prompts import encode_prompt
+
+    def encode(text: str) -> list[int]:
+        return encode_prompt(tokenizer, text, cfg.generation.chat_template)
+
+    if cfg.corpus.path is not None:
+        return read_corpus(cfg.corpus, encode)
+    texts = list(cfg.prompts)
+    return CorpusPrompts(texts, [encode(t) for t in texts], rows=None, identity={})
+
+
+def print_summary(store, tokenizer, summary: dict, last: int = 4, rows: int | None = None) -> None:
+    """On stdout: each row's generation (the first `rows` rows; None: every row) and the lens's
+    top-1 at its last `last` positions, at about ten evenly spaced layers and the last; then the
+    run's throughput, memory, store and heatmaps."""
     from pipelines.heatmap import token_label
 
     out = sys.stdout
     n_prompts = store.group["tokens"].shape[0]
     steered = bool(store.attrs["config"]["steer"]["vector"])
     coefficients = store["coefficient"]
-    for i in range(n_prompts):
+    shown = n_prompts if rows is None else min(rows, n_prompts)
+    for i in range(shown):
         label = f", steering coefficient {coefficients[i]:g}" if steered else ""
         print(f"\n=== row {i}{label}: {str(store.group['prompt_text'][i])!r}", file=out)
         print(f"generated: {str(store.group['generated_text'][i])!r}", file=out)
@@ -124,6 +146,8 @@ def print_summary(store, tokenizer, summary: dict, last: int = 4) -> None:
         ):
             cells = " | ".join(f"{token_label(tokenizer, ids[li, j])!r} {probs[li, j]:.2f}" for j in cols)
             print(f"{store.layers[li]:>5} | {cells}", file=out)
+    if shown < n_prompts:
+        print(f"\n... and {n_prompts - shown} more rows in the store", file=out)
     captured = int(store.group["lens_mask"][:].sum())
     print(
         f"\n{summary['generated_tokens']} tokens generated, {summary['positions']} positions run "

@@ -159,7 +159,7 @@ def save_run_record(cfg, out_dir: Path) -> None:
 
     record = out_dir / ".hydra"
     record.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, record / "config.yaml")
+    OmegaConf.save(cfg, record / "config.yaml", resolve=True)  # as run: a corpus run's prompts are []
     OmegaConf.save(OmegaConf.create(list(HydraConfig.get().overrides.task)), record / "overrides.yaml")
 
 

@@ -1,0 +1,292 @@
+"""Prompts from a corpus (`corpus.path=...`): a lens run from a JSONL, Parquet, CSV or text file,
+a saved `datasets` dataset or one loaded by name (streamed; here a local folder), and from
+`s3://` on moto's S3 server, stores exactly the selected rows: each row's prompt text, its tokens
+(tokenized here with the tokenizer's own chat template), its corpus index, and its lens against
+the unsliced Hugging Face model. The store records the corpus's identity, never its rows. A bad
+corpus is refused in one line, exit 2, with no store left."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from driver import run_driver
+from test_object_storage import BUCKET, s3  # noqa: F401  (s3: the moto server, a fixture of this module too)
+
+from actors.store import LensStore
+from reference import assert_kl_to_final_matches_hf
+
+# Rows of different lengths, each with the fields `text` (the default prompt field: `prompt` is
+# absent, and `text` comes before `question`), `question`, an id, and some with their own limits.
+ROWS = [
+    {
+        "id": i,
+        "text": "Tell me about " + "the deep blue sea " * (i % 4) + f"number {i}.",
+        "question": f"What is {i} plus {i}?",
+        "max_new_tokens": [None, 5, None, 2][i % 4],
+        "stop": [None, ["."], None, "!"][i % 4],
+    }
+    for i in range(9)
+]
+SKIP, LIMIT = 2, 5  # rows 2..6: three micro-batches of 2
+RUN = ["cluster=inprocess", "cluster.micro_batch_size=2", "generation.max_new_tokens=3", "progress=false"]
+
+
+def _listed(row: dict) -> dict:
+    """`row` with its stop strings as a list (a column of Parquet or `datasets` has one type)."""
+    return {**row, "stop": [row["stop"]] if isinstance(row["stop"], str) else row["stop"]}
+
+
+def write_corpus(folder: Path, fmt: str) -> Path:
+    """ROWS as a corpus of `fmt`; JSONL and text with a blank line (not a row)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if fmt == "jsonl":
+        lines = [json.dumps(r) for r in ROWS]
+        (path := folder / "corpus.jsonl").write_text("\n".join([*lines[:3], "", *lines[3:]]) + "\n")
+    elif fmt == "text":
+        lines = [r["text"] for r in ROWS]
+        (path := folder / "corpus.txt").write_text("\n".join([*lines[:3], "  ", *lines[3:]]) + "\n")
+    elif fmt == "csv":
+        with open(path := folder / "corpus.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(ROWS[0]))
+            writer.writeheader()
+            for r in ROWS:  # a cell holds one stop string
+                stop = r["stop"][0] if isinstance(r["stop"], list) else r["stop"]
+                writer.writerow({**r, "max_new_tokens": r["max_new_tokens"] or "", "stop": stop or ""})
+    elif fmt == "parquet":  # row groups of 3, so corpus.skip=2 starts inside the first
+        pq.write_table(
+            pa.Table.from_pylist([_listed(r) for r in ROWS]), path := folder / "corpus.parquet", row_group_size=3
+        )
+    elif fmt == "dataset":
+        datasets.Dataset.from_list([_listed(r) for r in ROWS]).save_to_disk(str(path := folder / "saved"))
+    else:  # hf_hub: a dataset loaded by name, streamed; here a local folder of JSON Lines
+        (path := folder / "hub").mkdir()
+        (path / "train.jsonl").write_text("".join(json.dumps(_listed(r)) + "\n" for r in ROWS))
+    return path
+
+
+def expected_limits(fmt: str, row: dict) -> tuple[int, tuple[str, ...]]:
+    if fmt == "text":
+        return 0, ()
+    stop = row["stop"] or ()
+    return row["max_new_tokens"] or 0, (stop,) if isinstance(stop, str) else tuple(stop)
+
+
+def corpus_hash(fmt: str, rows: range, field: str) -> str:
+    """sha256 over the selected rows, one JSON line each: [index, prompt, max_new_tokens, stop]."""
+    digest = hashlib.sha256()
+    for i in rows:
+        budget, stop = expected_limits(fmt, ROWS[i])
+        digest.update(json.dumps([i, ROWS[i][field], budget or None, list(stop)]).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    """The prompt as the tokenizer's own chat template tokenizes it (one user turn)."""
+    turn = [{"role": "user", "content": text}]
+    return list(tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=True)["input_ids"])
+
+
+def assert_store_holds_rows(run: Path, rows: range, field: str, model, tokenizer) -> LensStore:
+    """The store at `run` holds exactly ROWS[rows]: texts, prompt tokens, corpus index, greedy
+    continuations and lens as the unsliced HF model gives them; its attrs and config record no row."""
+    store = LensStore.open(run / "lens.zarr")
+    assert store.is_complete and store.verify() == []
+    assert store["corpus_index"].tolist() == list(rows)
+    for row, i in enumerate(rows):
+        text = ROWS[i][field]
+        assert str(store.group["prompt_text"][row]) == text
+        ids = chat_ids(tokenizer, text)
+        n_prompt = int(store["prompt_lengths"][row])
+        assert store.tokens(row)[:n_prompt].tolist() == ids
+        with torch.no_grad():  # greedy, stopping at EOS as the run does
+            want = model.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False, eos_token_id=2)[0]
+        assert store.tokens(row).tolist() == want.tolist()[: int(store["lengths"][row])]
+    assert assert_kl_to_final_matches_hf(model, store) > 0
+    comp, last = store.components.index("resid_post"), len(store.layers) - 1
+    for row in range(len(rows)):  # the last layer's top-1 is the model's own argmax
+        tokens = torch.tensor(store.tokens(row).tolist())[None]
+        with torch.no_grad():
+            argmax = model(tokens).logits[0, :-1].argmax(-1)
+        assert store["topk_ids"][row, last, comp, : tokens.shape[1] - 1, 0].tolist() == argmax.tolist()
+    record = json.dumps(store.attrs) + (run / ".hydra" / "config.yaml").read_text()
+    assert store.attrs["config"]["prompts"] == []
+    assert not any(r[field] in record for r in ROWS)  # the identity, never the rows
+    return store
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_with_tokenizer):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_with_tokenizer, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_with_tokenizer)
+
+
+FORMATS = ["jsonl", "parquet", "csv", "text", "dataset", "hf_hub"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_run_from_a_corpus_stores_its_selected_rows(fmt, hf_model, tiny_with_tokenizer, tmp_path):
+    path = write_corpus(tmp_path / "corpus", fmt)
+    field = "question" if fmt == "csv" else "text"  # the default (text) everywhere but one
+    extra = ["corpus.field=question"] if fmt == "csv" else ["corpus.format=hf_hub"] if fmt == "hf_hub" else []
+    result = run_driver(
+        "pipelines.lens", f"model.name={tiny_with_tokenizer}", *RUN, f"corpus.path={path}", f"corpus.skip={SKIP}",
+        f"corpus.limit={LIMIT}", *extra, f"storage.root={tmp_path}", "storage.run=r", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = range(SKIP, SKIP + LIMIT)
+    store = assert_store_holds_rows(tmp_path / "r", rows, field, *hf_model)
+    fmt_name = {"hf_hub": "hf_hub"}.get(fmt, fmt)
+    assert store.attrs["corpus"] == {
+        "path": str(path), "format": fmt_name, "field": field, "skip": SKIP, "limit": LIMIT, "rows": LIMIT,
+        "split": "train" if fmt in ("dataset", "hf_hub") else None, "sha256": corpus_hash(fmt, rows, field),
+    }  # fmt: skip
+    assert len(store.group["batch_done"][:]) == 3
+
+
+def test_a_run_reads_its_corpus_from_object_storage(s3, hf_model, tiny_with_tokenizer, tmp_path):  # noqa: F811
+    """The corpus a JSONL object on moto's S3 server, read to its end."""
+    env, fs = s3
+    local = write_corpus(tmp_path / "corpus", "jsonl")
+    fs.put_file(str(local), f"{BUCKET}/corpora/corpus.jsonl")
+    url = f"s3://{BUCKET}/corpora/corpus.jsonl"
+    result = run_driver(
+        "pipelines.lens", f"model.name={tiny_with_tokenizer}", *RUN, f"corpus.path={url}", "corpus.skip=5",
+        f"storage.root={tmp_path}", "storage.run=r", cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    store = assert_store_holds_rows(tmp_path / "r", range(5, len(ROWS)), "text", *hf_model)  # to the end
+    assert store.attrs["corpus"]["path"] == url and store.attrs["corpus"]["rows"] == len(ROWS) - 5
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_each_row_carries_its_own_limits(fmt, tmp_path):
+    """What the scheduler is handed per prompt (actors.run_spec.CorpusRows): its corpus index,
+    its own max_new_tokens (0: the run's) and stop strings, for every format."""
+    from pipelines.corpus import read_corpus
+
+    path = write_corpus(tmp_path, fmt)
+    corpus = SimpleNamespace(path=str(path), field=None, format="hf_hub" if fmt == "hf_hub" else None, skip=1,
+                             limit=None, split="train")  # fmt: skip
+    read = read_corpus(corpus, lambda text: [len(text)])
+    assert read.texts == [r["text"] for r in ROWS[1:]] and read.token_ids == [[len(t)] for t in read.texts]
+    assert read.rows.index.tolist() == list(range(1, len(ROWS)))
+    want = [expected_limits(fmt, r) for r in ROWS[1:]]
+    assert read.rows.max_new_tokens.tolist() == [b for b, _ in want]
+    assert read.rows.stop == {p: stop for p, (_, stop) in enumerate(want) if stop}
+
+
+def test_the_notebook_api_runs_a_corpus(hf_model, tiny_with_tokenizer, tmp_path):
+    import distlens
+    from pipelines.config import ConfigError
+
+    path = write_corpus(tmp_path / "corpus", "jsonl")
+    overrides = ["cluster.micro_batch_size=2", "generation.max_new_tokens=3", "corpus.limit=3"]
+    ds = distlens.lens(out=tmp_path / "nb", corpus=path, model=str(tiny_with_tokenizer), cluster="inprocess",
+                       overrides=overrides)  # fmt: skip
+    assert ds.corpus_index.values.tolist() == [0, 1, 2] and ds.attrs["corpus"]["rows"] == 3
+    assert_store_holds_rows(tmp_path / "nb", range(3), "text", *hf_model)
+    with pytest.raises(ConfigError, match="both give the prompts"):
+        distlens.lens(["a prompt"], tmp_path / "both", corpus=path, model=str(tiny_with_tokenizer), cluster="inprocess")
+
+
+def _file(name: str, content: str):
+    def make(tmp: Path) -> list[str]:
+        (tmp / name).write_text(content)
+        return [f"corpus.path={tmp / name}"]
+
+    return make
+
+
+LINE = json.dumps({"prompt": "Hello there."})
+# name: (overrides as a function of tmp_path, what the one error line holds); each a driver run
+BAD = {
+    "not_the_named_format": (_file("c.jsonl", "prompt,id\nhello,1\n"), "c.jsonl row 0 (line 1) is not JSON"),
+    "missing_field": (
+        _file("c.jsonl", "\n".join([LINE, LINE, json.dumps({"text": "no prompt"})])),
+        "c.jsonl row 2 (line 3) has no field 'prompt' (it has ['text'])",
+    ),
+    "empty_corpus": (lambda t: [*_file("c.txt", "one\ntwo\n")(t), "corpus.skip=2"], "holds no rows from corpus.skip=2"),
+    "longer_than_the_context": (
+        _file("c.jsonl", "\n".join([LINE, json.dumps({"prompt": "word " * 2100})])),
+        "c.jsonl row 1 field 'prompt' is 2",  # ~2,100 tokens, against a context of 2,048
+    ),
+    "its_own_max_new_tokens_past_the_context": (
+        _file("c.jsonl", json.dumps({"prompt": "Hi.", "max_new_tokens": 2040})),
+        "with max_new_tokens=2040 (the row's own) that exceeds the model's context of 2048 positions",
+    ),
+    "both_prompts_and_a_corpus": (
+        lambda t: [*_file("c.txt", "one\n")(t), "prompts=[hello]"],
+        "prompts and corpus.path=",
+    ),
+}
+# The reader's other refusals, read in this process: (file name, content, corpus settings, message)
+BAD_ROWS = {
+    "not_parquet": ("c.jsonl", LINE, {"format": "parquet"}, "c.jsonl is not a Parquet file"),
+    "not_a_saved_dataset": ("c.jsonl", LINE, {"format": "dataset"}, "c.jsonl is not a saved `datasets` dataset"),
+    "not_utf8": ("c.txt", "caf\udce9\n", {}, "c.txt row 0 (line 1) is not UTF-8"),
+    "not_an_object": ("c.jsonl", '"just a string"', {}, "row 0 (line 1) is a JSON str, not an object"),
+    "no_default_field": ("c.csv", "id,body\n1,hi\n", {}, "has none of the fields ['prompt', 'text', 'question']"),
+    "parquet_without_the_field": ("c.parquet", None, {"field": "body"}, "c.parquet row 0 has no field 'body'"),
+    "non_string_field": (
+        "c.jsonl",
+        LINE + '\n{"prompt": 7}',
+        {},
+        "row 1 (line 2) field 'prompt' is int 7, not a string",
+    ),
+    "empty_prompt": ("c.csv", 'prompt\n" "\n', {}, "c.csv row 0 (line 2) field 'prompt' is empty"),
+    "bad_max_new_tokens": (
+        "c.csv",
+        "prompt,max_new_tokens\nhello,ten\n",
+        {},
+        "c.csv row 0 (line 2) field 'max_new_tokens' is 'ten'",
+    ),
+    "zero_max_new_tokens": ("c.jsonl", '{"prompt": "a", "max_new_tokens": 0}', {}, "field 'max_new_tokens' is 0"),
+    "bad_stop": ("c.jsonl", '{"prompt": "a", "stop": ["x", 3]}', {}, "row 0 (line 1) field 'stop' is ['x', 3]"),
+    "missing_file": ("nope.parquet", False, {}, "nope.parquet' does not exist"),
+    "unknown_extension": ("c.dat", LINE, {}, "its format cannot be told from its name"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+def test_a_bad_corpus_row_is_one_line_naming_file_row_and_field(case, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.corpus import CorpusError, read_corpus
+
+    name, content, settings, message = BAD_ROWS[case]
+    path = tmp_path / name
+    if name.endswith(".parquet") and content is None:
+        pq.write_table(pa.table({"text": ["a"]}), path)
+    elif content is not False:
+        path.write_bytes(content.encode("utf-8", "surrogateescape"))
+    corpus = SimpleNamespace(**{"path": str(path), "field": None, "format": None, "skip": 0, "limit": None,
+                                "split": "train", **settings})  # fmt: skip
+    with pytest.raises(CorpusError) as err:
+        read_corpus(corpus, lambda text: [1])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_a_bad_corpus_is_refused_in_one_line(case, tiny_with_tokenizer, tmp_path):
+    overrides, message = BAD[case]
+    result = run_driver(
+        "pipelines.lens", f"model.name={tiny_with_tokenizer}", *RUN, *overrides(tmp_path), f"storage.root={tmp_path}",
+        "storage.run=r", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("distlens: error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert not list(tmp_path.rglob("*.zarr"))  # no store at all, so none reads as complete
