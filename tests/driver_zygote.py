@@ -39,7 +39,7 @@ def _warm() -> None:
     modeling modules (the families tests/tiny_models.py builds, and what they pull in: torch's
     distributed tensors, accelerate), the tokenizers, DeepSpeed's inference engine,
     matplotlib's pyplot and its fonts (a first savefig), object storage's clients, scipy's
-    statistics. Without it, each forked driver paid them again (seconds each)."""
+    statistics, the corpus readers' pyarrow and datasets. Without it, each forked driver paid them again (seconds each)."""
     import importlib
     import io
 
@@ -68,6 +68,8 @@ def _warm() -> None:
         "scipy.stats",
         "s3fs",
         "fsspec.implementations.local",
+        "pyarrow.parquet",
+        "datasets",
     ):
         importlib.import_module(name)
     fig, ax = plt.subplots()
