@@ -136,7 +136,9 @@ class LensStore:
 
         def array(name, shape, chunks, dtype, fill, dims):
             # A shard: the rows of `shard_batches` micro-batches, every chunk of the other dimensions.
-            shards = (chunks[0] * layout.shard_batches,) + tuple(-(-n // c) * c for n, c in zip(shape[1:], chunks[1:]))
+            shards = (chunks[0] * layout.shard_batches,) + tuple(
+                max(1, -(-n // c)) * c for n, c in zip(shape[1:], chunks[1:])
+            )  # a dimension of size 0 (no layer captured) still has one chunk's room
             fills = {} if fill is None else {"fill_value": fill, "compressors": _compressor()}
             g.create_array(name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, dimension_names=dims, **fills)
 
