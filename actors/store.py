@@ -118,7 +118,7 @@ class LensStore:
         self.path = storage_fs.location(path)
         self.group = group
         self._pending: dict[int, dict[int, _Finished]] = {}  # shard -> batch -> a finished batch not yet written
-        self._done: set[int] | None = None  # the batches recorded done (read once, then kept up to date)
+        self._done: frozenset[int] | None = None  # the batches recorded done (read once, then kept up to date)
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
@@ -221,7 +221,7 @@ class LensStore:
         records nothing (a test's fault: killed between the data and its record)."""
         shard = batch // self.shard_batches
         self._pending.setdefault(shard, {})[batch] = _Finished(rows, data, texts, mark_done)
-        if set(self.shard_of(batch)) - self._done_set() <= set(self._pending[shard]):
+        if set(self.shard_of(batch)) - self.done_batches() <= set(self._pending[shard]):
             self._write_shard(shard)
 
     def flush(self, raise_errors: bool = True) -> None:
@@ -268,7 +268,7 @@ class LensStore:
                 return
             for run in _consecutive(batches):
                 self.group["batch_done"][run[0] : run[-1] + 1] = True
-        self._done_set().update(batches)
+        self._done = self.done_batches() | set(batches)
         del self._pending[shard]
         for b in batches:
             self._log({"event": "done", **records[b]})
@@ -293,15 +293,14 @@ class LensStore:
         """Every batch write so far, in order (over resumed runs too)."""
         return storage_fs.RecordLog(write_log_path(self.path)).records()
 
-    def done_batches(self) -> set[int]:
-        """The micro-batches recorded done."""
-        return set(self._done_set())
-
-    def _done_set(self) -> set[int]:
-        """The batches recorded done: read shard by shard the first time, then kept by this writer."""
+    def done_batches(self) -> frozenset[int]:
+        """The micro-batches recorded done: read shard by shard the first time, then kept up to
+        date by this writer (so asking per micro-batch costs nothing)."""
         if self._done is None:
             done = self.group["batch_done"]
-            self._done = {int(block.start + i) for block in row_blocks(done) for i in np.flatnonzero(done[block])}
+            self._done = frozenset(
+                int(block.start + i) for block in row_blocks(done) for i in np.flatnonzero(done[block])
+            )
         return self._done
 
     @_storage_errors
@@ -388,7 +387,7 @@ class LensStore:
         n_batches = -(-p // layout["batch_rows"]) if p else 0
         if n_done != n_batches:
             problems.append(f"batch_done: {n_done} batches recorded, the layout implies {n_batches}")
-        undone = sorted(set(range(n_done)) - self._done_set())
+        undone = sorted(set(range(n_done)) - self.done_batches())
         if not g.attrs.get("complete"):
             return [*problems, f"incomplete: batches {undone} not finished (no 'complete' record)"]
         if undone:
