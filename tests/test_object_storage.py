@@ -55,7 +55,9 @@ def s3(tmp_path_factory):
             mp.setenv(name, value)
         import s3fs
 
-        # not fsspec's cached instance: another module's may point at a server it stopped
+        # not fsspec's cached instance: another module's may point at a server it stopped (and
+        # this process's reads through actors/storage_fs.py would use that one: cleared)
+        s3fs.S3FileSystem.clear_instance_cache()
         fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True)
         fs.mkdir(BUCKET)
         try:
