@@ -41,7 +41,8 @@ from actors.vocabulary import LENSES, lens_array
 
 SCHEMA_VERSION = 3  # 2: kl_to_final; per-row steering (source, ...); 3: sharded (layout.shard_batches)
 READABLE_VERSIONS = (2, 3)  # a schema-2 store (one object per chunk) reads the same; it is not resumed
-SHARD_BYTES = 32 * 2**20  # auto shard_batches: the micro-batches whose arrays hold about this much, uncompressed
+SHARD_BYTES = 32 * 2**20  # auto shard_batches: the micro-batches whose arrays hold about this much, uncompressed,
+SHARD_ROWS = 1024  # and at most this many rows (what a killed driver can lose is one shard's finished rows)
 LENS_ARRAYS = ("topk_ids", "topk_logprobs", "entropy", "target_logprob", "target_rank", "kl_to_final")
 
 
@@ -82,8 +83,9 @@ def row_bytes(layout: StoreLayout) -> int:
 
 def sharded(layout: StoreLayout) -> StoreLayout:
     """`layout` with its micro-batches per shard settled: as given (at most every batch), or the
-    most whose arrays hold SHARD_BYTES uncompressed (at least one)."""
-    wanted = layout.shard_batches or SHARD_BYTES // max(1, row_bytes(layout) * layout.batch_rows)
+    most whose arrays hold SHARD_BYTES uncompressed in at most SHARD_ROWS rows (at least one)."""
+    by_size = SHARD_BYTES // max(1, row_bytes(layout) * layout.batch_rows)
+    wanted = layout.shard_batches or min(by_size, SHARD_ROWS // layout.batch_rows)
     return dataclasses.replace(layout, shard_batches=int(min(max(1, wanted), max(1, layout.n_batches))))
 
 

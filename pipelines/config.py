@@ -48,7 +48,7 @@ class ClusterConf:
 class StorageConf:
     root: str = "outputs"
     run: str = "run"
-    shard_batches: int | None = None  # micro-batches per stored shard; None: shards of about 32 MiB uncompressed
+    shard_batches: int | None = None  # micro-batches per stored shard; None: about 32 MiB uncompressed, <= 1,024 rows
 
 
 @dataclass
