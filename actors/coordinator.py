@@ -98,6 +98,7 @@ class Coordinator:
             n_new = summary["generated_tokens"]
             log.info("complete: %s (%d tokens, %s tokens/s)", store.path, n_new, summary["tokens_per_s"])
         except BaseException as err:
+            store.flush(raise_errors=False)  # finished micro-batches still waiting for their shard are kept
             first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
             log.error("stopped: %s%s", type(err).__name__, f": {first}" if first else "")
             raise

@@ -39,6 +39,7 @@ class ModelSettings:
 class StorageSettings:
     path: str  # the run's lens.zarr
     existing: str = "refuse"  # a store already at `path`: refuse | resume | overwrite
+    shard_batches: int | None = None  # micro-batches per stored shard; None: actors.store.sharded picks
 
 
 @dataclass(frozen=True)

@@ -164,6 +164,7 @@ def _layout(spec: RunSpec, config, prompts, rows, layers: tuple) -> StoreLayout:
         n_steps=spec.generation.max_new_tokens,
         n_edits=max((len(e) for e in rows.edits), default=0),
         lenses=tuple(spec.capture.lenses),
+        shard_batches=spec.storage.shard_batches,
     )
 
 

@@ -3,8 +3,8 @@ replace it (the old one set aside and put back if the new run cannot start), and
 finished micro-batch out by row position for writing.
 
 The coordinator asks for a store with `RunStore.open(...)`, writes finished micro-batches with
-`write_batch`, and calls `started()` once compute is under way or `abandon()` if nothing was
-computed.
+the store's `write_batch` (which holds them until their shard is whole; `flush()` writes what
+waits), and calls `started()` once compute is under way or `abandon()` if nothing was computed.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from actors import storage_fs
-from actors.store import LensStore, StoreError, StoreLayout, layout_dict, write_log_path
+from actors.store import LensStore, StoreError, StoreLayout, layout_dict, sharded, write_log_path
 from actors.vocabulary import lens_fill
 
 log = logging.getLogger("distlens")
@@ -76,14 +76,15 @@ class RunStore:
                 store = LensStore.open(path, mode="r+")
                 same = store.attrs.get("fingerprint") == attrs.get("fingerprint")
                 if existing == "resume" and same:
-                    stored, wanted = store.attrs.get("layout") or {}, layout_dict(layout)
+                    stored, wanted = store.attrs.get("layout") or {}, layout_dict(sharded(layout))
                     differ = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in wanted.items() if stored.get(k) != v]
                     if differ:
                         raise StoreError(
                             f"output path {path} holds this config's run laid out differently ({', '.join(differ)}; "
-                            "batch_rows is cluster.micro_batch_size): resume with the settings it was started "
-                            "with, or pass overwrite=true to start again"
+                            "batch_rows is cluster.micro_batch_size, shard_batches storage.shard_batches): resume "
+                            "with the settings it was started with, or pass overwrite=true to start again"
                         )
+                    store.discard_partial_writes()
                     return cls(store, created=False, replaced=[])
                 if existing == "resume":  # resume was asked for, and the config differs
                     changed = config_changes(store.attrs.get("config"), attrs.get("config"))

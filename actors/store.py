@@ -13,12 +13,21 @@ Layout (dimension names in brackets):
   activations [prompt, layer, component, position, hidden] (optional; bfloat16 as uint16 bits),
   batch_done [batch]: written after the batch's data, one chunk per batch.
 The group attr `complete` is set last; a store without it never reads as finished.
+
+Every array is sharded (Zarr v3 sharding): its chunks stay (micro-batch rows, 1 layer, 1
+component, 512 positions), and one shard, one stored object, holds every chunk of the rows of
+`layout.shard_batches` micro-batches. A shard is written whole, once: finished micro-batches wait
+in the writer's memory until every micro-batch of their shard is finished (or `flush()`), then
+the shard's arrays are written and only then its batches' completion records (see DESIGN_NOTES.md,
+"A store that scales").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -31,7 +40,10 @@ from zarr.codecs import BloscCodec
 from actors import storage_fs
 from actors.vocabulary import LENSES, lens_array
 
-SCHEMA_VERSION = 2  # 2: kl_to_final; per-row steering (source, edit_kind, edit_coefficient, steering_vector)
+SCHEMA_VERSION = 3  # 2: kl_to_final; per-row steering (source, ...); 3: sharded (layout.shard_batches)
+READABLE_VERSIONS = (2, 3)  # a schema-2 store (one object per chunk) reads the same; it is not resumed
+SHARD_BYTES = 32 * 2**20  # auto shard_batches: the micro-batches whose arrays hold about this much, uncompressed,
+SHARD_ROWS = 1024  # and at most this many rows (what a killed driver can lose is one shard's finished rows)
 LENS_ARRAYS = ("topk_ids", "topk_logprobs", "entropy", "target_logprob", "target_rank", "kl_to_final")
 
 
@@ -54,6 +66,28 @@ class StoreLayout:
     n_steps: int = 1
     n_edits: int = 0  # most steering edits on one row
     lenses: tuple[str, ...] = ("logit",)  # the logit lens's arrays always; `tuned_*` arrays with "tuned"
+    shard_batches: int | None = None  # micro-batches per shard; None: about SHARD_BYTES of arrays (`sharded`)
+
+    @property
+    def n_batches(self) -> int:
+        return -(-self.n_prompts // self.batch_rows)
+
+
+def row_bytes(layout: StoreLayout) -> int:
+    """What one row's arrays hold, uncompressed (the lens fields, activations, tokens, scores)."""
+    cells = len(layout.layers) * len(layout.components) * layout.n_positions
+    per_cell = len(layout.lenses) * (layout.k * 8 + 4 * 4)  # topk ids + logprobs; 4 scalar fields
+    if layout.activations:
+        per_cell += layout.hidden * (4 if layout.activations == "float32" else 2)
+    return cells * per_cell + layout.n_positions * 5 + layout.n_steps * layout.n_scores * 4 + 64
+
+
+def sharded(layout: StoreLayout) -> StoreLayout:
+    """`layout` with its micro-batches per shard settled: as given (at most every batch), or the
+    most whose arrays hold SHARD_BYTES uncompressed in at most SHARD_ROWS rows (at least one)."""
+    by_size = SHARD_BYTES // max(1, row_bytes(layout) * layout.batch_rows)
+    wanted = layout.shard_batches or min(by_size, SHARD_ROWS // layout.batch_rows)
+    return dataclasses.replace(layout, shard_batches=int(min(max(1, wanted), max(1, layout.n_batches))))
 
 
 class StoreError(RuntimeError):
@@ -86,6 +120,8 @@ class LensStore:
     def __init__(self, path, group: zarr.Group):
         self.path = storage_fs.location(path)
         self.group = group
+        self._pending: dict[int, dict[int, _Finished]] = {}  # shard -> batch -> a finished batch not yet written
+        self._done: frozenset[int] | None = None  # the batches recorded done (read once, then kept up to date)
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
@@ -95,16 +131,19 @@ class LensStore:
         vector, layer, site and positions each `edit_kind` index means)."""
         path = storage_fs.location(path)
         storage_fs.remove(write_log_path(path))  # a replaced store's log goes too
+        layout = sharded(layout)
         g = zarr.open_group(storage_fs.zarr_store(path), mode="w", zarr_format=3)
         p, pos, b = layout.n_prompts, layout.n_positions, layout.batch_rows
         pc = min(layout.position_chunk, pos)
         n_l, n_c, k = len(layout.layers), len(layout.components), layout.k
 
         def array(name, shape, chunks, dtype, fill, dims):
-            g.create_array(
-                name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, compressors=_compressor(),
-                dimension_names=dims,
-            )  # fmt: skip
+            # A shard: the rows of `shard_batches` micro-batches, every chunk of the other dimensions.
+            shards = (chunks[0] * layout.shard_batches,) + tuple(
+                max(1, -(-n // c)) * c for n, c in zip(shape[1:], chunks[1:])
+            )  # a dimension of size 0 (no layer captured) still has one chunk's room
+            fills = {} if fill is None else {"fill_value": fill, "compressors": _compressor()}
+            g.create_array(name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, dimension_names=dims, **fills)
 
         array("tokens", (p, pos), (b, pos), "int32", -1, ["prompt", "position"])
         array("lens_mask", (p, pos), (b, pos), "bool", False, ["prompt", "position"])
@@ -125,14 +164,7 @@ class LensStore:
             shape = (p, layout.n_steps, layout.n_scores)
             array("scores", shape, (b,) + shape[1:], "float32", np.nan, ["prompt", "step", "choice"])
         for name in ("prompt_text", "generated_text"):
-            g.create_array(
-                name,
-                shape=(p,),
-                chunks=(b,),
-                dtype=str,
-                dimension_names=["prompt"],
-                config={"write_empty_chunks": True},
-            )
+            array(name, (p,), (b,), str, None, ["prompt"])
         g.create_array("layer", data=np.asarray(layout.layers, np.int32), dimension_names=["layer"])
         g.create_array("component", shape=(n_c,), dtype=str, dimension_names=["component"])
         g["component"][:] = np.asarray(layout.components, dtype=object)
@@ -152,8 +184,10 @@ class LensStore:
             shape = (p, n_l, n_c, pos, layout.hidden)
             array("activations", shape, (b, 1, 1, pc, layout.hidden), storage, 0, dims)
             g["activations"].attrs["dtype"] = layout.activations
-        n_batches = -(-p // b)
-        array("batch_done", (n_batches,), (1,), "bool", False, ["batch"])
+        g.create_array(
+            "batch_done", shape=(layout.n_batches,), chunks=(1,), shards=(layout.shard_batches,), dtype="bool",
+            fill_value=False, compressors=_compressor(), dimension_names=["batch"],
+        )  # fmt: skip
         g.attrs.update({**attrs, "schema_version": SCHEMA_VERSION, "layout": layout_dict(layout), "complete": False})
         return cls(path, g)
 
@@ -165,34 +199,94 @@ class LensStore:
         store = storage_fs.zarr_store(path, read_only=mode == "r")
         g = zarr.open_group(store, mode=mode, zarr_format=3, use_consolidated=False)
         version = g.attrs.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise StoreError(f"store {path} has schema_version={version!r}; this code reads {SCHEMA_VERSION}")
+        if version not in READABLE_VERSIONS:
+            raise StoreError(f"store {path} has schema_version={version!r}; this code reads {list(READABLE_VERSIONS)}")
         return cls(path, g)
 
     # -- writing ----------------------------------------------------------------------------
+    @property
+    def shard_batches(self) -> int:
+        """Micro-batches per shard (1 for a schema-2 store, where each batch had its own chunks)."""
+        return int(self.group.attrs["layout"].get("shard_batches") or 1)
+
+    def shard_of(self, batch: int) -> range:
+        """The micro-batches whose rows share `batch`'s shard."""
+        s, n = self.shard_batches, self.group["batch_done"].shape[0]
+        first = batch // s * s
+        return range(first, min(first + s, n))
+
     @_storage_errors
     def write_batch(
         self, batch: int, rows: slice, data: dict[str, np.ndarray], texts: dict[str, list[str]], mark_done: bool = True
     ) -> None:
-        """Write one micro-batch's rows (every position, so its chunks are written whole and
-        once), then its completion record. Each write is logged (`<store>.writes.jsonl` beside
-        the store, outside the Zarr hierarchy: one record when it begins and one when its record
-        is set) with the chunks it covers."""
-        g = self.group
-        chunk = g["tokens"].chunks[0]
-        chunks = list(range(rows.start // chunk, -(-rows.stop // chunk)))
-        self._log({"event": "begin", "batch": batch, "rows": [rows.start, rows.stop], "prompt_chunks": chunks})
+        """Take one finished micro-batch's rows (every position). Its shard is written once every
+        micro-batch of the shard not yet in the store is finished (until then the rows wait in
+        memory), then the shard's completion records. `mark_done=False` writes what is due but
+        records nothing (a test's fault: killed between the data and its record)."""
+        shard = batch // self.shard_batches
+        self._pending.setdefault(shard, {})[batch] = _Finished(rows, data, texts, mark_done)
+        if set(self.shard_of(batch)) - self.done_batches() <= set(self._pending[shard]):
+            self._write_shard(shard)
+
+    def flush(self, raise_errors: bool = True) -> None:
+        """Write every micro-batch still waiting for the rest of its shard (a run that ends
+        early keeps them; a resumed run adds the rest of the shard to what is stored).
+        `raise_errors=False`, for a run already stopping on another error: a write the storage
+        refuses is logged, not raised (its batches stay unrecorded and are run again on resume)."""
+        try:
+            self._flush()
+        except StoreError as err:
+            if raise_errors:
+                raise
+            logging.getLogger("distlens").warning("%s", err)
+
+    @_storage_errors
+    def _flush(self) -> None:
+        for shard in sorted(self._pending):
+            self._write_shard(shard)
+
+    def _write_shard(self, shard: int) -> None:
+        """The waiting micro-batches of `shard`: their arrays, each as few writes as the rows
+        allow (one, a whole shard, unless some of its batches were stored by an earlier run),
+        then their completion records. Each write is logged (`<store>.writes.jsonl` beside the
+        store, outside the Zarr hierarchy: one record per batch when the shard's write begins and
+        one when its record is set) with the chunks it covers."""
+        pending = self._pending[shard]
+        batches = sorted(pending)
+        chunk = self.group["tokens"].chunks[0]
+        records = {b: {"batch": b, "shard": shard, "rows": [pending[b].rows.start, pending[b].rows.stop],
+                       "prompt_chunks": list(range(pending[b].rows.start // chunk, -(-pending[b].rows.stop // chunk)))}
+                   for b in batches}  # fmt: skip
+        for b in batches:
+            self._log({"event": "begin", **records[b]})
         # Every chunk is written, even one equal to the fill value, so `verify` can tell a
-        # missing chunk from an empty one (a runtime setting: it is not stored with the array).
+        # missing shard from an empty one (a runtime setting, read when an array is opened).
         with zarr.config.set({"array.write_empty_chunks": True}):
-            for name, value in data.items():
-                g[name][rows] = value
-            for name, values in texts.items():
-                g[name][rows] = np.asarray(values, dtype=object)
-            if not mark_done:
+            for run in _consecutive(batches):
+                rows = slice(pending[run[0]].rows.start, pending[run[-1]].rows.stop)
+                for name in pending[run[0]].data:
+                    self.group[name][rows] = np.concatenate([pending[b].data[name] for b in run])
+                for name in pending[run[0]].texts:
+                    self.group[name][rows] = np.asarray([t for b in run for t in pending[b].texts[name]], dtype=object)
+            if not all(pending[b].mark_done for b in batches):
                 return
-            g["batch_done"][batch] = True
-        self._log({"event": "done", "batch": batch, "rows": [rows.start, rows.stop], "prompt_chunks": chunks})
+            for run in _consecutive(batches):
+                self.group["batch_done"][run[0] : run[-1] + 1] = True
+        self._done = self.done_batches() | set(batches)
+        del self._pending[shard]
+        for b in batches:
+            self._log({"event": "done", **records[b]})
+
+    def discard_partial_writes(self) -> list:
+        """Remove what a writer killed mid-object left: zarr writes a local object to
+        `<key>.<uuid>.partial` and renames it whole (an object store's put is whole already), so
+        such a file is never part of the store. Returns what was removed."""
+        if storage_fs.is_url(self.path):
+            return []
+        leftovers = storage_fs.glob(self.path, "**/*.partial")
+        for path in leftovers:
+            storage_fs.remove(path)
+        return leftovers
 
     def _log(self, record: dict) -> None:
         storage_fs.RecordLog(write_log_path(self.path)).append(
@@ -203,13 +297,44 @@ class LensStore:
         """Every batch write so far, in order (over resumed runs too)."""
         return storage_fs.RecordLog(write_log_path(self.path)).records()
 
-    def done_batches(self) -> set[int]:
-        return set(np.flatnonzero(self.group["batch_done"][:]).tolist())
+    def done_batches(self) -> frozenset[int]:
+        """The micro-batches recorded done: read shard by shard the first time, then kept up to
+        date by this writer (so asking per micro-batch costs nothing)."""
+        if self._done is None:
+            done = self.group["batch_done"]
+            self._done = frozenset(
+                int(block.start + i) for block in row_blocks(done) for i in np.flatnonzero(done[block])
+            )
+        return self._done
 
     @_storage_errors
     def mark_complete(self, summary: dict) -> None:
+        """Write what still waits, then record the run complete with `summary`, to which the
+        store's size figures are added (`summary["storage"]`: `size()`)."""
+        self.flush()
+        summary["storage"] = self.size()
         self.group.attrs.update({"complete": True, "summary": summary})
         zarr.consolidate_metadata(storage_fs.zarr_store(self.path), zarr_format=3)
+
+    def size(self) -> dict:
+        """What the stored rows cost: `bytes` (every array's objects, data and metadata; the
+        group's own zarr.json, which holds these attributes, is left out), `objects`, `cells`
+        (the (row, layer, position) cells holding a lens value: each row's length - 1 positions,
+        times the layers captured), `bytes_per_cell` (bytes / cells) and `padded_cells` (rows x
+        layers x the layout's positions: what every row is padded to)."""
+        g = self.group
+        arrays = [arr for _, arr in g.arrays()]
+        n_bytes = sum(arr.nbytes_stored() for arr in arrays)
+        objects = sum(1 + stored_objects(arr) for arr in arrays)
+        lengths = g["lengths"]
+        positions = sum(int(np.maximum(lengths[block] - 1, 0).sum()) for block in row_blocks(lengths))
+        n_layers = g["layer"].shape[0]
+        cells = positions * n_layers
+        return {
+            "bytes": int(n_bytes), "objects": int(objects), "cells": int(cells),
+            "bytes_per_cell": round(n_bytes / cells, 3) if cells else None,
+            "padded_cells": int(lengths.shape[0] * n_layers * g["tokens"].shape[1]),
+        }  # fmt: skip
 
     # -- checking ---------------------------------------------------------------------------
     EXPECTED_DTYPES = {
@@ -257,28 +382,63 @@ class LensStore:
             problems.append(f"layer: {g['layer'][:].tolist()} but the layout record says {layout.get('layers')}")
         if "batch_done" not in names:
             return [*problems, "batch_done: completion record missing"]
-        done = g["batch_done"][:]
+        return problems + self._verify_records(layout) + self._verify_objects(layout)
+
+    def _verify_records(self, layout: dict) -> list[str]:
+        """The completion records agree with the layout and with the `complete` attr."""
+        g, problems = self.group, []
+        n_done = g["batch_done"].shape[0]
+        p = layout.get("n_prompts")
         n_batches = -(-p // layout["batch_rows"]) if p else 0
-        if done.shape != (n_batches,):
-            problems.append(f"batch_done: {done.shape[0]} batches recorded, the layout implies {n_batches}")
+        if n_done != n_batches:
+            problems.append(f"batch_done: {n_done} batches recorded, the layout implies {n_batches}")
+        undone = sorted(set(range(n_done)) - self.done_batches())
         if not g.attrs.get("complete"):
-            return [
-                *problems,
-                f"incomplete: batches {np.flatnonzero(~done).tolist()} not finished (no 'complete' record)",
-            ]
-        if not done.all():
-            problems.append(
-                f"batch_done: batches {np.flatnonzero(~done).tolist()} not done but the store says complete"
-            )
+            return [*problems, f"incomplete: batches {undone} not finished (no 'complete' record)"]
+        if undone:
+            problems.append(f"batch_done: batches {undone} not done but the store says complete")
+        return problems
+
+    def _verify_objects(self, layout: dict) -> list[str]:
+        """Every data object (shard) of a finished store is there and decodes, read one row
+        block (one shard's rows) at a time, so memory stays bounded by a shard, whatever the rows;
+        each row's tokens end where its length says."""
+        g = self.group
+        if not g.attrs.get("complete"):
+            return []
+        problems = []
         # A run that captured no layer (a steering sweep scores answers only) writes no lens: its
         # lens_mask stays all False by its fill value, and the lens arrays have no chunks at all.
         lens_names = {lens_array(f, lens) for f in LENS_ARRAYS for lens in layout.get("lenses", ["logit"])}
         unwritten = {"lens_mask", *lens_names} if not layout.get("layers") else set()
-        for name in sorted(names - unwritten):
+        for name in sorted(set(g.array_keys()) - unwritten):
             arr = g[name]
-            if arr.nchunks_initialized != arr.nchunks:
-                problems.append(f"{name}: {arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunks missing")
+            total, stored = object_count(arr), stored_objects(arr)
+            if stored != total:
+                problems.append(f"{name}: {total - stored} of {total} chunks missing (stored objects: shards)")
+                continue
+            try:
+                for block in row_blocks(arr):
+                    arr[block]
+            except Exception as err:  # a damaged object: the codec's own error names what failed
+                problems.append(f"{name}: a stored object does not decode: {type(err).__name__}: {err}")
+        if not problems and "tokens" in g and "lengths" in g:
+            problems += self._verify_lengths()
         return problems
+
+    def _verify_lengths(self) -> list[str]:
+        """Each row's tokens are set before its length and -1 after it, block by block."""
+        g = self.group
+        tokens, lengths = g["tokens"], g["lengths"]
+        for block in row_blocks(tokens):
+            n = lengths[block]
+            ids = tokens[block]
+            inside = np.arange(ids.shape[1])[None, :] < n[:, None]
+            bad = np.flatnonzero(((ids >= 0) != inside).any(axis=1))
+            if len(bad):
+                row = block.start + int(bad[0])
+                return [f"tokens: row {row} does not match its length {int(n[bad[0]])} (set before it, -1 after)"]
+        return []
 
     # -- reading ----------------------------------------------------------------------------
     @property
@@ -342,6 +502,46 @@ class LensStore:
 
             return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
         return values
+
+
+@dataclass(frozen=True)
+class _Finished:
+    """A finished micro-batch waiting for the rest of its shard."""
+
+    rows: slice
+    data: dict
+    texts: dict
+    mark_done: bool
+
+
+def _consecutive(batches: list[int]) -> list[list[int]]:
+    """Sorted batch numbers as runs of consecutive ones (consecutive batches hold consecutive rows)."""
+    runs: list[list[int]] = []
+    for b in batches:
+        if runs and runs[-1][-1] == b - 1:
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    return runs
+
+
+def row_blocks(arr) -> list[slice]:
+    """`arr`'s first dimension cut at its shards (its chunks where it has none): the blocks a
+    reader takes one at a time, so that no read holds more than one stored object's rows."""
+    step = (arr.shards or arr.chunks)[0]
+    return [slice(i, min(i + step, arr.shape[0])) for i in range(0, arr.shape[0], step)]
+
+
+def stored_objects(arr) -> int:
+    """How many of `arr`'s data objects (shards, or chunks where it has none) are stored."""
+    per_object = 1 if arr.shards is None else int(np.prod([s // c for s, c in zip(arr.shards, arr.chunks)]))
+    return arr.nchunks_initialized // per_object
+
+
+def object_count(arr) -> int:
+    """How many data objects `arr` has when whole."""
+    grid = arr.shards or arr.chunks
+    return int(np.prod([-(-n // c) for n, c in zip(arr.shape, grid)]))
 
 
 def write_log_path(store_path) -> Path | str:

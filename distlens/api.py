@@ -145,8 +145,8 @@ def steering_vector(
 def open(path: str | Path):  # noqa: A001  (distlens.open, like xarray.open_dataset)
     """A lens store (a lens.zarr, or a run folder holding one) as an xarray Dataset, its
     dimensions named, the token strings as the `token` coordinate [prompt, position] and the
-    store's attributes as `ds.attrs`."""
-    import numpy as np
+    store's attributes as `ds.attrs`. Lazy: nothing of the rows is read until indexed (the
+    token strings too are decoded only for the ids of the rows asked for)."""
     import xarray as xr
 
     from actors.store import LensStore
@@ -156,15 +156,34 @@ def open(path: str | Path):  # noqa: A001  (distlens.open, like xarray.open_data
     if (path / "lens.zarr").is_dir():
         path = path / "lens.zarr"
     store = LensStore.open(path)  # checks it is a store of this schema
-    ds = xr.open_zarr(str(path), consolidated=False)
-    tokenizer = load_tokenizer(store.attrs)
-    ids = store["tokens"]
-    strings = np.full(ids.shape, "", dtype=object)
-    for i, j in zip(*np.nonzero(ids >= 0)):
-        strings[i, j] = tokenizer.decode([int(ids[i, j])]) if tokenizer is not None else f"#{ids[i, j]}"
-    ds = ds.assign_coords(token=(("prompt", "position"), strings.astype(str)))
+    ds = xr.open_zarr(str(path), consolidated=False, chunks=None)
+    strings = _token_strings(store.group["tokens"], load_tokenizer(store.attrs))
+    ds = ds.assign_coords(token=(("prompt", "position"), strings))
     ds.encoding["source"] = str(path)
     return ds
+
+
+def _token_strings(tokens, tokenizer):
+    """The token strings of a store's `tokens` [prompt, position] as a lazily indexed array:
+    each read decodes the ids of the part asked for ("" past a row's end, `#id` without a
+    tokenizer)."""
+    import numpy as np
+    from xarray.backends import BackendArray
+    from xarray.core import indexing
+
+    class TokenStrings(BackendArray):
+        shape, dtype = tuple(tokens.shape), np.dtype(object)
+
+        def __getitem__(self, key):
+            return indexing.explicit_indexing_adapter(key, self.shape, indexing.IndexingSupport.BASIC, self._read)
+
+        def _read(self, key):
+            ids = np.asarray(tokens[key])
+            unique, where = np.unique(ids, return_inverse=True)
+            words = ["" if t < 0 else tokenizer.decode([int(t)]) if tokenizer is not None else f"#{t}" for t in unique]
+            return np.asarray(words, dtype=object)[where].reshape(ids.shape)
+
+    return indexing.LazilyIndexedArray(TokenStrings())
 
 
 def top1(ds, prompt: int = 0, component: str = "resid_post", lens: str = "logit"):

@@ -48,6 +48,7 @@ class ClusterConf:
 class StorageConf:
     root: str = "outputs"
     run: str = "run"
+    shard_batches: int | None = None  # micro-batches per stored shard; None: about 32 MiB uncompressed, <= 1,024 rows
 
 
 @dataclass
@@ -293,6 +294,8 @@ def _validate_model_and_cluster(cfg) -> None:
             "model.dtype='float16' is not valid on device cpu (DeepSpeed refuses it): use float32 or bfloat16"
         )
     _check_storage_root(cfg.storage.root if "storage" in cfg else None)
+    if "storage" in cfg and cfg.storage.get("shard_batches") is not None:
+        at_least("storage.shard_batches", cfg.storage.shard_batches, 1)
     if not cfg.model.name:
         raise ConfigError(
             "model.name is not set: give a built-in name, a local directory with config.json or a Hugging "
@@ -521,7 +524,7 @@ def run_spec(cfg, model_path: str, store_path: str, existing: str = "refuse", **
     parts.update(groups)
     return RunSpec(
         model=ModelSettings(model_path, cfg.model.dtype, cfg.model.name or ""),
-        storage=StorageSettings(store_path, existing),
+        storage=StorageSettings(store_path, existing, cfg.storage.get("shard_batches") if "storage" in cfg else None),
         progress=cfg.progress,
         **parts,
     )

@@ -162,5 +162,9 @@ def print_summary(store, tokenizer, summary: dict, last: int = 4, rows: int | No
     else:
         print(f"peak RSS per stage process: {', '.join(f'{p:.0f} MiB' for p in peaks.values())}", file=out)
     print(f"store:    {summary['store']}", file=out)
+    if summary.get("storage"):  # actors/store.py LensStore.size
+        size = summary["storage"]
+        print(f"stored:   {size['bytes']} bytes in {size['objects']} objects, {size['bytes_per_cell']} bytes per "
+              "(row, layer, position) cell", file=out)  # fmt: skip
     for p in summary["plots"]:
         print(f"heatmap:  {p}", file=out)

@@ -69,20 +69,18 @@ def lens_data(store, tokenizer=None, rows: list[int] | None = None) -> dict:
     names = set(g.array_keys())
     lenses = store.lenses
     fields = [f for f in FIELDS if f in names]
-    coefficient = g["coefficient"][:] if "coefficient" in names else np.ones(n_rows, np.float32)
-    source = g["source"][:] if "source" in names else np.arange(n_rows)
-    edit_kind = g["edit_kind"][:] if "edit_kind" in names else None
-    lengths, prompt_lengths = g["lengths"][:], g["prompt_lengths"][:]
     vocab: set[int] = set()
     out_rows, arrays = [], {}
-    for r in rows:
-        n = int(lengths[r])
+    for r in rows:  # only the selected rows are read (each read takes its rows' shard index and chunks)
+        n = int(g["lengths"][r])
         ids = g["tokens"][r, :n]
         vocab.update(int(t) for t in ids)
-        steered = bool(edit_kind is not None and (edit_kind[r] >= 0).any()) or float(coefficient[r]) != 1.0
+        coefficient = float(g["coefficient"][r]) if "coefficient" in names else 1.0
+        source = int(g["source"][r]) if "source" in names else r
+        steered = bool("edit_kind" in names and (g["edit_kind"][r] >= 0).any()) or coefficient != 1.0
         out_rows.append({
-            "row": r, "source": int(source[r]) if source[r] >= 0 else r, "coefficient": float(coefficient[r]),
-            "steered": steered, "length": n, "prompt_length": int(prompt_lengths[r]),
+            "row": r, "source": source if source >= 0 else r, "coefficient": coefficient,
+            "steered": steered, "length": n, "prompt_length": int(g["prompt_lengths"][r]),
             "prompt_text": str(g["prompt_text"][r]), "generated_text": str(g["generated_text"][r]),
             "tokens": ids.astype(int).tolist(), "mask": g["lens_mask"][r, :n].astype(int).tolist(),
         })  # fmt: skip

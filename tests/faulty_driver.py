@@ -1,7 +1,9 @@
 """`python tests/faulty_driver.py '<fault json>' <module> [overrides...]`: runs a driver as a user
 would, with a fault planted by the test side (a monkeypatch of the store's batch writer):
 {"kill_driver": {"after_batches": 2}}: SIGKILL this process right after the 2nd batch's
-completion record; with "mid_write": true, between the 2nd batch's data and its record;
+completion record; with "mid_write": true, between the 2nd batch's data and its record; with
+"in_object": true, inside the first object (a shard) written once the 2nd batch is taken: half
+its bytes in zarr's own temporary file, never renamed (a local store);
 {"interrupt_driver": {"after_batches": 1}}: SIGINT (Ctrl-C) after the 1st batch;
 {"hang_driver": {"after_batches": 1, "marker": path}}: after the 1st batch, touch `marker` and
 sleep (a driver that holds its run until the test kills it);
@@ -22,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+import zarr.storage._local as zarr_local
+
 from actors.store import LensStore
 
 fault = json.loads(sys.argv[1])
@@ -30,10 +34,25 @@ hold = fault.get("hold_driver")
 fill = fault.get("fill_disk")
 written = 0
 write_batch = LensStore.write_batch
+put = zarr_local._put
+kill_in_object = False
+
+
+def killing_put(path, value, exclusive=False):
+    """zarr's local object write (tmp file, then rename), killed half way through the tmp file."""
+    if not kill_in_object or "/c/" not in str(path):
+        return put(path, value, exclusive)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    view = memoryview(value.as_buffer_like()).cast("B")
+    with path.with_suffix(".killed.partial").open("wb") as f:
+        f.write(view[: len(view) // 2])
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def faulty_write_batch(self, batch, rows, data, texts, mark_done=True):
-    global written
+    global written, kill_in_object
+    if kill and written + 1 == kill["after_batches"] and kill.get("in_object"):
+        kill_in_object = True
     if kill and written + 1 == kill["after_batches"] and kill.get("mid_write"):
         write_batch(self, batch, rows, data, texts, mark_done=False)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -66,6 +85,7 @@ def fill_up(path: str) -> None:
 
 
 LensStore.write_batch = faulty_write_batch
+zarr_local._put = killing_put
 module = sys.argv[2]
 sys.argv = [module, *sys.argv[3:]]
 runpy.run_module(module, run_name="__main__", alter_sys=True)

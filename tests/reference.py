@@ -48,6 +48,7 @@ def hf_hidden_by_row(generated, pad: torch.Tensor, row: int, layer: int) -> torc
 _GROUPS = {
     "model_path": ("model", "path"), "dtype": ("model", "dtype"),
     "store_path": ("storage", "path"), "existing": ("storage", "existing"),
+    "shard_batches": ("storage", "shard_batches"),
     **{k: ("cluster", k) for k in (
         "executor", "num_stages", "tp_size", "device", "cpus_per_stage", "gpus_per_stage", "micro_batch_size",
         "micro_batches_in_flight", "placement_timeout_s", "max_restarts", "restart_timeout_s", "placement",

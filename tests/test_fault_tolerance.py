@@ -119,7 +119,13 @@ def test_stage_actor_killed_while_loading_is_restarted_or_stops_in_one_line(ray_
     assert not (tmp_path / "no_budget.zarr").exists() or not LensStore.open(tmp_path / "no_budget.zarr").is_complete
 
 
-BASE = ["cluster=inprocess", "cluster.micro_batch_size=1", "generation.max_new_tokens=4", "progress=false"]
+BASE = [
+    "cluster=inprocess",
+    "cluster.micro_batch_size=1",
+    "storage.shard_batches=1",
+    "generation.max_new_tokens=4",
+    "progress=false",
+]
 LENS_PROMPTS = '["The lighthouse keeper", "Once upon a time", "In the beginning", "A cat sat"]'
 
 

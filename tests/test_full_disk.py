@@ -17,7 +17,7 @@ from driver import run_driver
 from actors.store import LensStore
 from reference import assert_stores_equal
 
-BASE = ["cluster=inprocess", "cluster.micro_batch_size=1", "generation.max_new_tokens=4", "progress=false",
+BASE = ["cluster=inprocess", "cluster.micro_batch_size=1", "storage.shard_batches=1", "generation.max_new_tokens=4", "progress=false",
         "capture.activations=float32"]  # fmt: skip
 PROMPTS = '["The lighthouse keeper", "Once upon a time", "In the beginning", "A cat sat"]'
 

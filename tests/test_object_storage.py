@@ -105,7 +105,8 @@ def test_lens_run_to_s3_equals_a_local_run_with_its_files_under_the_prefix(s3, l
     log = fs.cat_file(f"{BUCKET}/runs/lens/run.log").decode()
     assert "complete:" in log and "ray cluster: private local cluster" in log
     writes = store.write_log()
-    assert [(r["event"], r["batch"]) for r in writes] == [("begin", 0), ("done", 0), ("begin", 1), ("done", 1)]
+    # both micro-batches share one shard (storage.shard_batches by size): written once, then both records
+    assert [(r["event"], r["batch"]) for r in writes] == [("begin", 0), ("begin", 1), ("done", 0), ("done", 1)]
     assert f"store:    {run}/lens.zarr" in result.stdout and f"heatmap:  {run}/heatmap_prompt0.png" in result.stdout
     for f in fs.find(f"{BUCKET}/runs/lens"):  # credentials come from the environment, never into the run's files
         if "/c/" not in f:
@@ -116,7 +117,8 @@ def test_verify_on_s3_passes_a_whole_store_and_names_a_deleted_chunk_object(s3, 
     env, fs = s3
     _, run, _ = lens_runs
     ok = run_driver("pipelines.verify", f"{run}/lens.zarr", cwd=tmp_path, env=env)
-    assert ok.returncode == 0 and ok.stdout.strip() == f"{run}/lens.zarr: ok", ok.stderr
+    assert ok.returncode == 0 and ok.stdout.splitlines()[0] == f"{run}/lens.zarr: ok", ok.stderr
+    assert "bytes per cell" in ok.stdout.splitlines()[1]  # then what the store costs
     src, dst = f"{BUCKET}/runs/lens/lens.zarr", f"{BUCKET}/damaged/lens.zarr"
     files = fs.find(src)
     fs.copy(files, [dst + f[len(src) :] for f in files])
@@ -161,7 +163,7 @@ def test_steer_run_to_s3_equals_a_local_run_with_its_outputs_under_the_prefix(s3
 def test_driver_killed_on_s3_then_resumed_equals_an_uninterrupted_run(s3, tiny_with_tokenizer, tmp_path):
     env, fs = s3
     model, url = tiny_with_tokenizer, f"s3://{BUCKET}/resume"
-    one = ["cluster=inprocess", "cluster.micro_batch_size=1"]
+    one = ["cluster=inprocess", "cluster.micro_batch_size=1", "storage.shard_batches=1"]  # a shard per batch
     full = _lens(tmp_path, "full", *one, cwd=tmp_path, env=env, model=model)
     assert full.returncode == 0, full.stderr[-3000:]
     fault = {"kill_driver": {"after_batches": 2, "mid_write": True}}  # between batch 1's data and its record

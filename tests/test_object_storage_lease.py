@@ -28,6 +28,7 @@ def test_a_second_driver_on_a_live_drivers_s3_store_is_refused_naming_it(s3, tin
         f"model.name={tiny_with_tokenizer}",
         *LENS,
         "cluster=inprocess",
+        "storage.shard_batches=1",  # A's first batch is stored (and recorded) while A holds the run
         f"storage.root={url}",
         "storage.run=shared",
     ]
