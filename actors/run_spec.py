@@ -17,6 +17,7 @@ from actors.vocabulary import COMPONENTS, LENSES, PLACEMENTS, STEERING_SITES
 
 EXECUTORS = ("local", "ray")
 EXISTING = ("refuse", "resume", "overwrite")
+BATCHING = ("continuous", "static")
 
 
 class SettingError(ValueError):
@@ -86,6 +87,20 @@ def stage_capture(cap: CaptureSettings, layers: tuple[int, ...]) -> CaptureSetti
 class GenerationSettings:
     max_new_tokens: int = 16
     sampling: SamplingSpec = field(default_factory=SamplingSpec)
+    # continuous: a finished row leaves its micro-batch at once and a waiting row takes its slot
+    # (actors/continuous.py); static: every micro-batch runs until its longest row ends (prefix
+    # sharing applies only here). The drivers default to continuous (pipelines/config.py).
+    batching: str = "static"
+    stop: tuple[str, ...] = ()  # every row ends once its generated text contains one of these
+
+
+@dataclass(frozen=True)
+class RowStop:
+    """One prompt's own stop conditions (a corpus row's `max_new_tokens` and `stop` fields);
+    None keeps the run's (`GenerationSettings.max_new_tokens`, `.stop`)."""
+
+    max_new_tokens: int | None = None
+    stop: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -164,10 +179,12 @@ def check_steering_site(config, site: str, field: str = "steering.site") -> None
         raise SettingError(field, f"{text} does not exist in model family {config.model_type!r}: it has {sites}")
 
 
-def check_run(spec: RunSpec, config, prompts: list[list[int]]) -> None:
+def check_run(spec: RunSpec, config, prompts: list[list[int]], budgets=None) -> None:
     """Every check of a run against the model's `config` (a Hugging Face config) and its
-    prompts (token ids, one row each). Raises `SettingError` naming the first bad setting."""
+    prompts (token ids, one row each); `budgets`: each row's max_new_tokens (default: the run's).
+    Raises `SettingError` naming the first bad setting."""
     check_cluster(spec.cluster, config)
+    check_batching(spec)
     adapter = adapter_for(config.model_type)
     n = config.num_hidden_layers
     if spec.storage.existing not in EXISTING:
@@ -222,23 +239,39 @@ def check_run(spec: RunSpec, config, prompts: list[list[int]]) -> None:
         raise SettingError("prompts", "=[] is empty: give at least one prompt")
     if any(len(p) == 0 for p in prompts):
         raise SettingError("prompts", " holds a prompt with no tokens: every prompt needs at least one")
-    longest = max(len(p) for p in prompts)
+    budgets = [spec.generation.max_new_tokens] * len(prompts) if budgets is None else list(budgets)
+    bad = next((i for i, b in enumerate(budgets) if not (isinstance(b, int) and b >= 1)), None)
+    if bad is not None:
+        raise SettingError("prompts", f"[{bad}] max_new_tokens={budgets[bad]!r} is out of range: must be >= 1")
+    i = max(range(len(prompts)), key=lambda j: len(prompts[j]) + budgets[j])
+    longest = len(prompts[i]) + budgets[i]  # the store's positions per row
     context = getattr(config, "max_position_embeddings", None)
-    if context and longest + spec.generation.max_new_tokens > context:
-        i = max(range(len(prompts)), key=lambda j: len(prompts[j]))
+    if context and longest > context:
         raise SettingError(
             "prompts",
-            f"[{i}] is {longest} tokens; with max_new_tokens={spec.generation.max_new_tokens} that exceeds the model's "
+            f"[{i}] is {len(prompts[i])} tokens; with max_new_tokens={budgets[i]} that exceeds the model's "
             f"context of {context} positions",
         )
     if not isinstance(spec.capture.positions, str):
-        beyond = [p for p in spec.capture.positions if p >= longest + spec.generation.max_new_tokens - 1]
+        beyond = [p for p in spec.capture.positions if p >= longest - 1]
         if beyond:
             raise SettingError(
                 "capture.positions",
-                f" contains {beyond[0]}, out of range: this run's lens positions are "
-                f"0..{longest + spec.generation.max_new_tokens - 2}",
+                f" contains {beyond[0]}, out of range: this run's lens positions are 0..{longest - 2}",
             )
+
+
+def check_batching(spec: RunSpec) -> None:
+    """generation.batching, and what continuous batching does not combine with."""
+    g = spec.generation
+    if g.batching not in BATCHING:
+        raise SettingError("generation.batching", f"={g.batching!r} is not valid: choose one of {list(BATCHING)}")
+    if g.batching == "continuous" and spec.tune is not None:
+        raise SettingError(
+            "generation.batching", "=continuous: tuned-lens training steps once per static micro-batch; use static"
+        )
+    if any(not isinstance(s, str) or not s for s in g.stop):
+        raise SettingError("generation.stop", f"={list(g.stop)!r}: every stop string must be a non-empty string")
 
 
 def check_lenses(spec: RunSpec, config) -> None:
