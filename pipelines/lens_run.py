@@ -51,6 +51,8 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
     results_cfg = OmegaConf.to_container(cfg, resolve=True)
     # What determines the numbers: not where they are stored or how the stages are spread.
     determining = {k: results_cfg[k] for k in ("model", "capture", "generation", "prompts", "steer")}
+    # How rows share micro-batches does not change a row's numbers (a run may resume either way).
+    determining["generation"] = {k: v for k, v in determining["generation"].items() if k != "batching"}
     if cfg.steer.vector:  # the vector's bytes, not just its path
         import hashlib
 
@@ -71,7 +73,8 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
     spec = run_spec(
         cfg, str(checkpoint.path), str(storage_fs.join(where, "lens.zarr")), existing, attrs=attrs,
         generation=GenerationSettings(
-            g.max_new_tokens, SamplingSpec(g.temperature, g.top_p, g.seed, eos if g.stop_at_eos else (), pad)
+            g.max_new_tokens, SamplingSpec(g.temperature, g.top_p, g.seed, eos if g.stop_at_eos else (), pad),
+            batching=g.batching, stop=tuple(g.stop),
         ),
         steering=SteeringSettings(edits=steering, coefficients=coefficients, score_ids=tuple(score_ids)),
     )  # fmt: skip

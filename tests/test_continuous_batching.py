@@ -266,3 +266,19 @@ def test_bad_batching_settings_are_refused(llama_with_tokenizer, tiny_checkpoint
     with pytest.raises(SettingError, match=r"max_new_tokens=0 is out of range"):
         _run(llama_with_tokenizer, tmp_path / "c.zarr", [()] * len(PROMPTS), 2, [RowStop(max_new_tokens=0)] * 9)
     assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "b.zarr").exists()
+
+
+def test_tensor_parallel_lanes_equal_one_rank(llama_with_tokenizer, tmp_path, ray_cluster):
+    """tp_size=2 (two Ray ranks, AutoTP, a vocab-sharded lens head): the ranks evict, prefill
+    and splice the same rows in step; tokens equal tp_size=1's, floats to fp32 noise."""
+    path = llama_with_tokenizer
+    from transformers import AutoTokenizer
+
+    edits, eos, stops = _plan(HookedModel(path), AutoTokenizer.from_pretrained(path), True)
+    _, tp1 = _run(path, tmp_path / "tp1.zarr", edits, eos, stops, num_stages=1)
+    summary, tp2 = _run(path, tmp_path / "tp2.zarr", edits, eos, stops, num_stages=1, tp_size=2, executor="ray")
+    assert len(summary["stage_info"]) == 2
+    for name in ("tokens", "lengths", "lens_mask"):
+        np.testing.assert_array_equal(tp2[name], tp1[name], err_msg=name)
+    for name in ("topk_logprobs", "entropy", "target_logprob", "kl_to_final", "activations"):
+        np.testing.assert_allclose(tp2[name], tp1[name], atol=1e-5, rtol=1e-5, equal_nan=True, err_msg=name)
