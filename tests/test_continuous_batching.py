@@ -157,7 +157,9 @@ def _assert_row_equals_hf(store, row, hooked, tokens, hidden):
     target = torch.tensor(tokens[1:])
     for layer in range(len(hidden)):
         where = f"row {row} layer {layer}"
-        torch.testing.assert_close(acts[layer], hidden[layer][:n], atol=1e-5, rtol=0, msg=lambda m, w=where: f"{w}: {m}")
+        torch.testing.assert_close(
+            acts[layer], hidden[layer][:n], atol=1e-5, rtol=0, msg=lambda m, w=where: f"{w}: {m}"
+        )
         lp = torch.log_softmax(model.lm_head(final_norm(model)(hidden[layer][:n])), -1)
         top = lp.topk(arrays["topk_ids"].shape[-1], dim=-1)
         expected = {
