@@ -14,6 +14,7 @@ import torch
 
 from actors.run_spec import RowStop
 from actors.sampling import SamplingSpec
+from actors.store import LensStore
 from reference import assert_kl_to_final_matches_hf, assert_stores_equal, run_lens
 from tiny_models import decoder_layers, final_norm, load_reference
 
@@ -67,8 +68,9 @@ class HookedModel:
         layers = decoder_layers(self.model)
         for layer, block in enumerate(layers):
             block.register_forward_pre_hook(self._pre(layer), with_kwargs=True)
-            block.input_layernorm.register_forward_hook(lambda m, a, out, i=layer: self._add(out, i, "attn_in"))
-            block.post_attention_layernorm.register_forward_hook(lambda m, a, out, i=layer: self._add(out, i, "mlp_in"))
+            for name, site in (("input_layernorm", "attn_in"), ("post_attention_layernorm", "mlp_in")):
+                if hasattr(block, name):  # the Llama family's norms (the edits here are Llama's)
+                    getattr(block, name).register_forward_hook(lambda m, a, out, i=layer, s=site: self._add(out, i, s))
             block.register_forward_hook(lambda m, a, out, i=layer: self._record(self._add(out, i, "resid_post"), i))
 
     def _pre(self, layer):
@@ -284,3 +286,64 @@ def test_tensor_parallel_lanes_equal_one_rank(llama_with_tokenizer, tmp_path, ra
         np.testing.assert_array_equal(tp2[name], tp1[name], err_msg=name)
     for name in ("topk_logprobs", "entropy", "target_logprob", "kl_to_final", "activations"):
         np.testing.assert_allclose(tp2[name], tp1[name], atol=1e-5, rtol=1e-5, equal_nan=True, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    ("family", "positions", "components"),
+    [("gpt2", "all", ("resid_post", "attn_out")), ("qwen3_moe", "generated", ("resid_post", "mlp_out")),
+     ("gemma3_text", (0, 2, 8), ("resid_mid", "attn_in")), ("olmo2", "last", ("resid_post",)),
+     ("gpt_neox", "prompt", ("resid_post", "mlp_in"))],
+)  # fmt: skip
+def test_every_family_and_capture_choice_writes_the_static_store(
+    family, positions, components, tiny_checkpoints, tmp_path
+):
+    """Learned positions (GPT-2), experts, local/global layers, parallel residuals, every
+    capture-position kind and several components: continuous batching writes, array for array,
+    the store of the static path (itself tested against HF), rows ending by EOS and budgets."""
+    path = tiny_checkpoints[family]
+    eos = HookedModel(path).alone(PROMPTS[1])[0][len(PROMPTS[1]) + 1]
+    stops = [RowStop(max_new_tokens=b) for b in (8, 2, 6, 1, 8, 3, 5, 7, 4)]
+    kw = dict(positions=positions, components=components, kl_to_final=True)
+    _, cont = _run(path, tmp_path / "c.zarr", [()] * len(PROMPTS), eos, stops, **kw)
+    _, static = _run(path, tmp_path / "s.zarr", [()] * len(PROMPTS), eos, stops, batching="static", **kw)
+    assert_stores_equal(cont, static)
+
+
+def test_stage_actor_killed_mid_run_reruns_the_rows_in_flight(ray_cluster, llama_with_tokenizer, tmp_path):
+    """SIGKILL stage 1's process once lane 1 has made 3 steps (rows have ended and been
+    refilled by then): Ray restarts it, the rows in flight run again from their first step, and
+    the store equals an uninterrupted run's, each store batch written once."""
+    import os
+    import signal
+    from collections import Counter
+
+    from actors.coordinator import Coordinator
+    from reference import run_spec
+
+    class KillStage(Coordinator):
+        killed = None
+
+        def stepped(self, lane, steps):
+            if self.killed is None and (lane, steps) == (1, 3):
+                self.killed = self.stages.pid(1)
+                os.kill(self.killed, signal.SIGKILL)
+
+    path = llama_with_tokenizer
+    from transformers import AutoTokenizer
+
+    edits, eos, stops = _plan(HookedModel(path), AutoTokenizer.from_pretrained(path), False)
+    _, reference = _run(path, tmp_path / "reference.zarr", edits, eos, stops)
+    spec = run_spec(
+        model_path=str(path), store_path=str(tmp_path / "killed.zarr"), executor="ray", max_restarts=2,
+        num_stages=2, micro_batch_size=2, micro_batches_in_flight=2, max_new_tokens=MAX_NEW, batching="continuous",
+        activations="float32", sampling=SamplingSpec(eos_token_ids=(eos,), pad_token_id=0), lens_window=4,
+        progress=False,
+    )  # fmt: skip
+    coordinator = KillStage(spec)
+    summary = coordinator.run(PROMPTS, stops=stops)
+    assert coordinator.killed is not None and summary["stage_restarts"] == 1
+    killed = LensStore.open(tmp_path / "killed.zarr")
+    assert killed.is_complete and killed.verify() == []
+    assert_stores_equal(killed, reference)
+    done = Counter(r["batch"] for r in killed.write_log() if r["event"] == "done")
+    assert sorted(done) == list(range(5)) and set(done.values()) == {1}
