@@ -3,7 +3,8 @@
 string, their own max_new_tokens: actors/stopping.py) leave it and waiting rows take their slots
 in the lane's next call (the stages' side is actors/lane.py). Rows are admitted in row order;
 a store batch (the store's `micro_batch_size` rows) is written, laid out as the static path lays
-it out, once every one of its rows has ended, so the store's layout does not change.
+it out, once every one of its rows has ended and every earlier batch is written, so the store's
+layout does not change and its finished batches stay a prefix of the run.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class ContinuousBatches:
         self.queue = deque(r for mb in run.todo for r in range(mb.rows.start, mb.rows.stop))
         self.batch_of = {r: mb for mb in run.todo for r in range(mb.rows.start, mb.rows.stop)}
         self.waiting = {mb.index: set(range(mb.rows.start, mb.rows.stop)) for mb in run.todo}
+        self.unwritten = deque(run.todo)  # store batches are written in order, as the static path does
         self.rows: dict[int, _Row] = {}
         self.lanes: dict[int, _Lane] = {}
         self.generated: dict[int, list] = {}
@@ -146,11 +148,12 @@ class ContinuousBatches:
         for chunk in self.coordinator.stages.collect(lane.calls):
             self.rows[chunk.micro_batch].chunks.append(chunk)
         for row in lane.evicted:
-            mb = self.batch_of[row]
-            self.waiting[mb.index].discard(row)
-            if not self.waiting[mb.index]:
-                self._write(mb)
+            self.waiting[self.batch_of[row].index].discard(row)
         lane.calls, lane.evicted = [], []
+        # The finished batches stay a prefix of the run (a resumed or interrupted run reads so);
+        # a batch done before an earlier one waits for it, holding only its rows' small results.
+        while self.unwritten and not self.waiting[self.unwritten[0].index]:
+            self._write(self.unwritten.popleft())
 
     def _write(self, mb) -> None:
         """Every row of store batch `mb` has ended: lay it out as the static path does and write it."""
