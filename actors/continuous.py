@@ -101,12 +101,14 @@ class ContinuousBatches:
         return len(again)
 
     def summary(self) -> dict:
+        """Row-steps computed against useful (tokens generated), and the share of the lanes' slots
+        that did useful work (useful / (lane calls x micro_batch_size)), as the static path reports them."""
         useful = sum(len(g) for g in self.generated.values())
         return {
             "batching": "continuous",
             "row_steps": self.row_steps,
             "useful_row_steps": useful,
-            "slot_occupancy": round(self.row_steps / (self.lane_steps * self.size), 4) if self.lane_steps else None,
+            "slot_occupancy": round(useful / (self.lane_steps * self.size), 4) if self.lane_steps else None,
         }
 
     def _take(self, n: int) -> dict | None:

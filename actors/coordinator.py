@@ -211,7 +211,7 @@ class Coordinator:
         useful, computed = sum(len(g) for g in generated.values()), run.batching.pop("row_steps")
         steps = run.batching.pop("lane_steps")
         run.batching.update(row_steps=computed, useful_row_steps=useful,
-                            slot_occupancy=round(computed / (steps * spec.cluster.micro_batch_size), 4) if steps else None)  # fmt: skip
+                            slot_occupancy=round(useful / (steps * spec.cluster.micro_batch_size), 4) if steps else None)  # fmt: skip
         run.bar.close()
         return generated
 
