@@ -347,3 +347,25 @@ def test_stage_actor_killed_mid_run_reruns_the_rows_in_flight(ray_cluster, llama
     assert_stores_equal(killed, reference)
     done = Counter(r["batch"] for r in killed.write_log() if r["event"] == "done")
     assert sorted(done) == list(range(5)) and set(done.values()) == {1}
+
+
+def test_tuned_lens_and_scores_write_the_static_store(tiny_checkpoints, tmp_path):
+    """The tuned lens (random translators; the static path's tuned arrays are tested against HF
+    in test_tuned_lens.py) and per-step scores of chosen tokens, with rows ending at different
+    steps: continuous batching writes the static path's store."""
+    from actors.tuned_lens import Translators, save_translators
+
+    path = tiny_checkpoints["llama"]
+    translators = Translators((0, 1, 2), 64)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        translators.weight.copy_(0.5 * torch.randn(3, 64, 64, generator=g) / 8)
+        translators.bias.copy_(0.5 * torch.randn(3, 64, generator=g))
+    save_translators(tmp_path / "t.safetensors", translators, {"model": "tiny"})
+    eos = HookedModel(path).alone(PROMPTS[0])[0][len(PROMPTS[0]) + 2]
+    stops = [RowStop(max_new_tokens=b) for b in (8, 2, 6, 1, 8, 3, 5, 7, 4)]
+    kw = dict(lenses=("logit", "tuned"), tuned_lens=str(tmp_path / "t.safetensors"), score_ids=(40, 41), k=4)
+    _, cont = _run(path, tmp_path / "c.zarr", [()] * len(PROMPTS), eos, stops, **kw)
+    _, static = _run(path, tmp_path / "s.zarr", [()] * len(PROMPTS), eos, stops, batching="static", **kw)
+    assert_stores_equal(cont, static)
+    assert (cont["tuned_topk_ids"] >= 0).any() and np.isfinite(cont["scores"]).any()
