@@ -16,9 +16,10 @@ import time
 import numpy as np
 
 from actors import head_watch, storage_fs
+from actors.continuous import ContinuousBatches
 from actors.executor import ClusterError, LocalExecutor, RayExecutor
 from actors.progress import StageStats, progress_bar
-from actors.run_spec import RunSpec
+from actors.run_spec import RunSpec, SettingError
 from actors.run_state import MicroBatch, RunState, plan_run, shared_columns, shared_stages
 from actors.stage import LostStateError
 from actors.stage_group import StageGroup
@@ -53,9 +54,10 @@ class Coordinator:
     def loading(self) -> None:
         """The stage workers exist and are about to load their weights."""
 
-    def run(self, prompts: list[list[int]], prompt_texts: list[str] | None = None) -> dict:
+    def run(self, prompts: list[list[int]], prompt_texts: list[str] | None = None, stops=None) -> dict:
         """Generate from `prompts` (token ids) and write the lens store; returns a summary.
-        Holds the store's lease (actors/lease.py) throughout: one driver at a time per store."""
+        `stops`: [prompt] each prompt's own `run_spec.RowStop` (max_new_tokens, stop strings) or
+        None. Holds the store's lease (actors/lease.py) throughout: one driver at a time per store."""
         from actors.lease import Lease
 
         lease = Lease.acquire(self.spec.storage.path, take_over=self.spec.storage.existing in ("resume", "overwrite"))
@@ -71,14 +73,14 @@ class Coordinator:
 
         try:
             with head_watch.on_loss(head_lost):
-                return self._run(prompts, prompt_texts)
+                return self._run(prompts, prompt_texts, stops)
         finally:
             lease.release()
 
-    def _run(self, prompts: list[list[int]], prompt_texts: list[str] | None) -> dict:
+    def _run(self, prompts: list[list[int]], prompt_texts: list[str] | None, stops) -> dict:
         """Plan, start the stages, generate every micro-batch not yet in the store, summarise."""
         spec = self.spec
-        run = self._current = plan_run(spec, prompts, prompt_texts)
+        run = self._current = plan_run(spec, prompts, prompt_texts, stops)
         store = run.store
         if not run.todo and store.is_complete:  # a resumed run that had already finished
             return dict(store.attrs["summary"], batches_run=[])
@@ -126,6 +128,8 @@ class Coordinator:
             self.loading()
             self._setup()
             run.tokenizer = _load_tokenizer(spec.model.path)  # before the clock starts: decoding is part of writing
+            if run.tokenizer is None and any(end.stop for end in run.ends):
+                raise SettingError("generation.stop", f": stop strings need a tokenizer; {spec.model.path} has none")
         except BaseException:
             run.run_store.abandon()
             raise
@@ -176,15 +180,48 @@ class Coordinator:
         self._submit(mb, mb.input_ids[:, split:], early, base, index)
         mb.calls += stages.expand(earlier, mb.index, index, mb.edits, prefix)
 
+    def batch_written(self, mb: MicroBatch, steps: int) -> None:
+        """Store batch `mb` is written (after `steps` steps of its longest row)."""
+        log.info(
+            "batch %d written: rows %d-%d, %d steps%s",
+            mb.index, mb.rows.start, mb.rows.stop - 1, steps, self._current.stats.text(),
+        )  # fmt: skip
+
     def _generate(self) -> dict[int, list]:
         """Run every micro-batch still to do; returns each row's generated ids."""
         spec, run = self.spec, self._current
-        queue, inflight, generated = list(run.todo), {}, {}
-        run.bar = progress_bar(len(run.todo) * spec.generation.max_new_tokens, self.DESC, spec.progress)
+        budget = sum(run.ends[r].budget for mb in run.todo for r in range(mb.rows.start, mb.rows.stop))
+        run.bar = progress_bar(budget, self.DESC, spec.progress)
         run.stats = StageStats(run.stages, run.bar, self.DESC)
-        while queue or inflight:
+        if spec.generation.batching == "continuous":
+            batches = ContinuousBatches(self, run)
+            batches.open_lanes()
+            self._until_done(
+                lambda: bool(batches.lanes), batches.advance, lambda err: self._recover_lanes(err, batches)
+            )
+            run.batching = batches.summary()
+            run.bar.close()
+            return batches.generated
+        queue, inflight, generated = list(run.todo), {}, {}
+        run.batching = {"batching": "static", "row_steps": 0, "lane_steps": 0}
+        self._until_done(
+            lambda: bool(queue or inflight),
+            lambda: self._advance(queue, inflight, generated),
+            lambda err: self._recover(err, queue, inflight),
+        )
+        useful, computed = sum(len(g) for g in generated.values()), run.batching.pop("row_steps")
+        steps = run.batching.pop("lane_steps")
+        run.batching.update(row_steps=computed, useful_row_steps=useful,
+                            slot_occupancy=round(useful / (steps * spec.cluster.micro_batch_size), 4) if steps else None)  # fmt: skip
+        run.bar.close()
+        return generated
+
+    def _until_done(self, pending, advance, recover) -> None:
+        """`advance()` while `pending()`; a lost stage (Ray) is recovered by `recover(err)`."""
+        spec = self.spec
+        while pending():
             try:
-                self._advance(queue, inflight, generated)
+                advance()
             except Exception as err:
                 if not self._stage_lost(err):
                     raise
@@ -194,9 +231,7 @@ class Coordinator:
                         "group cannot re-form mid-run); finished micro-batches are in the store: run again "
                         "with resume=true"
                     ) from err
-                self._recover(err, queue, inflight)
-        run.bar.close()
-        return generated
+                recover(err)
 
     def _advance(self, queue, inflight, generated) -> None:
         """Fill the pipeline, then take one step's result from whichever micro-batch is ready."""
@@ -212,22 +247,36 @@ class Coordinator:
             mb.scores.append(out["scores"])
         mb.generated.append(out["tokens"])
         mb.steps += 1
+        run = self._current
+        run.batching["row_steps"] += len(out["tokens"])
+        run.batching["lane_steps"] += 1
+        budget = self._ended(mb)
         bar.update(1)
         mb.counted += 1
         stats.tick()
         self.stepped(mb.index, mb.steps)
-        if mb.steps < spec.generation.max_new_tokens and not out["finished"].all():
+        if not mb.gen_len.all():
             self._submit(mb, mb.last)
             return
-        bar.update(spec.generation.max_new_tokens - mb.steps)
-        mb.counted = spec.generation.max_new_tokens
+        bar.update(budget - mb.counted)
+        mb.counted = budget
         mb.calls += self.stages.finish(mb.index, mb.last)
-        generated.update(self._current.write(mb, self.stages.collect(mb.calls), spec.generation))
+        generated.update(run.write(mb, self.stages.collect(mb.calls), spec.generation))
         del inflight[mb.index]
-        log.info(
-            "batch %d written: rows %d-%d, %d steps%s",
-            mb.index, mb.rows.start, mb.rows.stop - 1, mb.steps, stats.text(),
-        )  # fmt: skip
+        self.batch_written(mb, mb.steps)
+
+    def _ended(self, mb: MicroBatch) -> int:
+        """Mark the rows of static micro-batch `mb` whose generation ended at its latest step
+        (`mb.gen_len`); returns the micro-batch's progress budget (its rows' most tokens)."""
+        run = self._current
+        rows = range(mb.rows.start, mb.rows.stop)
+        if mb.gen_len is None or mb.steps == 1:
+            mb.gen_len = np.zeros(len(rows), np.int64)
+        gen = np.stack(mb.generated, axis=1)
+        for i, row in enumerate(rows):
+            if not mb.gen_len[i] and run.ended(row, gen[i].tolist()):
+                mb.gen_len[i] = mb.steps
+        return max(run.ends[r].budget for r in rows)
 
     # -- stage failures -------------------------------------------------------------------------
     def _stage_lost(self, err: Exception) -> bool:
@@ -281,8 +330,19 @@ class Coordinator:
         for mb in sorted(inflight.values(), key=lambda m: m.index, reverse=True):
             self._current.bar.update(-mb.counted)
             mb.steps, mb.counted, mb.generated, mb.scores, mb.calls, mb.last = 0, 0, [], [], [], None
+            mb.gen_len = None
             queue.insert(0, mb)
         inflight.clear()
+
+    def _recover_lanes(self, err: Exception, batches: ContinuousBatches) -> None:
+        """As `_recover`, for continuous batching: every row not yet complete runs again from
+        its first step in fresh lanes; complete rows (written or waiting for their batch) stay."""
+        self._count_failure(err, "re-running the rows in flight")
+        self._rejoin()
+        self._setup()
+        self._current.stats.forget()
+        batches.forget_in_flight()
+        batches.open_lanes()
 
     def _rejoin(self) -> None:
         """Wait (bounded by `cluster.restart_timeout_s`) until every stage answers again: a

@@ -17,6 +17,7 @@ from actors.vocabulary import COMPONENTS, LENSES, PLACEMENTS, STEERING_SITES
 
 EXECUTORS = ("local", "ray")
 EXISTING = ("refuse", "resume", "overwrite")
+BATCHING = ("continuous", "static")
 
 
 class SettingError(ValueError):
@@ -87,6 +88,20 @@ def stage_capture(cap: CaptureSettings, layers: tuple[int, ...]) -> CaptureSetti
 class GenerationSettings:
     max_new_tokens: int = 16
     sampling: SamplingSpec = field(default_factory=SamplingSpec)
+    # continuous: a finished row leaves its micro-batch at once and a waiting row takes its slot
+    # (actors/continuous.py); static: every micro-batch runs until its longest row ends (prefix
+    # sharing applies only here). The drivers default to continuous (pipelines/config.py).
+    batching: str = "static"
+    stop: tuple[str, ...] = ()  # every row ends once its generated text contains one of these
+
+
+@dataclass(frozen=True)
+class RowStop:
+    """One prompt's own stop conditions (a corpus row's `max_new_tokens` and `stop` fields);
+    None keeps the run's (`GenerationSettings.max_new_tokens`, `.stop`)."""
+
+    max_new_tokens: int | None = None
+    stop: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -106,14 +121,21 @@ class SteeringSettings:
 @dataclass(frozen=True)
 class CorpusRows:
     """The prompts' rows of a corpus (pipelines/corpus.py), by prompt (as given, before a sweep
-    repeats them): which corpus row each is, and the limits a row carries itself. Generation
-    does not read `max_new_tokens` and `stop` yet; `check_run` bounds each row by its own."""
+    repeats them): which corpus row each is, and the limits a row carries itself (generation
+    reads them as `stops()`; `check_run` bounds each row by its own)."""
 
     path: str  # the corpus, for messages ("<path> row <index>")
     field: str  # the prompt's field
     index: np.ndarray  # [prompts] int64: each prompt's corpus index (stored as `corpus_index`)
     max_new_tokens: np.ndarray  # [prompts] int32: the row's own, 0 = generation.max_new_tokens
     stop: dict = field(default_factory=dict)  # {prompt: (str, ...)}: the rows with stop strings of their own
+
+    def stops(self) -> list[RowStop]:
+        """Each prompt's own stop conditions; None where a row carries none (the run's apply)."""
+        return [
+            RowStop(int(budget) or None, tuple(self.stop[i]) if i in self.stop else None)
+            for i, budget in enumerate(self.max_new_tokens)
+        ]
 
 
 @dataclass(frozen=True)
@@ -179,17 +201,13 @@ def check_steering_site(config, site: str, field: str = "steering.site") -> None
         raise SettingError(field, f"{text} does not exist in model family {config.model_type!r}: it has {sites}")
 
 
-def row_max_new_tokens(spec: RunSpec, prompt: int) -> int:
-    """The tokens prompt `prompt` may generate: its corpus row's own `max_new_tokens`, else the run's."""
-    own = 0 if spec.corpus is None else int(spec.corpus.max_new_tokens[prompt])
-    return own or spec.generation.max_new_tokens
-
-
-def check_run(spec: RunSpec, config, prompts: list[list[int]], sources=None) -> None:
+def check_run(spec: RunSpec, config, prompts: list[list[int]], budgets=None, sources=None) -> None:
     """Every check of a run against the model's `config` (a Hugging Face config) and its
-    prompts (token ids, one row each; `sources`: the prompt each row runs, when a sweep repeats
-    them). Raises `SettingError` naming the first bad setting."""
+    prompts (token ids, one row each); `budgets`: each row's max_new_tokens (default: the run's);
+    `sources`: the prompt each row runs, when a sweep repeats them (a corpus row is named by it).
+    Raises `SettingError` naming the first bad setting."""
     check_cluster(spec.cluster, config)
+    check_batching(spec)
     adapter = adapter_for(config.model_type)
     n = config.num_hidden_layers
     if spec.storage.existing not in EXISTING:
@@ -244,29 +262,31 @@ def check_run(spec: RunSpec, config, prompts: list[list[int]], sources=None) -> 
         raise SettingError("prompts", "=[] is empty: give at least one prompt")
     if any(len(p) == 0 for p in prompts):
         raise SettingError("prompts", " holds a prompt with no tokens: every prompt needs at least one")
-    longest = max(len(p) for p in prompts)
-    _check_context(spec, config, prompts, sources)
+    budgets = [spec.generation.max_new_tokens] * len(prompts) if budgets is None else list(budgets)
+    bad = next((i for i, b in enumerate(budgets) if not (isinstance(b, int) and b >= 1)), None)
+    if bad is not None:
+        raise SettingError("prompts", f"[{bad}] max_new_tokens={budgets[bad]!r} is out of range: must be >= 1")
+    _check_context(spec, config, prompts, budgets, sources)
+    longest = max(len(p) + b for p, b in zip(prompts, budgets))  # the store's positions per row
     if not isinstance(spec.capture.positions, str):
-        beyond = [p for p in spec.capture.positions if p >= longest + spec.generation.max_new_tokens - 1]
+        beyond = [p for p in spec.capture.positions if p >= longest - 1]
         if beyond:
             raise SettingError(
                 "capture.positions",
-                f" contains {beyond[0]}, out of range: this run's lens positions are "
-                f"0..{longest + spec.generation.max_new_tokens - 2}",
+                f" contains {beyond[0]}, out of range: this run's lens positions are 0..{longest - 2}",
             )
 
 
-def _check_context(spec: RunSpec, config, prompts, sources) -> None:
-    """Each row's prompt and the tokens it may generate (its own max_new_tokens, or the run's)
-    fit the model's context; a corpus row is named by its corpus index and field."""
+def _check_context(spec: RunSpec, config, prompts, budgets, sources) -> None:
+    """Each row's prompt and the tokens it may generate (`budgets`: its own max_new_tokens, or
+    the run's) fit the model's context; a corpus row is named by its corpus index and field."""
     context = getattr(config, "max_position_embeddings", None)
     if not context:
         return
-    for row, ids in enumerate(prompts):
-        prompt = row if sources is None else int(sources[row])
-        budget = row_max_new_tokens(spec, prompt)
+    for row, (ids, budget) in enumerate(zip(prompts, budgets)):
         if len(ids) + budget <= context:
             continue
+        prompt = row if sources is None else int(sources[row])
         if spec.corpus is None:
             where, what = "prompts", f"[{prompt}] is {len(ids)} tokens; with max_new_tokens={budget}"
         else:
@@ -275,6 +295,19 @@ def _check_context(spec: RunSpec, config, prompts, sources) -> None:
             where = "corpus"
             what = f" {c.path} row {c.index[prompt]} field {c.field!r} is {len(ids)} tokens; with max_new_tokens={budget}{own}"
         raise SettingError(where, f"{what} that exceeds the model's context of {context} positions")
+
+
+def check_batching(spec: RunSpec) -> None:
+    """generation.batching, and what continuous batching does not combine with."""
+    g = spec.generation
+    if g.batching not in BATCHING:
+        raise SettingError("generation.batching", f"={g.batching!r} is not valid: choose one of {list(BATCHING)}")
+    if g.batching == "continuous" and spec.tune is not None:
+        raise SettingError(
+            "generation.batching", "=continuous: tuned-lens training steps once per static micro-batch; use static"
+        )
+    if any(not isinstance(s, str) or not s for s in g.stop):
+        raise SettingError("generation.stop", f"={list(g.stop)!r}: every stop string must be a non-empty string")
 
 
 def check_lenses(spec: RunSpec, config) -> None:

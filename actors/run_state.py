@@ -39,6 +39,7 @@ class MicroBatch:
     scores: list = field(default_factory=list)  # [batch, len(score_ids)] per generated step
     calls: list = field(default_factory=list)  # handles of its stage calls (lens chunks and acks), every rank
     counted: int = 0  # progress-bar units counted for this micro-batch
+    gen_len: np.ndarray | None = None  # [batch] each row's generated length once it ended, 0 before
 
 
 @dataclass
@@ -54,10 +55,21 @@ class RunState:
     run_store: RunStore
     micro_batches: list  # every MicroBatch of the run
     todo: list  # the micro-batches not yet in the store
+    ends: list  # [rows] each row's stop conditions (actors/stopping.RowEnd)
     stages: StageGroup | None = None
     tokenizer: object = None  # None also when the checkpoint has none
     bar: object = None  # the progress bar
     stats: StageStats | None = None
+    batching: dict = field(default_factory=dict)  # the summary's batching figures (row-steps computed, useful)
+
+    @property
+    def n_steps(self) -> int:
+        """The most tokens any row may generate (the store's `n_steps`)."""
+        return max(end.budget for end in self.ends)
+
+    def ended(self, row: int, generated: list[int]) -> bool:
+        """Whether row `row`'s generation ends with `generated` (its ids so far)."""
+        return self.ends[row].ended(generated, self.tokenizer)
 
     @property
     def store(self):
@@ -84,18 +96,24 @@ class RunState:
             "stage_restarts": restarts,
             "stage_info": stage_info,
             "ray_cluster": ray_cluster,
+            **self.batching,
         }
 
-    def write(self, mb: MicroBatch, chunks, generation) -> dict[int, list]:
+    def write(self, mb: MicroBatch, chunks, generation, generated=None, scores=None) -> dict[int, list]:
         """Lay one micro-batch out by row position and write it whole; returns each row's
-        generated ids. `generation`: the run's GenerationSettings."""
+        generated ids. `generation`: the run's GenerationSettings; `generated` [batch, steps] and
+        `scores` [batch, steps, n] (default: the micro-batch's own steps); `mb.gen_len` each
+        row's generated length."""
         store, prompt_texts = self.store, self.prompt_texts
+        if generated is None:
+            generated = np.stack(mb.generated, axis=1)
+            scores = np.stack(mb.scores, axis=1) if mb.scores else None
         finished = FinishedBatch(
-            input_ids=mb.input_ids, attention_mask=mb.attention_mask, generated=np.stack(mb.generated, axis=1),
-            coefficients=mb.coefficients, rows={k: v[mb.rows] for k, v in self.row_arrays.items()}, scores=np.stack(mb.scores, axis=1) if mb.scores else None, chunks=chunks,
+            input_ids=mb.input_ids, attention_mask=mb.attention_mask, generated=generated,
+            coefficients=mb.coefficients, rows={k: v[mb.rows] for k, v in self.row_arrays.items()}, scores=scores, chunks=chunks,
         )  # fmt: skip
         data, gen_len = lay_out_batch(
-            finished, store.attrs["layout"], generation.sampling.eos_token_ids, generation.max_new_tokens
+            finished, store.attrs["layout"], generation.sampling.eos_token_ids, self.n_steps, mb.gen_len
         )
         gen = finished.generated
         rows, prompt_cols = mb.input_ids.shape
@@ -113,10 +131,12 @@ class RunState:
         return {mb.rows.start + i: gen[i, : gen_len[i]].tolist() for i in range(rows)}
 
 
-def plan_run(spec: RunSpec, prompts: list[list[int]], prompt_texts: list[str] | None) -> RunState:
+def plan_run(spec: RunSpec, prompts: list[list[int]], prompt_texts: list[str] | None, stops=None) -> RunState:
     """Check the run against the model, lay out its rows and micro-batches, open its store
-    and make its stages' specs."""
+    and make its stages' specs. `stops`: [prompt] each prompt's own `RowStop` (or None)."""
     from transformers import AutoConfig
+
+    from actors.stopping import row_ends
 
     config = AutoConfig.from_pretrained(spec.model.path)
     # Rows are prompts with their own edits, all in the same forward passes: a coefficient
@@ -127,13 +147,15 @@ def plan_run(spec: RunSpec, prompts: list[list[int]], prompt_texts: list[str] | 
     except ValueError as err:
         raise SettingError("steering.rows" if s.rows is not None else "steering.edits", f": {err}") from None
     n_given = len(prompts)
+    prompt_ends = row_ends(spec.generation, stops, n_given)
     prompts = [prompts[p] for p in rows.sources]
-    check_run(spec, config, prompts, rows.sources)
+    ends = [prompt_ends[p] for p in rows.sources]
+    check_run(spec, config, prompts, [end.budget for end in ends], rows.sources)
     n_layers = config.num_hidden_layers
     cap = spec.capture
     layers = tuple(range(n_layers)) if cap.layers is None else tuple(sorted(i % n_layers for i in cap.layers))
     bounds = plan_stages(config, spec.cluster.num_stages)
-    layout = _layout(spec, config, prompts, rows, layers)
+    layout = _layout(spec, config, prompts, rows, layers, [end.budget for end in ends])
     row_arrays = _edit_arrays(rows, rows.kinds, layout.n_edits)
     # each row's corpus row (inline prompts: the prompt's index among those given)
     corpus_index = np.arange(n_given, dtype=np.int64) if spec.corpus is None else spec.corpus.index
@@ -144,16 +166,15 @@ def plan_run(spec: RunSpec, prompts: list[list[int]], prompt_texts: list[str] | 
     todo = [mb for mb in mbs if mb.index not in store.done_batches()]
     return RunState(
         prompts=prompts, prompt_texts=prompt_texts, sources=rows.sources, row_arrays=row_arrays, bounds=bounds,
-        specs=_stage_specs(spec, bounds, layers, rows), run_store=run_store, micro_batches=mbs, todo=todo,
+        specs=_stage_specs(spec, bounds, layers, rows), run_store=run_store, micro_batches=mbs, todo=todo, ends=ends,
     )  # fmt: skip
 
 
-def _layout(spec: RunSpec, config, prompts, rows, layers: tuple) -> StoreLayout:
-    """The store's shape for these rows, layers and lenses."""
-    longest = max(len(p) for p in prompts)
+def _layout(spec: RunSpec, config, prompts, rows, layers: tuple, budgets: list[int]) -> StoreLayout:
+    """The store's shape for these rows (each generating at most its `budgets`), layers and lenses."""
     return StoreLayout(
         n_prompts=len(prompts),
-        n_positions=longest + spec.generation.max_new_tokens,
+        n_positions=max(len(p) + b for p, b in zip(prompts, budgets)),
         layers=layers,
         components=tuple(spec.capture.components),
         k=spec.capture.k,
@@ -161,7 +182,7 @@ def _layout(spec: RunSpec, config, prompts, rows, layers: tuple) -> StoreLayout:
         hidden=config.hidden_size,
         activations=spec.capture.activations,
         n_scores=len(spec.steering.score_ids),
-        n_steps=spec.generation.max_new_tokens,
+        n_steps=max(budgets),
         n_edits=max((len(e) for e in rows.edits), default=0),
         lenses=tuple(spec.capture.lenses),
         shard_batches=spec.storage.shard_batches,

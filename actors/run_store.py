@@ -132,16 +132,21 @@ class FinishedBatch:
     chunks: list  # LensChunks of every stage
 
 
-def lay_out_batch(batch: FinishedBatch, layout: dict, eos_token_ids, max_new_tokens: int) -> tuple[dict, np.ndarray]:
+def lay_out_batch(
+    batch: FinishedBatch, layout: dict, eos_token_ids, max_new_tokens: int, gen_len=None
+) -> tuple[dict, np.ndarray]:
     """The batch's arrays by row position (left pads removed): `(data, generated_lengths)`.
+    `gen_len`: each row's generated length (default: through its first EOS).
 
     Row i's token p sits at position p of its own sequence; its lens exists at positions
     [0, length - 1) (the last token has no target)."""
     gen = batch.generated
     rows, prompt_cols = batch.input_ids.shape
     pad = (batch.attention_mask == 0).sum(1)
-    eos = np.isin(gen, eos_token_ids)
-    gen_len = np.where(eos.any(1), eos.argmax(1) + 1, gen.shape[1])
+    if gen_len is None:
+        eos = np.isin(gen, eos_token_ids)
+        gen_len = np.where(eos.any(1), eos.argmax(1) + 1, gen.shape[1])
+    gen_len = np.asarray(gen_len)
     length = prompt_cols - pad + gen_len
     cols = np.concatenate([batch.input_ids, gen], axis=1)
     n_pos, layers = layout["n_positions"], layout["layers"]

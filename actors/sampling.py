@@ -30,3 +30,9 @@ def choose_tokens(logits: torch.Tensor, spec: SamplingSpec, generator: torch.Gen
         scaled = torch.full_like(scaled, -torch.inf).scatter(-1, order, sorted_logits)
     probs = scaled.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
+
+
+def row_generator(seed: int, row: int) -> torch.Generator:
+    """Row `row`'s own generator under continuous batching: its samples depend on the run's seed
+    and its row index only, never on the rows that share its micro-batch."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * row + 1)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from actors.adapters import get_path
+from actors.lane import LaneStage
 from actors.lens import LogitLens
 from actors.lens_window import LensChunk, LensWindow, WindowBuffer, capture_mask
 from actors.run_spec import CaptureSettings
@@ -139,8 +140,9 @@ def _node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
 
 
-class StageWorker:
-    """Holds layers `[spec.start, spec.end)` and runs prefill/decode steps for micro-batches."""
+class StageWorker(LaneStage):
+    """Holds layers `[spec.start, spec.end)` and runs prefill/decode steps for micro-batches
+    (static ones here; continuous batching's lanes in actors/lane.py)."""
 
     def __init__(self, spec: StageSpec):
         self.configure(spec)
@@ -158,6 +160,7 @@ class StageWorker:
         self.forward_calls = 0
         self.timeline: list[tuple[int, float, float]] = []  # (micro-batch, start, end) per step
         self._states: dict[int, _BatchState] = {}
+        self._lanes: dict = {}  # continuous batching: lane -> actors.lane._Lane
         self.busy_s, self.tokens = 0.0, 0  # forward time and token columns x rows processed
         self.lens_s = 0.0  # time in the lens (the windows' projections and their summaries)
 
@@ -219,6 +222,7 @@ class StageWorker:
             self._vectors = table.to(self.device)
         self._install_hooks()
         self._states: dict[int, _BatchState] = {}
+        self._lanes = {}
         self.window = LensWindow(spec, self.lens, self.config, self.device)  # the tuned lens and its training too
         return self.info()
 
@@ -379,21 +383,7 @@ class StageWorker:
         )
         if upstream_rows is not None:
             x = x[torch.as_tensor(np.asarray(upstream_rows), dtype=torch.long, device=x.device)]
-        self._capture = {}
-        self._step = (state, state.cols, new)
-        started = time.time()
-        try:
-            hidden = self.engine(x, attention_mask=state.attention_mask, position_ids=position_ids, cache=state.cache)
-        finally:
-            self._step = None
-        if self.device.type == "cuda":  # the forward's kernels, not only their launch, in busy_s
-            torch.cuda.synchronize(self.device)
-        finished = time.time()
-        self.timeline.append((mb, started, finished))
-        self.busy_s += finished - started
-        self.tokens += int(tokens.shape[0] * new)
-        captured, self._capture = self._capture, None
-        self.forward_calls += 1
+        hidden, captured = self._forward(mb, state, state.cols, x, state.attention_mask, position_ids, state.cache)
         self.window.hold(state.buffer, captured, tokens)
         state.cols += new
         chunks = [] if state.shared else self._flush(mb, state, force=False)
@@ -407,6 +397,26 @@ class StageWorker:
         if state.shared:  # a prefix's last column is not the prompt's: nothing to sample yet
             return final, chunks
         return _next_tokens(self.lens, hidden, state, self.spec, final), chunks
+
+    def _forward(self, mb: int, view, start: int, x, attention_mask, position_ids, cache) -> tuple:
+        """One forward of columns `[start, start + new)`; `view` is what the hooks' edit masks
+        read (a micro-batch's state, or a lane's `_View`). Returns `(hidden, captured)`."""
+        self._capture = {}
+        self._step = (view, start, x.shape[1])
+        started = time.time()
+        try:
+            hidden = self.engine(x, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
+        finally:
+            self._step = None
+        if self.device.type == "cuda":  # the forward's kernels, not only their launch, in busy_s
+            torch.cuda.synchronize(self.device)
+        finished = time.time()
+        self.timeline.append((mb, started, finished))
+        self.busy_s += finished - started
+        self.tokens += int(x.shape[0] * x.shape[1])
+        captured, self._capture = self._capture, None
+        self.forward_calls += 1
+        return hidden, captured
 
     @torch.no_grad()
     def finish(self, mb: int, last_tokens) -> list[LensChunk]:

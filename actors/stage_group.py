@@ -1,7 +1,7 @@
 """The stages of one run as one object with named calls: it owns the rank topology (the ranks
 of each stage), the tensor-parallel rendezvous, and how each call is dispatched and collected.
 
-Dispatch: the micro-batch calls (`start`, `step`, `expand`, `finish`) and `setup` go to every
+Dispatch: the micro-batch calls (`start`, `step`, `expand`, `finish`, `lane_step`) and `setup` go to every
 rank of the stages they name (tensor-parallel ranks run the same step together); the reports
 (`stats`) go to rank 0 of each stage. Collection: a stage's output and its lens chunks are
 rank 0's (every rank computes the merged lens; only rank 0's spec says `reports`, so the others
@@ -81,6 +81,12 @@ class StageGroup:
 
     def expand(self, stages, mb: int, index, edits, prefix=None) -> list:
         return self._every_rank(stages, StageWorker.expand, mb, index, edits, prefix)
+
+    def lane_step(self, stage: int, lane: int, plan: dict, feed, upstream) -> tuple[object, list]:
+        """One stage's call of a continuous-batching lane (actors/lane.py): (rank 0's output
+        handle, every rank's lens-chunk handle)."""
+        calls = self._every_rank([stage], StageWorker.lane_step, lane, plan, feed, upstream, num_returns=2)
+        return calls[0][0], [pair[1] for pair in calls]
 
     def finish(self, mb: int, last_tokens) -> list:
         return self._every_rank(self._all_stages(), StageWorker.finish, mb, last_tokens)

@@ -72,6 +72,10 @@ class GenerationConf:
     seed: int = 0
     chat_template: bool = True  # use the tokenizer's chat template when it has one
     stop_at_eos: bool = True  # false: always generate max_new_tokens (fixed-length trajectories)
+    stop: list[str] = field(default_factory=list)  # a row ends once its generated text contains one of these
+    # continuous: a finished row leaves its micro-batch at once and a waiting row takes its slot;
+    # static: each micro-batch runs until its longest row ends (benchmarks; steering prefix sharing)
+    batching: str = "continuous"
 
 
 @dataclass
@@ -344,6 +348,9 @@ def validate(cfg) -> None:
     at_least("generation.temperature", g.temperature, 0.0)
     if not 0.0 < g.top_p <= 1.0:
         raise ConfigError(f"generation.top_p={g.top_p!r} is out of range: must be in (0, 1]")
+    choice("generation.batching", g.batching, ("continuous", "static"))
+    if not _is_list(g.stop) or not all(isinstance(x, str) and x for x in g.stop):
+        raise ConfigError(f"generation.stop={g.stop!r}: give a list of non-empty strings, e.g. ['\\n\\n']")
     if cfg.corpus.path is not None:
         _validate_corpus(cfg)
     elif not cfg.prompts:

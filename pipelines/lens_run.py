@@ -53,6 +53,8 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
     determining = {k: results_cfg[k] for k in ("model", "capture", "generation", "prompts", "steer")}
     if cfg.corpus.path is not None:  # its identity (path, rows, content hash), never its rows
         determining["corpus"] = given.identity
+    # How rows share micro-batches does not change a row's numbers (a run may resume either way).
+    determining["generation"] = {k: v for k, v in determining["generation"].items() if k != "batching"}
     if cfg.steer.vector:  # the vector's bytes, not just its path
         import hashlib
 
@@ -74,7 +76,8 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
     spec = run_spec(
         cfg, str(checkpoint.path), str(storage_fs.join(where, "lens.zarr")), existing, attrs=attrs,
         generation=GenerationSettings(
-            g.max_new_tokens, SamplingSpec(g.temperature, g.top_p, g.seed, eos if g.stop_at_eos else (), pad)
+            g.max_new_tokens, SamplingSpec(g.temperature, g.top_p, g.seed, eos if g.stop_at_eos else (), pad),
+            batching=g.batching, stop=tuple(g.stop),
         ),
         steering=SteeringSettings(edits=steering, coefficients=coefficients, score_ids=tuple(score_ids)),
         corpus=given.rows,
@@ -83,7 +86,8 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
     model_checks(check_run, spec, hf_config, prompts)  # every check against the model, before any compute
     if c.executor == "ray":
         attrs["ray_cluster"] = session.connect(c)  # recorded in the store, its summary and the run log
-    summary = session.run_coordinator(spec, prompts, given.texts)  # in this process: pipelines/session.py
+    stops = None if given.rows is None else given.rows.stops()  # a corpus row's own max_new_tokens and stop
+    summary = session.run_coordinator(spec, prompts, given.texts, stops=stops)  # in this process: pipelines/session.py
     store = LensStore.open(storage_fs.join(where, "lens.zarr"))
     for old in {*out_dir.glob("heatmap_prompt*.png"), *storage_fs.glob(where, "heatmap_prompt*.png")}:
         storage_fs.remove(old)  # a replaced run's, maybe of more prompts

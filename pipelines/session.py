@@ -119,14 +119,15 @@ def executor_for(cfg):
     return _POOLS[key]
 
 
-def run_coordinator(spec, prompts: list[list[int]], texts: list[str] | None = None, executor=None) -> dict:
+def run_coordinator(spec, prompts: list[list[int]], texts: list[str] | None = None, executor=None, stops=None) -> dict:
     """One pipeline run of `spec` over `prompts` (token ids; `texts`: their text, stored beside
-    them): the Coordinator runs here, in the driver's process, its stages through `executor`
-    (left open), or without one through a new executor of `spec.cluster` for this run only
-    (Ray connected first: `connect`). Returns the run's summary."""
+    them; `stops`: each prompt's own `actors.run_spec.RowStop` or None): the Coordinator runs
+    here, in the driver's process, its stages through `executor` (left open), or without one
+    through a new executor of `spec.cluster` for this run only (Ray connected first: `connect`).
+    Returns the run's summary."""
     from actors.coordinator import Coordinator
 
-    return Coordinator(spec, executor).run(prompts, texts)
+    return Coordinator(spec, executor).run(prompts, texts, stops)
 
 
 def run_info() -> dict:

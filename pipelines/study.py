@@ -66,7 +66,8 @@ class Study:
         self.hidden = hf_config.hidden_size
         base = run_spec(
             cfg, str(checkpoint.path), "", "overwrite", capture=CaptureSettings(layers=()),
-            generation=GenerationSettings(max_new_tokens=1),
+            # One step per row leaves no slot to refill; static micro-batches keep prefix sharing.
+            generation=GenerationSettings(max_new_tokens=1, batching="static"),
         )  # fmt: skip
         self.base = replace(base, progress=bool(cfg.progress))
         self.runs: dict[str, dict] = {}  # each run's summary, by name

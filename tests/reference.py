@@ -58,6 +58,7 @@ _GROUPS = {
     )},
     "lens_window": ("capture", "window"),
     "max_new_tokens": ("generation", "max_new_tokens"), "sampling": ("generation", "sampling"),
+    "batching": ("generation", "batching"), "stop": ("generation", "stop"),
     "steering": ("steering", "edits"),
     **{k: ("steering", k) for k in ("coefficients", "vectors", "rows", "score_ids", "share_prefix")},
 }  # fmt: skip
@@ -92,11 +93,12 @@ def run_lens(path, store_path, **overrides) -> tuple[dict, LensStore]:
     )
     spec.update(overrides)
     prompts = spec.pop("prompts", PROMPTS)
+    stops = spec.pop("stops", None)  # [prompt] a RowStop each (its own max_new_tokens and stop strings)
     executor = spec.pop("executor_pool", None)
     spec = run_spec(**spec)
     # The coordinator in this process, as every driver runs it (pipelines/session.py); its stages
     # in-process, Ray actors of the spec's cluster, or actors from a pool.
-    summary = Coordinator(spec, executor).run(prompts)
+    summary = Coordinator(spec, executor).run(prompts, stops=stops)
     return summary, LensStore.open(store_path)
 
 

@@ -96,9 +96,25 @@ def chat_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=True)["input_ids"])
 
 
-def assert_store_holds_rows(run: Path, rows: range, field: str, model, tokenizer) -> LensStore:
+def greedy_alone(model, tokenizer, ids: list[int], budget: int, stop: tuple[str, ...]) -> list[int]:
+    """The row run alone through the unsliced HF model: greedy, ending at EOS (id 2), after
+    `budget` tokens, or once its generated text holds a stop string (that token kept)."""
+    out = list(ids)
+    for _ in range(budget):
+        with torch.no_grad():
+            out.append(int(model(torch.tensor([out])).logits[0, -1].argmax()))
+        text = tokenizer.decode(out[len(ids) :], skip_special_tokens=False)
+        if out[-1] == 2 or any(s in text for s in stop):
+            break
+    return out
+
+
+def assert_store_holds_rows(
+    run: Path, rows: range, field: str, model, tokenizer, fmt: str = "jsonl", max_new_tokens: int = 3
+) -> LensStore:
     """The store at `run` holds exactly ROWS[rows]: texts, prompt tokens, corpus index, greedy
-    continuations and lens as the unsliced HF model gives them; its attrs and config record no row."""
+    continuations (each row's own max_new_tokens and stop strings, where `fmt` carries them) and
+    lens as the unsliced HF model gives them; its attrs and config record no row."""
     store = LensStore.open(run / "lens.zarr")
     assert store.is_complete and store.verify() == []
     assert store["corpus_index"].tolist() == list(rows)
@@ -108,9 +124,9 @@ def assert_store_holds_rows(run: Path, rows: range, field: str, model, tokenizer
         ids = chat_ids(tokenizer, text)
         n_prompt = int(store["prompt_lengths"][row])
         assert store.tokens(row)[:n_prompt].tolist() == ids
-        with torch.no_grad():  # greedy, stopping at EOS as the run does
-            want = model.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False, eos_token_id=2)[0]
-        assert store.tokens(row).tolist() == want.tolist()[: int(store["lengths"][row])]
+        budget, stop = expected_limits(fmt, ROWS[i])
+        want = greedy_alone(model, tokenizer, ids, budget or max_new_tokens, stop)
+        assert store.tokens(row).tolist() == want, (i, budget, stop)
     assert assert_kl_to_final_matches_hf(model, store) > 0
     comp, last = store.components.index("resid_post"), len(store.layers) - 1
     for row in range(len(rows)):  # the last layer's top-1 is the model's own argmax
@@ -146,7 +162,7 @@ def test_a_run_from_a_corpus_stores_its_selected_rows(fmt, hf_model, tiny_with_t
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     rows = range(SKIP, SKIP + LIMIT)
-    store = assert_store_holds_rows(tmp_path / "r", rows, field, *hf_model)
+    store = assert_store_holds_rows(tmp_path / "r", rows, field, *hf_model, fmt=fmt)
     fmt_name = {"hf_hub": "hf_hub"}.get(fmt, fmt)
     assert store.attrs["corpus"] == {
         "path": str(path), "format": fmt_name, "field": field, "skip": SKIP, "limit": LIMIT, "rows": LIMIT,

@@ -1,0 +1,45 @@
+"""When a row's generation ends: its first end-of-sequence token (kept), its own `max_new_tokens`,
+or the first step whose decoded text contains one of its stop strings (the token that completes
+the string is kept). The run's settings apply to every row; a corpus row may carry its own
+(`run_spec.RowStop`). Both batching modes use the same rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from actors.run_spec import GenerationSettings, RowStop, SettingError
+
+
+@dataclass(frozen=True)
+class RowEnd:
+    """One row's stop conditions, resolved against the run's."""
+
+    budget: int  # max_new_tokens
+    stop: tuple[str, ...]
+    eos: frozenset
+
+    def ended(self, generated: list[int], tokenizer) -> bool:
+        """Whether `generated` (the row's ids so far, the newest last) ends the row."""
+        if generated[-1] in self.eos or len(generated) >= self.budget:
+            return True
+        if not self.stop:
+            return False
+        text = tokenizer.decode(generated, skip_special_tokens=False)
+        return any(s in text for s in self.stop)
+
+
+def row_ends(generation: GenerationSettings, stops, n_prompts: int) -> list[RowEnd]:
+    """Each prompt's `RowEnd`: `stops` [prompt] a `RowStop` or None each (None: none given)."""
+    if stops is not None and len(stops) != n_prompts:
+        raise SettingError("prompts", f": {len(stops)} stop conditions are given for {n_prompts} prompts")
+    eos = frozenset(generation.sampling.eos_token_ids)
+    out = []
+    for i in range(n_prompts):
+        own = (stops[i] if stops is not None else None) or RowStop()
+        stop = tuple(generation.stop if own.stop is None else own.stop)
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise SettingError("prompts", f"[{i}] stop={list(stop)!r}: every stop string must be a non-empty string")
+        budget = generation.max_new_tokens if own.max_new_tokens is None else own.max_new_tokens
+        out.append(RowEnd(budget, stop, eos))
+    return out
