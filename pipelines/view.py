@@ -77,9 +77,10 @@ def lens_data(store, tokenizer=None, rows: list[int] | None = None) -> dict:
         vocab.update(int(t) for t in ids)
         coefficient = float(g["coefficient"][r]) if "coefficient" in names else 1.0
         source = int(g["source"][r]) if "source" in names else r
+        corpus_index = int(g["corpus_index"][r]) if "corpus_index" in names else source  # its corpus row
         steered = bool("edit_kind" in names and (g["edit_kind"][r] >= 0).any()) or coefficient != 1.0
         out_rows.append({
-            "row": r, "source": source if source >= 0 else r, "coefficient": coefficient,
+            "row": r, "source": source if source >= 0 else r, "corpus_index": corpus_index, "coefficient": coefficient,
             "steered": steered, "length": n, "prompt_length": int(g["prompt_lengths"][r]),
             "prompt_text": str(g["prompt_text"][r]), "generated_text": str(g["generated_text"][r]),
             "tokens": ids.astype(int).tolist(), "mask": g["lens_mask"][r, :n].astype(int).tolist(),

@@ -168,7 +168,7 @@ def _synthetic(path: Path, rows: int, hidden: int = 0, seed: int = 0) -> dict:
     written = {
         "tokens": tokens, "lengths": lengths, "prompt_lengths": np.minimum(lengths, 3).astype(np.int32),
         "coefficient": np.ones(rows, np.float32), "source": np.arange(rows, dtype=np.int32),
-        "lens_mask": tokens >= 0, "topk_ids": rng.integers(0, 500, (*cells, 8)).astype(np.int32),
+        "corpus_index": np.arange(rows, dtype=np.int64), "lens_mask": tokens >= 0, "topk_ids": rng.integers(0, 500, (*cells, 8)).astype(np.int32),
         "topk_logprobs": rng.standard_normal((*cells, 8)).astype(np.float32),
         **{f: rng.standard_normal(cells).astype(np.float32) for f in ("entropy", "target_logprob", "kl_to_final")},
         "target_rank": rng.integers(0, 500, cells).astype(np.int32),

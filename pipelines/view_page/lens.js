@@ -100,7 +100,7 @@
 
   const controls = el("div", { id: "controls" });
   const sources = [...rowsBySource.keys()];
-  controls.appendChild(select("sel-source", "prompt", sources.map((s) => [s, `#${s}: ${rowsBySource.get(s)[0].prompt_text.slice(0, 40)}`]), (v) => {
+  controls.appendChild(select("sel-source", "prompt", sources.map((s) => [s, `#${rowsBySource.get(s)[0].corpus_index}: ${rowsBySource.get(s)[0].prompt_text.slice(0, 40)}`]), (v) => {
     S.source = Number(v); S.row = rowsBySource.get(S.source)[0].row; fillCoefficients(); render();
   }));
   const coefWrap = select("sel-coefficient", "coefficient", [], (v) => { S.row = Number(v); render(); });
