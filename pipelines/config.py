@@ -216,6 +216,10 @@ class BenchConf:
     )
     capture_size: int = 128  # the capture workload's generated tokens
     capture_rounds: int = 3  # its rounds, every system once per round, in turn
+    corpus_prompts: int = 256  # the corpus workload's rows (the shared datasets' questions, interleaved)
+    corpus_max_new_tokens: int = 64  # tokens each row may generate (EOS on)
+    corpus_batch: int = 16  # micro_batch_size of distlens and HF generate's batch
+    corpus_rounds: int = 1  # its rounds, every system once per round, in turn
 
 
 @dataclass

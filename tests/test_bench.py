@@ -241,6 +241,8 @@ def test_like_for_like_names_where_a_peer_parted_and_targets_take_its_fastest_ag
         ("sweep_positions=[middle]", "sweep_positions='middle' is not valid: choose one of ['last', 'all']"),
         ("long_size=2", "long_size=2 is out of range: positions must exceed the prompt's"),
         ("workloads=[plots]", "workloads='plots' is not valid: choose one of ['lens_floor', 'long', 'trajectory',"),
+        ("workloads=[corpus] corpus_batch=0", "corpus_batch=0 is out of range: must be >= 1"),
+        ("workloads=[corpus] data_root=/nonexistent", "workloads=[corpus]: /nonexistent holds no *.jsonl datasets"),
         (
             "data_root=/nonexistent scaling_layers=[1]",
             "sweep_dataset='corrigible-neutral-HHH': /nonexistent/corrigible-neutral-HHH.jsonl",
@@ -308,3 +310,64 @@ def test_bench_modules_read_no_private_name_of_another_module():
             and node.attr.startswith("_") and not node.attr.startswith("__")
         ]  # fmt: skip
     assert not found, found
+
+
+def test_corpus_workload_rows_come_from_its_runs_and_hf_generate_agrees(tiny_with_tokenizer, tmp_path, monkeypatch):
+    """The corpus workload in this process on a tiny model: 5 rows of the shared datasets'
+    questions in micro-batches of 2, ending at different steps (EOS set to tokens the rows
+    generate). Every figure of a row is its run's (rows/s = rows / wall), every ratio two runs'
+    of the same round, and HF generate batched with left padding (the reference) generates the
+    very tokens each distlens system does, row by row."""
+    from pipelines.bench import corpus_workload, suite, worker
+    from pipelines.datasets import dataset_root
+
+    corpus, t = tmp_path / "probe.jsonl", 6
+    corpus_workload.build_corpus(dataset_root(None), 5, corpus)
+    probe = dict(model_path=str(tiny_with_tokenizer), corpus=str(corpus), T=t, micro_batch_size=2, eos_token_ids=[])
+    free = corpus_workload.hf_generate_corpus(probe)["generated"]  # no EOS: every row T tokens
+    eos = [free[0][2], free[1][4]]  # row 0 ends by step 3, row 1 by step 5; the others where they meet one
+    runs = {}
+
+    def measure(job, python=None):  # a job and its figures cross a JSON boundary, as between processes
+        got = json.loads(json.dumps(worker.run_job(json.loads(json.dumps({**job, "eos_token_ids": eos})))))
+        label = max((k for k, v in corpus_workload.SYSTEMS.items() if v.items() <= job.items()),
+                    key=lambda k: len(corpus_workload.SYSTEMS[k]))  # fmt: skip
+        runs[label] = got
+        return got
+
+    monkeypatch.setattr(suite, "measure", measure)
+    cfg = compose_bench(
+        tmp_path, f"model.name={tiny_with_tokenizer}", "workloads=[corpus]", "corpus_prompts=5",
+        f"corpus_max_new_tokens={t}", "corpus_batch=2", "corpus_rounds=1",
+    )  # fmt: skip
+    out = tmp_path / "bench" / "b"
+    listed = suite.run(cfg, out)
+    written = [json.loads(line) for line in (out / "corpus.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in written] == [json.loads(x)["prompt"] for x in corpus.read_text().splitlines()]
+    assert len({r["dataset"] for r in written}) == 5  # one question from each dataset in turn
+    rows = {r["system"]: r for r in listed}
+    assert set(rows) == set(corpus_workload.SYSTEMS) and all("error" not in r for r in listed), listed
+    reference = runs["hf_generate_batched"]["generated"]
+    want = [g[: next((i + 1 for i, x in enumerate(g) if x in eos), t)] for g in free]  # each row to its first EOS
+    assert reference == want and len({len(g) for g in want}) > 1
+    for label, got in runs.items():
+        assert got["generated"] == reference, label  # the same greedy tokens, row by row
+        r = rows[label]
+        assert (r["rows"], r["generated_tokens"]) == (5, sum(map(len, reference)))
+        assert r["rows_per_s"] == pytest.approx(5 / got["wall_s"]) and r["batch"] == 2
+        assert r["tokens_per_s"] == pytest.approx(r["generated_tokens"] / got["wall_s"])
+    for label, static in corpus_workload.STATIC_OF.items():
+        assert rows[label]["vs_static_rounds"] == [runs[label]["rows_per_s"] / runs[static]["rows_per_s"]]
+        # continuous: a row leaves its slot once it ends; static: a micro-batch runs to its longest row
+        assert rows[label]["row_steps"] == rows[label]["useful_row_steps"] == rows[label]["generated_tokens"]
+        padded = sum(len(pair) * max(map(len, pair)) for pair in (want[0:2], want[2:4], want[4:]))
+        assert (
+            rows[static]["row_steps"] == padded and rows[static]["useful_row_steps"] == rows[label]["generated_tokens"]
+        )
+    for label in rows.keys() - {"hf_generate_batched"}:
+        assert rows[label]["vs_hf_generate_rounds"] == [
+            runs[label]["rows_per_s"] / runs["hf_generate_batched"]["rows_per_s"]
+        ]
+    table = (out / "table.md").read_text()
+    assert "| continuous batching >= 1.3x static micro-batches, capture on (corpus, 5 rows, T<=6, batch 2;" in table
+    assert "| continuous batching >= 1x HF generate batched, no capture (corpus, 5 rows" in table

@@ -26,13 +26,9 @@ def order(labels: list[str], round_index: int) -> list[str]:
     return labels[k:] + labels[:k]
 
 
-def ratios(runs: dict[str, list[dict]], label: str, against: str) -> list[float]:
-    """`label`'s tokens/s over `against`'s, per round where both ran."""
-    return [
-        a["tokens_per_s"] / b["tokens_per_s"]
-        for a, b in zip(runs[label], runs[against])
-        if "tokens_per_s" in a and "tokens_per_s" in b
-    ]
+def ratios(runs: dict[str, list[dict]], label: str, against: str, key: str = "tokens_per_s") -> list[float]:
+    """`label`'s `key` (tokens/s) over `against`'s, per round where both ran."""
+    return [a[key] / b[key] for a, b in zip(runs[label], runs[against]) if key in a and key in b]
 
 
 def spread(name: str, values: list[float]) -> dict:

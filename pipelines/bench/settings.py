@@ -11,8 +11,9 @@ from pipelines.config import ConfigError, at_least, choice
 # The workloads `workloads=[...]` selects from, each also skipped by its own settings:
 # the lens's own cost, the long trajectory, the trajectory at each of `sizes`, the components and
 # scaling rows, the steering sweep, the steering study, tuned-lens training, and the capture
-# workload (HF generate, distlens with and without kl_to_final and nnsight, rounds in turn).
-WORKLOADS = ("lens_floor", "long", "trajectory", "scaling", "sweep", "study", "tune", "capture")
+# workload (HF generate, distlens with and without kl_to_final and nnsight, rounds in turn), and the
+# corpus workload (continuous against static batching and HF generate on a ragged corpus, rounds in turn).
+WORKLOADS = ("lens_floor", "long", "trajectory", "scaling", "sweep", "study", "tune", "capture", "corpus")
 
 
 def sweep_dataset_path(cfg) -> Path:
@@ -33,7 +34,8 @@ def check(cfg, n_layers: int, prompt_len: int) -> None:
     for name in ("sizes", "stages", "ray_stages", "scaling_prompts", "sweep_coefficients", "long_prompts"):
         for value in cfg[name]:
             at_least(name, value, 1)
-    for name in ("scaling_size", "repeats", "prompts", "sweep_items", "capture_size", "capture_rounds"):
+    corpus = ("corpus_prompts", "corpus_max_new_tokens", "corpus_batch", "corpus_rounds")
+    for name in ("scaling_size", "repeats", "prompts", "sweep_items", "capture_size", "capture_rounds", *corpus):
         at_least(name, cfg[name], 1)
     at_least("tune_steps", cfg.tune_steps, 0)
     if cfg.tune_steps:
@@ -51,6 +53,15 @@ def check(cfg, n_layers: int, prompt_len: int) -> None:
             raise ConfigError(f"scaling_layers={value!r} is out of range: layers captured must be 1..{n_layers}")
     for value in cfg.components:
         choice("components", value, COMPONENTS)
+    if "corpus" in chosen:
+        from pipelines.datasets import dataset_root
+
+        root = dataset_root(cfg.data_root)
+        if not any(root.glob("*.jsonl")):
+            raise ConfigError(
+                f"workloads=[corpus]: {root} holds no *.jsonl datasets to take questions from; set data_root "
+                "(or $DISTLENS_MWE_DIR) to the directory of the shared datasets"
+            )
     if "sweep" in chosen and cfg.sweep_coefficients:
         path = sweep_dataset_path(cfg)
         if not path.is_file():

@@ -20,6 +20,7 @@ import numpy as np
 from pipelines.bench import peers
 from pipelines.bench.agreement import agreement, like_for_like, same_scores
 from pipelines.bench.capture import capture_rows
+from pipelines.bench.corpus_workload import corpus_rows
 from pipelines.bench.report import report
 from pipelines.bench.settings import check, sweep_dataset_path
 from pipelines.bench.study import study_rows
@@ -29,6 +30,7 @@ from pipelines.bench.worker import measure
 METRICS = (
     "tokens_per_s", "wall_s", "peak_rss", "largest_process_rss", "bytes_written", "positions", "lens_ms_per_row",
     "gemm_gflops", "layers", "lens_share", "bytes_per_row", "compression", "lens_layers", "lens_components",
+    "rows_per_s", "rows", "generated_tokens", "row_steps", "useful_row_steps", "slot_occupancy",
 )  # fmt: skip
 
 
@@ -126,12 +128,15 @@ def run(cfg, out_dir: Path) -> list[dict]:
         rows += study_rows(cfg, bench)
     if cfg.tune_steps and "tune" in chosen:
         rows += tune_rows(cfg, bench)
-    if "capture" in chosen:
-        # every measurement as it is made: a run stopped in its rounds keeps the rounds it measured
-        def keep(so_far):
-            (out_dir / "results.partial.json").write_text(json.dumps({"rows": rows + so_far}, indent=2))
 
+    def keep(so_far):
+        """Every measurement of a workload in rounds as it is made: a run stopped in its rounds keeps them."""
+        (out_dir / "results.partial.json").write_text(json.dumps({"rows": rows + so_far}, indent=2))
+
+    if "capture" in chosen:
         rows += capture_rows(cfg, measure_one, row, keep)
+    if "corpus" in chosen:
+        rows += corpus_rows(cfg, measure_one, row, out_dir, keep)
     write(rows, cfg, out_dir)
     (out_dir / "results.partial.json").unlink(missing_ok=True)
     report(rows, out_dir)

@@ -97,6 +97,7 @@ def check(rows: list[dict]) -> list[str]:
             elif p.get("error"):
                 out.append(f"| faster than {peer} (T={t}) | did not run: {p['error']} | MISSED |")
     out += capture_targets(rows)
+    out += corpus_targets(rows)
     cost = TARGETS["sweep_cost"]
     sweeps = [r for r in rows if r["system"] == "distlens_sweep_one_pass" and "cost_vs_unsteered_pass" in r]
     for where in dict.fromkeys(r.get("steer_positions", "all") for r in sweeps):
@@ -192,4 +193,25 @@ def capture_targets(rows: list[dict]) -> list[str]:
                 f"| faster than nnsight ({where}; like for like: {agree}) | {ratio:.2f}x "
                 f"({r['vs_nnsight_min']:.2f}-{r['vs_nnsight_max']:.2f}) | {verdict} |"
             )
+    return out
+
+
+def corpus_targets(rows: list[dict]) -> list[str]:
+    """The corpus workload's ratios of rows/s, each taken within one round (its median, then its
+    range): continuous batching over static micro-batches with capture, and without capture
+    over HF generate batched at the same size; verdicts on the median."""
+    out = []
+    for system, name, target, what in (
+        ("distlens_continuous", "vs_static", "continuous_vs_static", "static micro-batches, capture on"),
+        ("distlens_continuous_nocapture", "vs_hf_generate", "continuous_vs_hf_generate", "HF generate batched, no capture"),
+    ):  # fmt: skip
+        r = next((x for x in rows if x["workload"] == "corpus" and x["system"] == system and name in x), None)
+        if r is None:
+            continue
+        want, ratio = TARGETS[target], r[name]
+        where = f"corpus, {r['rows']:.0f} rows, T<={r['T']}, batch {r['batch']}; rows/s per round, {r['repeats']} rounds in turn"
+        out.append(
+            f"| continuous batching >= {want:g}x {what} ({where}) | {ratio:.2f}x ({r[f'{name}_min']:.2f}-"
+            f"{r[f'{name}_max']:.2f}) | {'met' if ratio >= want else 'MISSED'} |"
+        )
     return out
