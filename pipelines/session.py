@@ -160,7 +160,10 @@ def save_run_record(cfg, out_dir: Path) -> None:
 
     record = out_dir / ".hydra"
     record.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, record / "config.yaml", resolve=True)  # as run: a corpus run's prompts are []
+    # as run (resolved: a corpus run's prompts are []); a config composed with Hydra's own node
+    # (a study's inner runs) leaves it out: its sweep paths resolve only inside a Hydra job
+    run_cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]) if "hydra" in cfg else cfg
+    OmegaConf.save(run_cfg, record / "config.yaml", resolve=True)
     OmegaConf.save(OmegaConf.create(list(HydraConfig.get().overrides.task)), record / "overrides.yaml")
 
 
