@@ -48,10 +48,29 @@ def smollm2():
 def tiny_with_tokenizer(tmp_path_factory, smollm2) -> Path:
     """A 2-layer random Llama that shares SmolLM2's tokenizer and vocabulary, for fast
     end-to-end runs of the drivers."""
-    path = tmp_path_factory.mktemp("tiny_tok") / "llama"
-    save_tiny("llama", path, vocab_size=49152, num_hidden_layers=2, hidden_size=32, intermediate_size=64)
-    smollm2.tokenizer().save_pretrained(path)
-    return path
+    def make(folder: Path) -> None:
+        path = folder / "llama"
+        save_tiny("llama", path, vocab_size=49152, num_hidden_layers=2, hidden_size=32, intermediate_size=64)
+        smollm2.tokenizer().save_pretrained(path)
+
+    # one path for every test process: runs made in one process compare with another's
+    return made_once(tmp_path_factory, "tiny_tok", make) / "llama"
+
+
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """A folder every test process of this run shares, filled by `make(folder)` in whichever
+    process asks first; the others wait for it (a file lock) and read what it wrote."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # every worker of this run shares it
+    folder, made = shared / name, shared / f"{name}.made"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not made.exists():
+            folder.mkdir(exist_ok=True)
+            make(folder)
+            made.touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -63,17 +82,14 @@ def main_job(tmp_path_factory, smollm2):
     import subprocess
 
     from driver import run_driver
-    from filelock import FileLock
 
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # every worker of this run shares it
-    cwd, record = shared / "newcomer", shared / "newcomer.json"
-    with FileLock(str(shared / "newcomer.lock")):
-        if not record.exists():
-            cwd.mkdir(exist_ok=True)
-            done = run_driver("pipelines.lens", cwd=cwd)
-            record.write_text(json.dumps({"returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr}))
-    ran = json.loads(record.read_text())
+    def make(cwd: Path) -> None:
+        done = run_driver("pipelines.lens", cwd=cwd)
+        record = {"returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
+        (cwd / "newcomer.json").write_text(json.dumps(record))
+
+    cwd = made_once(tmp_path_factory, "newcomer", make)
+    ran = json.loads((cwd / "newcomer.json").read_text())
     result = subprocess.CompletedProcess(
         ["python", "-m", "pipelines.lens"], ran["returncode"], ran["stdout"], ran["stderr"]
     )

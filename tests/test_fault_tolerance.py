@@ -137,6 +137,19 @@ def _lens(model, tmp_path, run, *extra, faults=None):
     return run_driver(wrapper, json.dumps(faults), "pipelines.lens", *args, *extra, cwd=tmp_path, script=True)
 
 
+@pytest.fixture(scope="session")
+def uninterrupted(tiny_with_tokenizer, tmp_path_factory) -> LensStore:
+    """The driver run the interrupted ones are compared with, made once per test run (every
+    test process reads it: the tiny model's path is one for all)."""
+    from conftest import made_once
+
+    def make(root: Path) -> None:
+        full = _lens(tiny_with_tokenizer, root, "full")
+        assert full.returncode == 0, full.stderr[-3000:]
+
+    return LensStore.open(made_once(tmp_path_factory, "fault_tolerance_full", make) / "full" / "lens.zarr")
+
+
 @pytest.mark.parametrize(
     "fault,code",
     [
@@ -146,9 +159,9 @@ def _lens(model, tmp_path, run, *extra, faults=None):
     ],
     ids=["killed", "killed-mid-write", "ctrl-c"],
 )
-def test_driver_killed_then_resumed_equals_an_uninterrupted_run(fault, code, tiny_with_tokenizer, tmp_path):
-    full = _lens(tiny_with_tokenizer, tmp_path, "full")
-    assert full.returncode == 0, full.stderr[-3000:]
+def test_driver_killed_then_resumed_equals_an_uninterrupted_run(
+    fault, code, tiny_with_tokenizer, uninterrupted, tmp_path
+):
     cut = _lens(tiny_with_tokenizer, tmp_path, "cut", faults=fault)
     assert cut.returncode == code, cut.stderr[-3000:]
     if code == 130:
@@ -161,7 +174,7 @@ def test_driver_killed_then_resumed_equals_an_uninterrupted_run(fault, code, tin
     assert finished == set(range(len(finished))) and 0 < len(finished) < 4
     resumed = _lens(tiny_with_tokenizer, tmp_path, "cut", "resume=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    store, reference = LensStore.open(tmp_path / "cut" / "lens.zarr"), LensStore.open(tmp_path / "full" / "lens.zarr")
+    store, reference = LensStore.open(tmp_path / "cut" / "lens.zarr"), uninterrupted
     assert store.is_complete and store.verify() == []
     assert_stores_equal(store, reference, atol=0)  # same process layout: bit for bit
     _equal_texts(store, reference)
@@ -174,7 +187,9 @@ def test_driver_killed_then_resumed_equals_an_uninterrupted_run(fault, code, tin
     assert len(pids) == 2  # two processes wrote this store
 
 
-def test_one_driver_per_run_and_a_dead_drivers_lease_is_taken_over_by_resume_only(tiny_with_tokenizer, tmp_path):
+def test_one_driver_per_run_and_a_dead_drivers_lease_is_taken_over_by_resume_only(
+    tiny_with_tokenizer, uninterrupted, tmp_path
+):
     """Driver A holds the run (it stops after its first batch and waits); B is refused naming A,
     with or without resume=true; once A is killed, a plain run is refused (the lease is stale)
     and resume=true takes the lease over and completes a store equal to an uninterrupted run's."""
@@ -215,9 +230,7 @@ def test_one_driver_per_run_and_a_dead_drivers_lease_is_taken_over_by_resume_onl
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"took over the lease of {lease['host']} pid {a.pid}" in resumed.stderr
     assert not (tmp_path / "shared" / "lens.zarr.lease.json").exists()  # released at the end
-    full = _lens(tiny_with_tokenizer, tmp_path, "full")
-    assert full.returncode == 0, full.stderr[-3000:]
     shared = LensStore.open(tmp_path / "shared" / "lens.zarr")
     assert shared.is_complete and shared.verify() == []
-    assert_stores_equal(shared, LensStore.open(tmp_path / "full" / "lens.zarr"))
+    assert_stores_equal(shared, uninterrupted)
     _assert_each_batch_written_once(shared)

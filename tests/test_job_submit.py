@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from driver import REPO, ray_head, run_driver
 
 from actors.store import LensStore
@@ -26,45 +27,54 @@ print(json.dumps({j: {"status": str(client.get_job_status(j).value), "logs": cli
 """
 
 
-def test_ray_job_submit_runs_the_lens_driver_on_a_loopback_head(tiny_with_tokenizer, tmp_path):
-    with ray_head() as (gcs, dashboard, env, _):
-        job = subprocess.run(
-            [
-                "ray",
-                "job",
-                "submit",
-                "--address",
-                f"http://127.0.0.1:{dashboard}",
-                "--working-dir",
-                ".",
-                "--runtime-env",
-                "cluster/runtime_env.yaml",
-                "--",
-                "python",
-                "-m",
-                "pipelines.lens",
-                f"model.name={tiny_with_tokenizer}",
-                f"storage.root={tmp_path}",
-                "storage.run=job",
-                "generation.max_new_tokens=3",
-            ],  # fmt: skip
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
-        assert "succeeded" in job.stdout + job.stderr
-        # which cluster a driver joins while that head is up: none unless told (a private local
-        # cluster, gone with the driver); `cluster.address=auto` joins the head
-        base = [f"model.name={tiny_with_tokenizer}", f"storage.root={tmp_path}", "generation.max_new_tokens=2"]
-        # `auto` reads this head's record; the token is the head's
-        env = {name: env[name] for name in ("RAY_AUTH_MODE", "RAY_TMPDIR", "RAY_AUTH_TOKEN")}
-        private = run_driver("pipelines.lens", *base, "storage.run=private", cwd=tmp_path, env=env)
-        joined = run_driver("pipelines.lens", *base, "storage.run=auto", "cluster.address=auto", cwd=tmp_path, env=env)
-        for result in (private, joined):
-            assert result.returncode == 0, result.stderr[-3000:]
+@pytest.fixture(scope="module")
+def head():
+    """One `ray start` head with 2 CPUs (room for one run's two stages) for the module's tests,
+    which share one test process (the `xdist_group` mark): (gcs address, dashboard port, env)."""
+    with ray_head(num_cpus=2) as (gcs, dashboard, env, _):
+        yield gcs, dashboard, env
+
+
+@pytest.mark.xdist_group("job_submit_head")
+def test_ray_job_submit_runs_the_lens_driver_on_a_loopback_head(head, tiny_with_tokenizer, tmp_path):
+    gcs, dashboard, env = head
+    job = subprocess.run(
+        [
+            "ray",
+            "job",
+            "submit",
+            "--address",
+            f"http://127.0.0.1:{dashboard}",
+            "--working-dir",
+            ".",
+            "--runtime-env",
+            "cluster/runtime_env.yaml",
+            "--",
+            "python",
+            "-m",
+            "pipelines.lens",
+            f"model.name={tiny_with_tokenizer}",
+            f"storage.root={tmp_path}",
+            "storage.run=job",
+            "generation.max_new_tokens=3",
+        ],  # fmt: skip
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
+    assert "succeeded" in job.stdout + job.stderr
+    # which cluster a driver joins while that head is up: none unless told (a private local
+    # cluster, gone with the driver); `cluster.address=auto` joins the head
+    base = [f"model.name={tiny_with_tokenizer}", f"storage.root={tmp_path}", "generation.max_new_tokens=2"]
+    # `auto` reads this head's record; the token is the head's
+    env = {name: env[name] for name in ("RAY_AUTH_MODE", "RAY_TMPDIR", "RAY_AUTH_TOKEN")}
+    private = run_driver("pipelines.lens", *base, "storage.run=private", cwd=tmp_path, env=env)
+    joined = run_driver("pipelines.lens", *base, "storage.run=auto", "cluster.address=auto", cwd=tmp_path, env=env)
+    for result in (private, joined):
+        assert result.returncode == 0, result.stderr[-3000:]
     used = {run: LensStore.open(tmp_path / run / "lens.zarr").attrs["ray_cluster"] for run in ("private", "auto")}
     assert used["private"]["kind"].startswith("private local cluster") and used["private"]["address"] != gcs
     assert used["auto"]["kind"].startswith("joined (cluster.address=auto)") and used["auto"]["address"] == gcs
@@ -80,41 +90,42 @@ def test_ray_job_submit_runs_the_lens_driver_on_a_loopback_head(tiny_with_tokeni
     assert len(summary["stages"]) == 2 and len({info["pid"] for info in summary["stage_info"]}) == 2
 
 
-def test_three_jobs_submitted_at_once_to_a_head_with_room_for_one_all_complete_and_verify(
-    tiny_with_tokenizer, tmp_path
+@pytest.mark.xdist_group("job_submit_head")
+def test_two_jobs_submitted_at_once_to_a_head_with_room_for_one_both_complete_and_verify(
+    head, tiny_with_tokenizer, tmp_path
 ):
-    """`ray job submit --no-wait` three times to a head with 2 CPUs: each run's two stages take
-    both, so two runs wait for placement (cluster.placement_timeout_s, raised here to 600 s)
+    """`ray job submit --no-wait` twice to a head with 2 CPUs: each run's two stages take
+    both, so one run waits for placement (cluster.placement_timeout_s, raised here to 600 s)
     instead of failing, and run when the CPUs free up. Every store completes and verifies
-    (`distlens verify`), and all three hold the same numbers, which match the unsliced model."""
+    (`distlens verify`), and both hold the same numbers, which match the unsliced model."""
     from reference import assert_kl_to_final_matches_hf, assert_stores_equal
     from tiny_models import load_reference
 
-    runs = [f"job{i}" for i in range(3)]
-    with ray_head(num_cpus=2) as (_, dashboard, env, _):
-        address = ["--address", f"http://127.0.0.1:{dashboard}"]
-        ids = []
-        for run in runs:
-            submitted = subprocess.run(
-                ["ray", "job", "submit", *address, "--no-wait", "--working-dir", ".", "--runtime-env",
-                 "cluster/runtime_env.yaml", "--", "python", "-m", "pipelines.lens", f"model.name={tiny_with_tokenizer}",
-                 f"storage.root={tmp_path}", f"storage.run={run}", "generation.max_new_tokens=3", "progress=false",
-                 "cluster.placement_timeout_s=600"],
-                cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-            )  # fmt: skip
-            assert submitted.returncode == 0, submitted.stderr[-2000:]
-            ids.append(next(w.strip("'") for w in submitted.stdout.split() if w.strip("'").startswith("raysubmit_")))
+    runs = [f"job{i}" for i in range(2)]
+    _, dashboard, env = head
+    address = ["--address", f"http://127.0.0.1:{dashboard}"]
+    ids = []
+    for run in runs:
+        submitted = subprocess.run(
+            ["ray", "job", "submit", *address, "--no-wait", "--working-dir", ".", "--runtime-env",
+             "cluster/runtime_env.yaml", "--", "python", "-m", "pipelines.lens", f"model.name={tiny_with_tokenizer}",
+             f"storage.root={tmp_path}", f"storage.run={run}", "generation.max_new_tokens=3", "progress=false",
+             "cluster.placement_timeout_s=600"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert submitted.returncode == 0, submitted.stderr[-2000:]
+        ids.append(next(w.strip("'") for w in submitted.stdout.split() if w.strip("'").startswith("raysubmit_")))
 
-        # polled from a process of its own: Ray settles its auth mode once per process, and another
-        # test of this process may have settled it without a token
-        polled = subprocess.run([sys.executable, "-c", WAIT_FOR_JOBS, f"http://127.0.0.1:{dashboard}", *ids],
-                                env=env, capture_output=True, text=True, timeout=1500)  # fmt: skip
-        assert polled.returncode == 0, polled.stderr[-2000:]
-        jobs = json.loads(polled.stdout)
-        states, logs = (
-            {job: got["status"] for job, got in jobs.items()},
-            {job: got["logs"] for job, got in jobs.items()},
-        )
+    # polled from a process of its own: Ray settles its auth mode once per process, and another
+    # test of this process may have settled it without a token
+    polled = subprocess.run([sys.executable, "-c", WAIT_FOR_JOBS, f"http://127.0.0.1:{dashboard}", *ids],
+                            env=env, capture_output=True, text=True, timeout=1500)  # fmt: skip
+    assert polled.returncode == 0, polled.stderr[-2000:]
+    jobs = json.loads(polled.stdout)
+    states, logs = (
+        {job: got["status"] for job, got in jobs.items()},
+        {job: got["logs"] for job, got in jobs.items()},
+    )
     assert set(states.values()) == {"SUCCEEDED"}, (states, {j: log[-2000:] for j, log in logs.items()})
     waited = [job for job, log in logs.items() if "[distlens] waiting up to 600s (cluster.placement_timeout_s)" in log]
     assert waited, "no job had to wait for placement: the head had room for more than one run"

@@ -27,10 +27,13 @@ FAST_HEALTH_CHECK = {
 }
 
 
-@pytest.fixture
-def cluster(tmp_path):
+@pytest.fixture(scope="module")
+def cluster():
     """A head with no CPUs (nothing of a run lands there) and two worker nodes of 2 CPUs;
-    this process is the driver. Add nodes with `cluster.add_node(num_cpus=...)`."""
+    this process is the driver. Add nodes with `cluster.add_node(num_cpus=...)`. One cluster
+    serves the module's three node tests, in file order (they share one test process: the
+    `xdist_group` mark): strict spread on the two workers; a third worker is added and one
+    removed (two left); one of those two removed (one left, no spare), then one added."""
     import ray
     from conftest import REPO
     from ray.cluster_utils import Cluster
@@ -82,6 +85,7 @@ def _check_against_hf(store: LensStore, path) -> None:
     assert assert_kl_to_final_matches_hf(load_reference(path), store) > 0
 
 
+@pytest.mark.xdist_group("multinode_cluster")
 def test_strict_spread_places_two_stages_on_distinct_nodes_and_the_store_equals_one_nodes(
     cluster, tiny_checkpoints, uninterrupted, tmp_path
 ):
@@ -98,6 +102,7 @@ def test_strict_spread_places_two_stages_on_distinct_nodes_and_the_store_equals_
     _check_against_hf(store, path)
 
 
+@pytest.mark.xdist_group("multinode_cluster")
 def test_a_removed_node_s_stage_restarts_on_a_spare_node_and_the_store_equals_an_uninterrupted_run(
     cluster, tiny_checkpoints, uninterrupted, tmp_path
 ):
@@ -119,6 +124,7 @@ def test_a_removed_node_s_stage_restarts_on_a_spare_node_and_the_store_equals_an
     _check_against_hf(store, path)
 
 
+@pytest.mark.xdist_group("multinode_cluster")
 def test_with_no_node_to_move_to_the_run_stops_in_one_line_and_resume_completes_on_an_added_node(
     cluster, tiny_checkpoints, uninterrupted, tmp_path
 ):
