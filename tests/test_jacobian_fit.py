@@ -37,7 +37,7 @@ def _reference(model, seqs) -> dict[int, torch.Tensor]:
     sums = {la: torch.zeros(d, d, dtype=torch.float64) for la in range(n_layers)}
     for seq in seqs:
         outs = []
-        hooks = [m.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o))
+        hooks = [m.register_forward_hook(lambda m, a, o, outs=outs: outs.append(o[0] if isinstance(o, tuple) else o))
                  for m in decoder_layers(model)]  # fmt: skip
         with torch.enable_grad():
             embeds = model.get_input_embeddings()(torch.tensor([seq]).expand(d, -1)).requires_grad_(True)
@@ -86,3 +86,29 @@ def test_halves_merge_to_the_whole(tiny):
     assert merged.positions == whole.positions
     for la in whole.layers:
         torch.testing.assert_close(merged.sums[la], whole.sums[la], atol=1e-9, rtol=0)
+
+
+def test_stopped_after_a_checkpoint_and_resumed_equals_the_fit_through(tiny, tmp_path):
+    from pipelines.jacobian_tune import resume_point, save_checkpoint
+
+    seqs = _sequences(256)
+    through = _fit(tiny["llama"], 2, seqs)
+    ck = tmp_path / "ck"
+
+    class Stopped(JacobianCoordinator):
+        def fitted(self, done):
+            if done == 2:
+                raise KeyboardInterrupt  # a kill after the checkpoint of micro-batch 2
+
+    from transformers import AutoConfig
+
+    c = Stopped(str(tiny["llama"]), AutoConfig.from_pretrained(tiny["llama"]), 2, FitSpec(BLOCK, SKIP), LocalExecutor(),
+                model="tiny")  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        c.fit(seqs, 2, save_every=2, save=lambda f, done: save_checkpoint(ck, f, done, "p"))
+    base, first = resume_point(ck, "p")
+    assert first == 2 and base.sequences == 4
+    resumed = _fit(tiny["llama"], 2, seqs, base=base, first=first)
+    assert (resumed.sequences, resumed.positions) == (through.sequences, through.positions)
+    for la in through.layers:
+        torch.testing.assert_close(resumed.sums[la], through.sums[la], atol=1e-9, rtol=0)
