@@ -112,3 +112,13 @@ def test_stopped_after_a_checkpoint_and_resumed_equals_the_fit_through(tiny, tmp
     assert (resumed.sequences, resumed.positions) == (through.sequences, through.positions)
     for la in through.layers:
         torch.testing.assert_close(resumed.sums[la], through.sums[la], atol=1e-9, rtol=0)
+
+
+def test_fit_on_two_ray_stages_equals_autograd(tiny, ray_cluster):
+    from actors.executor import RayExecutor
+
+    model = load_reference(tiny["llama"])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    seqs = _sequences(256)
+    _assert_equal(_fit(tiny["llama"], 2, seqs, executor=RayExecutor()), _reference(model, seqs))
