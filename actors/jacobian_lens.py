@@ -5,7 +5,7 @@ layer's resid_post before the final norm; the lens is `lm_head(final_norm(J_l h)
 
 A fit holds sums and a count (`positions`, the (sequence, source position) pairs summed), so
 fits over disjoint shards of a corpus merge exactly. One safetensors file: `sum.{l}` float32
-[d_model, d_model] per layer, metadata (JSON values) naming the format, model, revision,
+[d_model, d_model] per layer (float64 in a fit's checkpoints, which resume adds to), metadata (JSON values) naming the format, model, revision,
 layers, d_model, sequences, tokens, positions, skip and the estimator. Checked against the
 running model when read; a stage reads only its own layers' matrices."""
 
@@ -60,12 +60,13 @@ class JacobianFit:
         }
 
 
-def save_fit(path: str | Path, fit: JacobianFit, extra: dict | None = None) -> Path:
-    """Write `fit` as one safetensors file (whole: written beside and renamed into place)."""
+def save_fit(path: str | Path, fit: JacobianFit, extra: dict | None = None, dtype=torch.float32) -> Path:
+    """Write `fit` as one safetensors file (whole: written beside and renamed into place);
+    `dtype`: the sums' (float64 for a checkpoint that a resumed fit adds to)."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    tensors = {f"sum.{la}": s.detach().float().cpu().contiguous() for la, s in fit.sums.items()}
+    tensors = {f"sum.{la}": s.detach().to(dtype).cpu().contiguous() for la, s in fit.sums.items()}
     meta = {**(extra or {}), **fit.meta()}
     tmp = path.with_name(path.name + ".partial")
     save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
@@ -132,8 +133,8 @@ def load_fit(
 
 
 def merge_fits(fits: list[JacobianFit]) -> JacobianFit:
-    """Fits over disjoint shards as one: sums and counts add. Refused when they disagree on
-    model, hidden size, skip or layers."""
+    """Fits over disjoint shards as one: sums and counts add (in float64). Refused when they
+    disagree on model, hidden size, skip or layers."""
     if not fits:
         raise ValueError("merge needs at least one Jacobian fit")
     first = fits[0]
@@ -143,7 +144,7 @@ def merge_fits(fits: list[JacobianFit]) -> JacobianFit:
                 raise ValueError(
                     f"Jacobian fits disagree on {name}: {getattr(first, name)!r} and {getattr(other, name)!r}"
                 )
-    sums = {la: sum((f.sums[la].double() for f in fits), torch.zeros(())).float() for la in first.layers}
+    sums = {la: sum((f.sums[la].double() for f in fits), torch.zeros((), dtype=torch.float64)) for la in first.layers}
     return replace(
         first,
         sums=sums,

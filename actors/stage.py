@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from actors.adapters import get_path
+from actors.jacobian_fit import JacobianStage
 from actors.lane import LaneStage
 from actors.lens import LogitLens
 from actors.lens_window import LensChunk, LensWindow, WindowBuffer, capture_mask
@@ -54,6 +55,7 @@ class StageSpec:
     score_ids: tuple[int, ...] = ()  # last stage: report these tokens' logits at every step
     reports: bool = True  # return lens chunks (StageGroup sets it: rank 0 of each stage reports)
     tune: object = None  # a tuned_lens.TuneSpec: train this stage's translators on the lens windows
+    jacobian: object = None  # a jacobian_fit.FitSpec: fit this stage's layers' Jacobian-lens sums
 
     @property
     def is_last(self) -> bool:
@@ -140,7 +142,7 @@ def _node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
 
 
-class StageWorker(LaneStage):
+class StageWorker(LaneStage, JacobianStage):
     """Holds layers `[spec.start, spec.end)` and runs prefill/decode steps for micro-batches
     (static ones here; continuous batching's lanes in actors/lane.py)."""
 
@@ -163,6 +165,7 @@ class StageWorker(LaneStage):
         self._lanes: dict = {}  # continuous batching: lane -> actors.lane._Lane
         self.busy_s, self.tokens = 0.0, 0  # forward time and token columns x rows processed
         self.lens_s = 0.0  # time in the lens (the windows' projections and their summaries)
+        self._jacobian = None  # the Jacobian-lens fitter (JacobianStage), made by its first call
 
     def stats(self) -> dict:
         """Cheap counters for the coordinator's progress bar (per-stage throughput)."""

@@ -1,9 +1,10 @@
 """The stages of one run as one object with named calls: it owns the rank topology (the ranks
 of each stage), the tensor-parallel rendezvous, and how each call is dispatched and collected.
 
-Dispatch: the micro-batch calls (`start`, `step`, `expand`, `finish`, `lane_step`) and `setup` go to every
-rank of the stages they name (tensor-parallel ranks run the same step together); the reports
-(`stats`) go to rank 0 of each stage. Collection: a stage's output and its lens chunks are
+Dispatch: the micro-batch calls (`start`, `step`, `expand`, `finish`, `lane_step`, the Jacobian
+fit's `jacobian_rows`, `_block`, `_drop`) and `setup` go to every rank of the stages they name
+(tensor-parallel ranks run the same step together); the reports (`stats`, `jacobian_take`) go
+to rank 0 of each stage. Collection: a stage's output and its lens chunks are
 rank 0's (every rank computes the merged lens; only rank 0's spec says `reports`, so the others
 send none); every rank's handle is still waited for, so an error on any rank surfaces. Both rules are declared here once, so the coordinator never names a
 worker method or a rank. Calls return executor handles (object refs on Ray), so the
@@ -90,6 +91,22 @@ class StageGroup:
 
     def finish(self, mb: int, last_tokens) -> list:
         return self._every_rank(self._all_stages(), StageWorker.finish, mb, last_tokens)
+
+    # -- the Jacobian-lens fit (actors/jacobian_fit.py, driven by actors/jacobian_coordinator.py) --
+    def jacobian_rows(self, stage: int, key, x, lengths):
+        """`stage` takes micro-batch `key` (ids or the previous stage's output): its output's handle."""
+        return self._every_rank([stage], StageWorker.jacobian, "rows", key, x, lengths)[0]
+
+    def jacobian_block(self, stage: int, key, lo: int, cotangent=None):
+        """`stage`'s backward of output dimensions `lo..`: the handle of the cotangent at its input."""
+        return self._every_rank([stage], StageWorker.jacobian, "block", key, lo, cotangent)[0]
+
+    def jacobian_drop(self, key) -> list:
+        return self._every_rank(self._all_stages(), StageWorker.jacobian, "drop", key)
+
+    def jacobian_take(self) -> list:
+        """Handles of each stage's sums {layer: [d, d] float64}, handed over and reset."""
+        return self._first_rank(self._all_stages(), StageWorker.jacobian, "take")
 
     # -- reports ------------------------------------------------------------------------------
     def stats(self) -> list:

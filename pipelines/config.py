@@ -251,12 +251,24 @@ class TuneTrainConf:
 
 
 @dataclass
+class TuneJacobianConf:
+    block: int = 64  # output dimensions per backward (memory grows with it); must divide d_model
+    skip: int = 16  # source positions before this one are left out (attention sinks)
+    sequences: int = 256  # training sequences fitted on (a seeded choice; at most what the corpus holds)
+    batch: int = 4  # sequences per micro-batch
+    save_every: int = 16  # micro-batches between checkpoints (resume=true continues from the latest)
+
+
+@dataclass
 class TuneConf:
     model: ModelConf = field(default_factory=ModelConf)
     cluster: ClusterConf = field(default_factory=ClusterConf)
     storage: StorageConf = field(default_factory=StorageConf)
     data: TuneDataConf = field(default_factory=TuneDataConf)
     train: TuneTrainConf = field(default_factory=TuneTrainConf)
+    lens: str = "tuned"  # tuned: train translators; jacobian: fit the Jacobian lens (pipelines/jacobian_tune.py)
+    jacobian: TuneJacobianConf = field(default_factory=TuneJacobianConf)
+    merge: list[str] = field(default_factory=list)  # lens=jacobian: merge these partial fits (files or run folders)
     resume: bool = False  # continue from the latest step every stage checkpointed
     evaluate: bool = False  # then compare tuned and logit lens on the held-out documents (eval.md/png)
     progress: bool = True

@@ -1,5 +1,6 @@
 """`python -m pipelines.tune`: train a tuned lens (one affine translator per layer) on the
-pipeline's own stages, and with `evaluate=true` compare it with the logit lens on held-out text.
+pipeline's own stages, and with `evaluate=true` compare it with the logit lens on held-out text;
+`lens=jacobian` fits the Jacobian lens on the same corpus and split (pipelines/jacobian_tune.py).
 Each stage trains its layers' translators against the final distribution rebuilt from the
 final-normed states the last stage sends back; one optimizer step per micro-batch of
 `train.batch` sequences of `data.tokens` tokens. Writes the translators (safetensors with
@@ -131,6 +132,19 @@ def sequences(tokenizer, docs: list[str], tokens: int, separator: int) -> list[l
     return [ids[i : i + tokens] for i in range(0, len(ids) - tokens + 1, tokens)]
 
 
+def training_sequences(cfg, out_dir: Path, checkpoint) -> list[list[int]]:
+    """The training split's `data.tokens`-token sequences (the held-out documents written to
+    heldout.json), as `train` cuts them: what the Jacobian lens is fitted on."""
+    from pipelines.prompts import special_ids
+
+    d, tokenizer = cfg.data, checkpoint.tokenizer()
+    docs = documents(list(d.paths)) if d.paths else default_corpus(cfg, checkpoint, tokenizer, out_dir)
+    train_docs, heldout = split_documents(docs, d.heldout_fraction, d.seed)
+    (out_dir / "heldout.json").write_text(json.dumps(heldout))
+    eos, _ = special_ids(tokenizer, checkpoint.config())
+    return sequences(tokenizer, train_docs, d.tokens, eos[0] if eos else 0)
+
+
 def latest_step(checkpoints: Path, n_stages: int) -> int:
     """The latest step for which every stage saved a checkpoint (0: none)."""
     steps = [
@@ -162,10 +176,18 @@ def validate_tune(cfg) -> None:
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
-    """Train (unless `evaluate=true` finds this run's translators already made), then evaluate."""
+    """Train (unless `evaluate=true` finds this run's translators already made), then evaluate;
+    `lens=jacobian`: fit the Jacobian lens instead (pipelines/jacobian_tune.py)."""
     from actors.checkpoint import resolve_checkpoint
     from actors.run_spec import check_cluster
 
+    choice("lens", cfg.lens, ("tuned", "jacobian"))
+    if cfg.lens == "jacobian":
+        from pipelines import jacobian_tune
+
+        return jacobian_tune.run(cfg, out_dir, training_sequences)
+    if cfg.merge:
+        raise ConfigError("merge=[...] merges Jacobian-lens fits: give lens=jacobian")
     validate_tune(cfg)
     checkpoint = resolve_checkpoint(cfg.model.name, cfg.model.revision)
     model_checks(check_cluster, cluster_settings(cfg.cluster), checkpoint.config())
