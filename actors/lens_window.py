@@ -3,6 +3,8 @@ the next token of each position is known, then run through the lens one window o
 at a time (one batched lens call for every captured layer and component), and come back as
 compact `LensChunk`s: top-k, entropies, target ranks, KL to the final layer, never logits.
 
+The tuned and Jacobian lenses are the same summary of transformed resid_post states
+(`h + A_l h + b_l`, `J_l h`), stored beside the logit lens's as `tuned_*` and `jacobian_*`.
 A stage that trains tuned-lens translators (`spec.tune`) hands each window to its
 `tuned_lens.TranslatorTrainer` instead, and records the translators' KL before the step.
 """
@@ -74,8 +76,8 @@ def capture_mask(state, start: int, end: int, sel=None) -> torch.Tensor:
 class LensWindow:
     """The lens of one stage's captured `(layer, component)` cells (`keys`), by windows of
     `spec.capture.window` positions. Built at the stage's set-up, after its weights are loaded:
-    reads the stage's translators when the run records the tuned lens, and makes its
-    translator trainer when the run trains them."""
+    reads the stage's translators (its J_l) when the run records the tuned (Jacobian) lens, and
+    makes its translator trainer when the run trains them."""
 
     def __init__(self, spec: StageSpec, lens: LogitLens, config, device: torch.device):
         capture = spec.capture
@@ -87,13 +89,22 @@ class LensWindow:
         self.wants_finals = bool(capture.layers) and capture.lens and capture.kl_to_final
         self.tuned = None  # this stage's translators, when the run records the tuned lens
         self.trainer = None
+        # lens -> (its map (hidden [n, d], layer) -> the resid_post state the logit lens decodes,
+        # the layers it moves); at the others (the last) it is the identity: the logit lens
+        self.transports: dict = {}
         n_layers = config.num_hidden_layers
+        mine = tuple(i for i in capture.layers if spec.start <= i < spec.end)
         if capture.tuned_lens and capture.lens:
             from actors.tuned_lens import load_translators
 
-            mine = tuple(i for i in capture.layers if spec.start <= i < spec.end)
             self.tuned, _ = load_translators(capture.tuned_lens, "", self.d_model, n_layers, only=mine)
             self.tuned.to(device)
+            self.transports["tuned"] = (self.tuned, set(self.tuned.layers))
+        if capture.jacobian_lens and capture.lens:
+            from actors.jacobian_reader import JacobianTransport
+
+            jacobian = JacobianTransport.for_stage(capture.jacobian_lens, mine, n_layers, device)
+            self.transports["jacobian"] = (jacobian, set(jacobian.matrices))
         if spec.tune is not None:  # fresh, or from the checkpoint of spec.tune.resume_step
             from actors.tuned_lens import TranslatorTrainer
 
@@ -156,7 +167,7 @@ class LensWindow:
         """The chunk's arrays [batch, layer, component, n, ...], each at its field's fill value."""
         cap = self.capture
         with_k = {"topk_ids", "topk_logprobs"}
-        prefixes = ("", "tuned_") if self.tuned is not None else ("",)
+        prefixes = ("", *(f"{lens}_" for lens in self.transports))
         out = {
             prefix + name: np.full(
                 shape + ((cap.k,) if name in with_k else ()), fill, np.float32 if fill != -1 else np.int32
@@ -197,7 +208,8 @@ class LensWindow:
         """One lens call over every captured (layer, component) of the window: the unembedding
         GEMM runs over many rows at once instead of one window per layer. Rows are
         position-major ([position, key]): a position's final distribution is rebuilt once for
-        all its layers and components. Then the same for the tuned lens's translated states."""
+        all its layers and components. Then the same for each other lens's transformed
+        resid_post states (the tuned lens's translated ones, the Jacobian lens's J_l h)."""
         keys, cap = self.keys, self.capture
         batch, n = targets.shape
         dev_rows = rows.to(self.device)
@@ -207,19 +219,19 @@ class LensWindow:
         final_rows = None if final is None else final.reshape(batch * n, d)[dev_rows.to(final.device)]
         summary = self.lens.summarise(stacked, flat_targets, cap.k, final_rows, per=len(keys))
         _place(out, summary, keys, layers, cap.components, rows.numpy(), "")
-        tuned = [key for key in keys if key[1] == "resid_post"] if self.tuned is not None else []
-        if tuned:  # the tuned lens: the same summary of each translated resid_post state
-            with torch.no_grad():
-                translated = torch.stack(
-                    [self._translated(windows[key].reshape(batch * n, d)[dev_rows], key[0]) for key in tuned], dim=1
-                ).reshape(-1, d)
-            flat_targets = flat_targets[: len(rows) * len(keys) : len(keys)].repeat_interleave(len(tuned))
-            summary = self.lens.summarise(translated, flat_targets, cap.k, final_rows, per=len(tuned))
-            _place(out, summary, tuned, layers, cap.components, rows.numpy(), "tuned_")
-
-    def _translated(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
-        """h + A_l h + b_l for a layer with a translator; h itself for one without (the last)."""
-        return self.tuned(hidden, layer) if layer in self.tuned.layers else hidden
+        resid = [key for key in keys if key[1] == "resid_post"]
+        same_targets = flat_targets[: len(rows) * len(keys) : len(keys)].repeat_interleave(len(resid))
+        for lens, (transport, moves) in self.transports.items() if resid else ():
+            hidden = [windows[key].reshape(batch * n, d)[dev_rows] for key in resid]
+            with torch.no_grad():  # every resid_post row, as the logit lens's call has them: the same GEMM shapes
+                moved = [transport(h, key[0]) if key[0] in moves else h for key, h in zip(resid, hidden)]
+            states = torch.stack(moved, dim=1).reshape(-1, d)
+            summary = self.lens.summarise(states, same_targets, cap.k, final_rows, per=len(resid))
+            _place(out, summary, resid, layers, cap.components, rows.numpy(), f"{lens}_")
+            for layer, comp in (key for key in resid if key[0] not in moves):  # the identity: the logit lens's values
+                li, ci = layers.index(layer), cap.components.index(comp)
+                for name in LENS_FIELDS:
+                    out[f"{lens}_{name}"][:, li, ci] = out[name][:, li, ci]
 
 
 def _place(out: dict, summary, keys, layers, comps, where: np.ndarray, prefix: str) -> None:

@@ -71,16 +71,19 @@ class CaptureSettings:
     kl_to_final: bool = True  # KL(final || lens) per captured cell (the final states flow back to every stage)
     lenses: tuple[str, ...] = ("logit",)  # "tuned" adds the tuned lens's arrays (resid_post)
     tuned_lens: str | None = None  # the translators file (python -m pipelines.tune) the tuned lens reads
+    jacobian_lens: str | None = None  # the jacobian_lens.safetensors file the Jacobian lens reads
 
 
 def stage_capture(cap: CaptureSettings, layers: tuple[int, ...]) -> CaptureSettings:
     """`cap` as the stages read it: `layers` resolved to global indices (sorted, none negative,
-    never None), `components` a tuple, and `tuned_lens` kept only when the tuned lens is recorded."""
+    never None), `components` a tuple, and `tuned_lens` (`jacobian_lens`) kept only when the tuned
+    (Jacobian) lens is recorded."""
     return replace(
         cap,
         layers=layers,
         components=tuple(cap.components),
         tuned_lens=cap.tuned_lens if "tuned" in cap.lenses else None,
+        jacobian_lens=cap.jacobian_lens if "jacobian" in cap.lenses else None,
     )
 
 
@@ -311,8 +314,9 @@ def check_batching(spec: RunSpec) -> None:
 
 
 def check_lenses(spec: RunSpec, config) -> None:
-    """capture.lenses and capture.tuned_lens: the logit lens always, the tuned lens with a
-    translators file trained on this model (checked from its header)."""
+    """capture.lenses, capture.tuned_lens and capture.jacobian_lens: the logit lens always, the
+    tuned lens with a translators file trained on this model, the Jacobian lens with a
+    `jacobian_lens.safetensors` fitted on it (each checked from its header)."""
     cap = spec.capture
     for lens in cap.lenses:
         if lens not in LENSES:
@@ -320,6 +324,7 @@ def check_lenses(spec: RunSpec, config) -> None:
     _once("capture.lenses", list(cap.lenses))
     if "logit" not in cap.lenses:
         raise SettingError("capture.lenses", f"={list(cap.lenses)} lacks logit: the logit lens is always recorded")
+    check_jacobian_lens(spec, config)
     if "tuned" not in cap.lenses:
         if cap.tuned_lens:
             raise SettingError("capture.tuned_lens", " is set but capture.lenses lacks tuned: add it, or drop the file")
@@ -336,6 +341,39 @@ def check_lenses(spec: RunSpec, config) -> None:
         check_translators(cap.tuned_lens, spec.model.name, config.hidden_size, config.num_hidden_layers)
     except ValueError as err:
         raise SettingError("capture.tuned_lens", str(err).removeprefix("capture.tuned_lens")) from None
+
+
+def check_jacobian_lens(spec: RunSpec, config) -> None:
+    """capture.jacobian_lens: set exactly when capture.lenses holds jacobian, a Jacobian lens file
+    (safetensors, never a pickle) fitted on this model and hidden size, holding every captured
+    layer but the last (whose J is the identity: there it is the logit lens)."""
+    cap = spec.capture
+    if "jacobian" not in cap.lenses:
+        if cap.jacobian_lens:
+            raise SettingError(
+                "capture.jacobian_lens", " is set but capture.lenses lacks jacobian: add it, or drop the file"
+            )
+        return
+    if not cap.jacobian_lens:
+        raise SettingError(
+            "capture.jacobian_lens", "=null: capture.lenses holds jacobian, so give a jacobian_lens.safetensors file"
+        )
+    if "resid_post" not in cap.components or not cap.lens:
+        raise SettingError("capture.lenses", " holds jacobian: J_l reads resid_post, so capture it (with the lens)")
+    from actors.jacobian_lens import check_file
+
+    n = config.num_hidden_layers
+    try:
+        meta = check_file(cap.jacobian_lens, spec.model.name, config.hidden_size, n)
+    except ValueError as err:
+        raise SettingError("capture.jacobian_lens", str(err).removeprefix("capture.jacobian_lens")) from None
+    wanted = range(n) if cap.layers is None else sorted({i % n for i in cap.layers})
+    missing = [i for i in wanted if i != n - 1 and i not in meta["layers"]]
+    if missing:
+        raise SettingError(
+            "capture.jacobian_lens",
+            f"={cap.jacobian_lens!r} holds layers {meta['layers']}, not {missing}: capture only fitted layers",
+        )
 
 
 def _once(field: str, values: list) -> None:

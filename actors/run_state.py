@@ -191,7 +191,8 @@ def _layout(spec: RunSpec, config, prompts, rows, layers: tuple, budgets: list[i
 
 def _open_store(spec: RunSpec, config, layout: StoreLayout, rows, bounds) -> RunStore:
     """The run's store (`storage.existing` says what happens to one already there), its
-    attributes naming the stage split, the edit kinds and the tuned lens's translators."""
+    attributes naming the stage split, the edit kinds, the tuned lens's translators and the
+    Jacobian lens's fit."""
     cap = spec.capture
     kinds = rows.kinds
     attrs = {**spec.attrs, "stages": [list(b) for b in bounds], "edit_kinds": [list(k) for k in kinds]}
@@ -202,6 +203,14 @@ def _open_store(spec: RunSpec, config, layout: StoreLayout, rows, bounds) -> Run
         attrs["tuned_lens"] = {
             "path": cap.tuned_lens,
             **{k: meta.get(k) for k in ("model", "revision", "tokens_seen")},
+        }
+    if "jacobian" in cap.lenses:  # which fit the jacobian_* arrays came from
+        from actors.jacobian_lens import check_file
+
+        meta = check_file(cap.jacobian_lens, spec.model.name, config.hidden_size, config.num_hidden_layers)
+        attrs["jacobian_lens"] = {
+            "path": cap.jacobian_lens,
+            **{k: meta.get(k) for k in ("model", "revision", "sequences", "tokens", "positions", "skip")},
         }
     return RunStore.open(spec.storage.path, layout, attrs, spec.storage.existing, rows.vectors)
 

@@ -8,8 +8,9 @@ Layout (dimension names in brackets):
   lens_mask [prompt, position]: the lens exists there (every token but the last),
   topk_ids / topk_logprobs [prompt, layer, component, position, k],
   entropy / target_logprob / target_rank / kl_to_final [prompt, layer, component, position],
-  tuned_topk_ids ... tuned_kl_to_final: the same fields for the tuned lens, when the run records it
-  (`layout.lenses` lists the lenses; `LensStore.field(name, lens)` reads either),
+  tuned_topk_ids ... tuned_kl_to_final: the same fields for the tuned lens, when the run records it,
+  jacobian_topk_ids ... jacobian_kl_to_final: the same for the Jacobian lens, when it records it
+  (`layout.lenses` lists the lenses; `LensStore.field(name, lens)` reads any),
   activations [prompt, layer, component, position, hidden] (optional; bfloat16 as uint16 bits),
   batch_done [batch]: written after the batch's data, one chunk per batch.
 The group attr `complete` is set last; a store without it never reads as finished.
@@ -65,7 +66,7 @@ class StoreLayout:
     n_scores: int = 0  # logits of chosen tokens (e.g. answer letters) at every generated step
     n_steps: int = 1
     n_edits: int = 0  # most steering edits on one row
-    lenses: tuple[str, ...] = ("logit",)  # the logit lens's arrays always; `tuned_*` arrays with "tuned"
+    lenses: tuple[str, ...] = ("logit",)  # the logit lens's arrays always; `tuned_*` / `jacobian_*` with those
     shard_batches: int | None = None  # micro-batches per shard; None: about SHARD_BYTES of arrays (`sharded`)
 
     @property
@@ -360,7 +361,7 @@ class LensStore:
             "entropy": (p, n_l, n_c, pos), "target_logprob": (p, n_l, n_c, pos), "target_rank": (p, n_l, n_c, pos),
             "kl_to_final": (p, n_l, n_c, pos), "layer": (n_l,), "component": (n_c,),
         }  # fmt: skip
-        for lens in layout.get("lenses", ["logit"])[1:]:  # the tuned lens's arrays: the logit lens's shapes
+        for lens in layout.get("lenses", ["logit"])[1:]:  # the tuned (Jacobian) lens's arrays: the logit lens's shapes
             if lens not in LENSES:
                 problems.append(f"layout: lens {lens!r} is not one of {list(LENSES)}")
                 continue
@@ -462,11 +463,11 @@ class LensStore:
 
     @property
     def lenses(self) -> list[str]:
-        """The lenses this store records: ["logit"] or ["logit", "tuned"]."""
+        """The lenses this store records: "logit" first, then any of "tuned", "jacobian"."""
         return list(self.group.attrs["layout"].get("lenses", ["logit"]))
 
     def field(self, name: str, lens: str = "logit"):
-        """The zarr array of lens field `name` (e.g. "entropy") for `lens` ("logit" or "tuned")."""
+        """The zarr array of lens field `name` (e.g. "entropy") for `lens` ("logit", "tuned" or "jacobian")."""
         if lens not in self.lenses:
             raise StoreError(f"lens={lens!r}: store {self.path} records {self.lenses}")
         return self.group[lens_array(name, lens)]

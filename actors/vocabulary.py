@@ -21,13 +21,14 @@ LENS_FIELDS = {
     "target_rank": -1,
     "kl_to_final": float("nan"),
 }
-# Lenses a run can record: the logit lens (the plain arrays above) and the tuned lens (the same
-# fields, named `tuned_<field>`, from translated resid_post states; see actors/tuned_lens.py).
-LENSES = ("logit", "tuned")
+# Lenses a run can record: the logit lens (the plain arrays above), the tuned lens (the same
+# fields, named `tuned_<field>`, from translated resid_post states; see actors/tuned_lens.py) and
+# the Jacobian lens (`jacobian_<field>`, from J_l h; see actors/jacobian_lens.py).
+LENSES = ("logit", "tuned", "jacobian")
 
 
 def lens_array(field: str, lens: str = "logit") -> str:
-    """The store array holding `field` of `lens`: `entropy` (logit), `tuned_entropy` (tuned)."""
+    """The store array holding `field` of `lens`: `entropy` (logit), `tuned_entropy` (tuned), ..."""
     return field if lens == "logit" else f"{lens}_{field}"
 
 

@@ -60,8 +60,9 @@ class CaptureConf:
     window: int = 64
     activations: str | None = None  # store raw activations in this dtype
     kl_to_final: bool = True  # KL(final || lens) per cell: the final states flow back to every stage
-    lenses: list[str] = field(default_factory=lambda: ["logit"])  # [logit, tuned]: also the tuned lens
+    lenses: list[str] = field(default_factory=lambda: ["logit"])  # [logit, tuned, jacobian]: also those lenses
     tuned_lens: str | None = None  # translators file (python -m pipelines.tune) for the tuned lens
+    jacobian_lens: str | None = None  # jacobian_lens.safetensors (pipelines.tune lens=jacobian) for the Jacobian lens
 
 
 @dataclass
@@ -543,6 +544,8 @@ def run_spec(cfg, model_path: str, store_path: str, existing: str = "refuse", **
             positions=cap.positions if isinstance(cap.positions, str) else tuple(cap.positions), k=cap.k,
             window=cap.window, activations=cap.activations, kl_to_final=cap.kl_to_final, lenses=tuple(cap.lenses),
             tuned_lens=None if cap.tuned_lens is None else str(Path(cap.tuned_lens).expanduser().resolve()),
+            jacobian_lens=None if cap.get("jacobian_lens") is None
+            else str(Path(cap.jacobian_lens).expanduser().resolve()),
         )  # fmt: skip
     parts.update(groups)
     return RunSpec(

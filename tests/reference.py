@@ -55,6 +55,7 @@ _GROUPS = {
     )},
     **{k: ("capture", k) for k in (
         "layers", "components", "positions", "k", "activations", "kl_to_final", "lenses", "tuned_lens",
+        "jacobian_lens",
     )},
     "lens_window": ("capture", "window"),
     "max_new_tokens": ("generation", "max_new_tokens"), "sampling": ("generation", "sampling"),
@@ -140,14 +141,16 @@ def assert_kl_to_final_matches_hf(model, store: LensStore, atol: float = 1e-4) -
 
 # The store attrs that determine its numbers, compared by `assert_stores_equal`: the schema, the
 # layout (shapes, chunks, layers, lenses), the fingerprint of the determining config, the steering
-# kinds and whether it is complete; of the nested records, what names the model, the tuned lens and
-# the config parts the fingerprint hashes (pipelines/lens.py). Left out, since equal runs differ
-# there: the run summary (timings, pids, paths, stage info), `stages` (the placement), the Ray
-# cluster, package versions and the git commit, and every path (model, tuned lens, storage).
+# kinds and whether it is complete; of the nested records, what names the model, the tuned and
+# Jacobian lenses and the config parts the fingerprint hashes (pipelines/lens.py). Left out, since
+# equal runs differ there: the run summary (timings, pids, paths, stage info), `stages` (the
+# placement), the Ray cluster, package versions and the git commit, and every path (model, tuned
+# and Jacobian lens, storage).
 DETERMINING_ATTRS = ("schema_version", "layout", "fingerprint", "edit_kinds", "complete")
 DETERMINING_PARTS = {
     "model": ("name", "revision"),
     "tuned_lens": ("model", "revision", "tokens_seen"),
+    "jacobian_lens": ("model", "revision", "sequences", "tokens", "positions", "skip"),
     "config": ("model", "capture", "generation", "prompts", "steer"),
 }
 
