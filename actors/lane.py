@@ -61,8 +61,10 @@ class _Lane:
     prompt_len: torch.Tensor  # [batch]
     edits: list  # [batch] each row's RowEdits
     terms: dict = field(default_factory=dict)
-    lens: dict = field(default_factory=dict)  # row -> _RowLens
+    lens: dict = field(default_factory=dict)  # row -> _RowLens (the rows whose lens is recorded)
     generators: dict = field(default_factory=dict)  # row -> its own torch.Generator (last stage)
+    sampling: dict = field(default_factory=dict)  # row -> its own SamplingSpec (a served request's)
+    logprobs: dict = field(default_factory=dict)  # row -> how many top log-probs it reports (last stage)
 
 
 class LaneStage:
@@ -72,7 +74,10 @@ class LaneStage:
     @torch.no_grad()
     def lane_step(self, lane: int, plan: dict, feed=None, upstream=None):
         """One call of lane `lane`. `plan`: {"open": first call, "evict": rows that have ended,
-        "admit": None or {"rows", "input_ids" [n, cols] left-padded, "attention_mask", "edits"}};
+        "admit": None or {"rows", "input_ids" [n, cols] left-padded, "attention_mask", "edits"} and,
+        for a server's rows, optional per-row lists "lens" (capture positions, or None: no lens for
+        that row), "sampling" (a SamplingSpec or None: the run's) and "logprobs" (None or how many
+        top log-probs of the next-token distribution to report)};
         `feed`: the last stage's output of the lane's previous call (each row's new token and
         final-normed state: the targets of its last column); `upstream`: the previous stage's
         output of this call. Returns `(output, lens_chunks)`: {"decode", "admit"} hidden states
@@ -89,7 +94,8 @@ class LaneStage:
             x = upstream["admit"] if upstream is not None else torch.as_tensor(admit["input_ids"], dtype=torch.long)
             admitted = self._admit(lane, st, admit, x)
         for row in st.rows:
-            chunks += self.window.flush(row, st.lens[row], force=False)
+            if row in st.lens:
+                chunks += self.window.flush(row, st.lens[row], force=False)
         if not st.rows:
             del self._lanes[lane]
         chunks = chunks if self.spec.reports else []
@@ -117,6 +123,8 @@ class LaneStage:
             return
         finals = feed.get("final") if self.window.keys else None
         for j, row in enumerate(feed["rows"]):
+            if row not in st.lens:
+                continue
             buf = st.lens[row].buffer
             buf.tokens.append(torch.tensor([[int(feed["tokens"][j])]], dtype=torch.long))
             if finals is not None:
@@ -127,8 +135,10 @@ class LaneStage:
         columns no remaining row uses (left pads of every row) trimmed."""
         chunks, gone = [], set(evict)
         for row in evict:
-            chunks += self.window.flush(row, st.lens.pop(row), force=True)
-            st.generators.pop(row, None)
+            if row in st.lens:
+                chunks += self.window.flush(row, st.lens.pop(row), force=True)
+            for held in (st.generators, st.sampling, st.logprobs):
+                held.pop(row, None)
         keep = [i for i, r in enumerate(st.rows) if r not in gone]
         if len(keep) == len(st.rows):
             return chunks
@@ -155,7 +165,8 @@ class LaneStage:
         hidden, captured = self._forward(lane, view, cols, self._input(x), st.mask, st.next_position[:, None], st.cache)
         st.next_position = st.next_position + 1
         for i, row in enumerate(st.rows):
-            self._hold_row(st.lens[row], captured, i, 0)
+            if row in st.lens:
+                self._hold_row(st.lens[row], captured, i, 0)
         return hidden
 
     def _admit(self, lane: int, st: _Lane, admit: dict, x) -> torch.Tensor:
@@ -170,15 +181,27 @@ class LaneStage:
         positions = (dmask.cumsum(-1) - 1).masked_fill(dmask == 0, 1)  # generate's: left pads don't count
         hidden, captured = self._forward(lane, view, 0, self._input(x), dmask, positions, cache)
         lengths = cols - pad
-        sampling = self.spec.sampling
+        lens = admit.get("lens") or [st.positions] * rows
         for j, row in enumerate(admit["rows"]):
-            st.lens[row] = _RowLens(int(lengths[j]), st.positions)
-            st.lens[row].buffer.tokens.append(ids[j : j + 1, int(pad[j]) :])
-            self._hold_row(st.lens[row], captured, j, int(pad[j]))
-            if self.spec.is_last and sampling.temperature > 0:
-                st.generators[row] = row_generator(sampling.seed, row)
+            if lens[j] is not None:
+                st.lens[row] = _RowLens(int(lengths[j]), _positions(lens[j]))
+                st.lens[row].buffer.tokens.append(ids[j : j + 1, int(pad[j]) :])
+                self._hold_row(st.lens[row], captured, j, int(pad[j]))
+            if self.spec.is_last:
+                self._row_sampling(st, row, (admit.get("sampling") or [None] * rows)[j])
+                if (admit.get("logprobs") or [None] * rows)[j] is not None:
+                    st.logprobs[row] = int(admit["logprobs"][j])
         self._splice(st, cache, dmask, lengths, list(admit["rows"]), edits)
         return hidden
+
+    def _row_sampling(self, st: _Lane, row: int, own) -> None:
+        """Row `row`'s sampling (its own SamplingSpec, or the run's) and its generator: a served
+        request's seed alone, or the run's seed and the row's index."""
+        if own is not None:
+            st.sampling[row] = own
+        spec = own or self.spec.sampling
+        if spec.temperature > 0:
+            st.generators[row] = torch.Generator().manual_seed(spec.seed) if own else row_generator(spec.seed, row)
 
     def _splice(self, st: _Lane, cache, mask: torch.Tensor, lengths: torch.Tensor, rows: list, edits: list) -> None:
         """Append a prefilled group's cache rows to the lane, both left-padded to one width."""
@@ -196,6 +219,17 @@ class LaneStage:
         st.prompt_len = torch.cat([st.prompt_len, lengths])
         st.rows, st.edits = st.rows + rows, st.edits + edits
         st.terms = self._terms(st.edits, len(st.rows))
+
+    def _choose(self, st: _Lane, rows: list, logits: torch.Tensor) -> torch.Tensor:
+        """[rows] each row's next token: greedy rows together, sampled rows each with its own
+        generator (batch-mates never move its draws) and its own SamplingSpec."""
+        run = self.spec.sampling
+        specs = [st.sampling.get(r, run) for r in rows]
+        chosen = logits.argmax(-1)
+        for j, (r, spec) in enumerate(zip(rows, specs)):
+            if spec.temperature > 0:
+                chosen[j] = choose_tokens(logits[j : j + 1], spec, st.generators[r])[0]
+        return chosen
 
     def _input(self, x) -> torch.Tensor:
         if self.spec.stage == 0:
@@ -225,18 +259,29 @@ class LaneStage:
         if not rows:
             return {"rows": [], "tokens": torch.zeros(0, dtype=torch.long).numpy(), "final": None}
         logits = self.lens.full_logits(torch.cat(last))  # [rows, vocab]: stays on this stage
-        if spec.sampling.temperature > 0:  # each row its own generator: batch-mates never move its draws
-            chosen = torch.cat(
-                [choose_tokens(logits[j : j + 1], spec.sampling, st.generators[r]) for j, r in enumerate(rows)]
-            )
-        else:
-            chosen = choose_tokens(logits, spec.sampling, None)
+        chosen = self._choose(st, rows, logits)
         out = {"rows": rows, "tokens": chosen.cpu().numpy(), "final": None}
-        if self.window.wants_finals:
-            out["final"] = [self.lens.norm(h).cpu() for h in finals]
+        if self.window.wants_finals:  # only the rows whose lens is recorded read their final states
+            out["final"] = [self.lens.norm(h).cpu() if r in st.lens else None for r, h in zip(rows, finals)]
+        if st.logprobs:
+            out["logprobs"] = _logprobs(logits, chosen, [st.logprobs.get(r) for r in rows])
         if spec.score_ids:
             out["scores"] = logits[:, list(spec.score_ids)].float().cpu().numpy()
         return out
+
+
+def _logprobs(logits: torch.Tensor, chosen: torch.Tensor, wanted: list) -> list:
+    """Per row, None or (the chosen token's log-prob, the top `n` ids, their log-probs) of the
+    next-token distribution: a few numbers per row, never the vocabulary."""
+    out = []
+    for j, n in enumerate(wanted):
+        if n is None:
+            out.append(None)
+            continue
+        logp = torch.log_softmax(logits[j].float(), -1)
+        top = logp.topk(max(n, 1))
+        out.append((float(logp[chosen[j]]), top.indices[:n].tolist(), top.values[:n].tolist()))
+    return out
 
 
 def _positions(positions):

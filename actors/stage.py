@@ -216,7 +216,7 @@ class StageWorker(LaneStage, JacobianStage):
         self._step: tuple | None = None  # (state, first column, new columns) while a step runs
         self._steered = [(layer, site) for layer, site in spec.steered if spec.start <= layer < spec.end]
         self._vectors = None
-        if self._steered:
+        if self._steered and spec.vectors is not None:  # a server's rows carry their vectors (VectorEdit)
             table = torch.tensor(np.array(spec.vectors, np.float32))
             if table.ndim != 2 or table.shape[1] != self.config.hidden_size:
                 raise ValueError(
@@ -345,11 +345,11 @@ class StageWorker(LaneStage, JacobianStage):
         self._states[mb] = state
 
     def _terms(self, edits, rows: int) -> dict:
-        if edits is None or self._vectors is None:
+        if edits is None or not self._steered:
             return {}
         if len(edits) != rows:
             raise ValueError(f"edits are given for {len(edits)} rows; the micro-batch has {rows}")
-        return edit_terms(edits, self._vectors, self._steered)
+        return edit_terms(edits, self._vectors, self._steered, self.device)
 
     def expand(self, mb: int, index, edits, prefix=None) -> None:
         """Replicate a shared prefix: row i of the micro-batch becomes prefix row `index[i]`,

@@ -61,6 +61,21 @@ class RowEdit:
         return (self.vector, self.layer, self.site, self.positions)
 
 
+@dataclass(frozen=True, eq=False)
+class VectorEdit:
+    """One row's edit carrying its own vector (a served request's: its vectors are not in a
+    table the stages received at set-up)."""
+
+    values: np.ndarray  # [d_model] float32
+    layer: int
+    site: str
+    positions: str | int = "all"
+    coefficient: float = 1.0
+
+    def __post_init__(self):
+        _check_where(self.site, self.positions)
+
+
 @dataclass(frozen=True)
 class RowLayout:
     """A run's rows: which prompt each row runs and with which edits."""
@@ -138,13 +153,28 @@ def edit_terms(row_edits, table, keys, device=None) -> dict:
     for r, edits in enumerate(row_edits):
         for e in edits:
             if (e.layer, e.site) in wanted:
-                by_where.setdefault((e.layer, e.site, e.positions), []).append((r, e.vector, e.coefficient))
+                by_where.setdefault((e.layer, e.site, e.positions), []).append((r, e))
     terms: dict = {}
     for (layer, site, positions), entries in by_where.items():
-        coef = torch.zeros(len(row_edits), table.shape[0], dtype=torch.float32)
-        for r, v, c in entries:
-            coef[r, v] += c
-        # A row with one edit here gets c * v exactly: its other coefficients are zeros.
-        per_row = coef.to(table.device) @ table
+        per_row = _table_terms([(r, e) for r, e in entries if isinstance(e, RowEdit)], len(row_edits), table)
+        for r, e in entries:  # VectorEdits: c * v in float32, each on its own row
+            if not isinstance(e, RowEdit):
+                values = torch.as_tensor(np.asarray(e.values, np.float32))
+                if per_row is None:
+                    per_row = torch.zeros(len(row_edits), len(values), dtype=torch.float32)
+                per_row[r] += (torch.tensor(e.coefficient, dtype=torch.float32) * values).to(per_row.device)
         terms.setdefault((layer, site), []).append((positions, per_row if device is None else per_row.to(device)))
     return terms
+
+
+def _table_terms(entries: list, rows: int, table):
+    """[rows, d_model] the sum of coefficient x table vector of each row's RowEdits, or None."""
+    import torch
+
+    if not entries:
+        return None
+    coef = torch.zeros(rows, table.shape[0], dtype=torch.float32)
+    for r, e in entries:
+        coef[r, e.vector] += e.coefficient
+    # A row with one edit here gets c * v exactly: its other coefficients are zeros.
+    return (coef.to(table.device) @ table).clone()
