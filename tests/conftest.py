@@ -48,6 +48,7 @@ def smollm2():
 def tiny_with_tokenizer(tmp_path_factory, smollm2) -> Path:
     """A 2-layer random Llama that shares SmolLM2's tokenizer and vocabulary, for fast
     end-to-end runs of the drivers."""
+
     def make(folder: Path) -> None:
         path = folder / "llama"
         save_tiny("llama", path, vocab_size=49152, num_hidden_layers=2, hidden_size=32, intermediate_size=64)
