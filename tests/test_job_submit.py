@@ -26,6 +26,27 @@ while time.monotonic() < deadline and not all(client.get_job_status(j).is_termin
 print(json.dumps({j: {"status": str(client.get_job_status(j).value), "logs": client.get_job_logs(j)} for j in ids}))
 """
 
+# `python -c HOLD_CPUS <gcs address> <dashboard url>`: holds the head's 2 CPUs (a placement
+# group), prints "held", reads job ids from stdin, waits until each job's log says it waits for
+# placement, then releases the CPUs and exits 0 (1 if a job never said so within 300 s)
+HOLD_CPUS = """
+import sys, time
+import ray
+from ray.job_submission import JobSubmissionClient
+from ray.util.placement_group import placement_group, remove_placement_group
+ray.init(address=sys.argv[1], log_to_driver=False)
+pg = placement_group([{"CPU": 2}])
+ray.get(pg.ready(), timeout=120)
+print("held", flush=True)
+client, ids = JobSubmissionClient(sys.argv[2]), sys.stdin.readline().split()
+deadline = time.monotonic() + 300
+waiting = lambda j: "waiting up to 600s (cluster.placement_timeout_s)" in client.get_job_logs(j)
+while not all(waiting(j) for j in ids) and time.monotonic() < deadline:
+    time.sleep(1)
+remove_placement_group(pg)
+sys.exit(0 if all(waiting(j) for j in ids) else 1)
+"""
+
 
 @pytest.fixture(scope="module")
 def head():
@@ -94,16 +115,22 @@ def test_ray_job_submit_runs_the_lens_driver_on_a_loopback_head(head, tiny_with_
 def test_two_jobs_submitted_at_once_to_a_head_with_room_for_one_both_complete_and_verify(
     head, tiny_with_tokenizer, tmp_path
 ):
-    """`ray job submit --no-wait` twice to a head with 2 CPUs: each run's two stages take
-    both, so one run waits for placement (cluster.placement_timeout_s, raised here to 600 s)
-    instead of failing, and run when the CPUs free up. Every store completes and verifies
-    (`distlens verify`), and both hold the same numbers, which match the unsliced model."""
+    """`ray job submit --no-wait` twice to a head with 2 CPUs whose CPUs the test holds (a
+    placement group of its own) until both jobs say they wait for placement
+    (cluster.placement_timeout_s, raised here to 600 s) instead of failing; each run's two
+    stages then take both CPUs, so the second keeps waiting until the first ends. Every store
+    completes and verifies (`distlens verify`), and both hold the same numbers, which match the
+    unsliced model. (Held, not raced: two jobs submitted back to back could run one after the
+    other without either ever waiting.)"""
     from reference import assert_kl_to_final_matches_hf, assert_stores_equal
     from tiny_models import load_reference
 
     runs = [f"job{i}" for i in range(2)]
-    _, dashboard, env = head
+    gcs, dashboard, env = head
     address = ["--address", f"http://127.0.0.1:{dashboard}"]
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_CPUS, gcs, f"http://127.0.0.1:{dashboard}"], env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert holder.stdout.readline().strip() == "held", holder.stderr.read()[-2000:]
     ids = []
     for run in runs:
         submitted = subprocess.run(
@@ -116,6 +143,10 @@ def test_two_jobs_submitted_at_once_to_a_head_with_room_for_one_both_complete_an
         assert submitted.returncode == 0, submitted.stderr[-2000:]
         ids.append(next(w.strip("'") for w in submitted.stdout.split() if w.strip("'").startswith("raysubmit_")))
 
+    holder.stdin.write(" ".join(ids) + "\n")
+    holder.stdin.close()
+    released = holder.wait(timeout=600)
+    assert released == 0, holder.stderr.read()[-2000:]
     # polled from a process of its own: Ray settles its auth mode once per process, and another
     # test of this process may have settled it without a token
     polled = subprocess.run([sys.executable, "-c", WAIT_FOR_JOBS, f"http://127.0.0.1:{dashboard}", *ids],
@@ -128,7 +159,7 @@ def test_two_jobs_submitted_at_once_to_a_head_with_room_for_one_both_complete_an
     )
     assert set(states.values()) == {"SUCCEEDED"}, (states, {j: log[-2000:] for j, log in logs.items()})
     waited = [job for job, log in logs.items() if "[distlens] waiting up to 600s (cluster.placement_timeout_s)" in log]
-    assert waited, "no job had to wait for placement: the head had room for more than one run"
+    assert sorted(waited) == sorted(ids), "a job did not wait for placement while the head's CPUs were held"
     stores = [LensStore.open(tmp_path / run / "lens.zarr") for run in runs]
     checked = subprocess.run(["distlens", "verify", *(str(tmp_path / run / "lens.zarr") for run in runs)],
                              capture_output=True, text=True, timeout=300)  # fmt: skip
