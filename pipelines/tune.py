@@ -1,6 +1,7 @@
 """`python -m pipelines.tune`: train a tuned lens (one affine translator per layer) on the
 pipeline's own stages, and with `evaluate=true` compare it with the logit lens on held-out text;
-`lens=jacobian` fits the Jacobian lens on the same corpus and split (pipelines/jacobian_tune.py).
+`lens=jacobian` fits the Jacobian lens on the same corpus and split (pipelines/jacobian_tune.py),
+and with `evaluate=true` compares it with the logit lens and the tuned lens of `tuned_lens=<file>`.
 Each stage trains its layers' translators against the final distribution rebuilt from the
 final-normed states the last stage sends back; one optimizer step per micro-batch of
 `train.batch` sequences of `data.tokens` tokens. Writes the translators (safetensors with
@@ -182,10 +183,15 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     from actors.run_spec import check_cluster
 
     choice("lens", cfg.lens, ("tuned", "jacobian"))
+    if cfg.tuned_lens is not None and not (cfg.lens == "jacobian" and cfg.evaluate):
+        raise ConfigError(
+            f"tuned_lens={cfg.tuned_lens!r} is the tuned lens that lens=jacobian evaluate=true compares with: "
+            "give both, or drop it (lens=tuned evaluates its own translators)"
+        )
     if cfg.lens == "jacobian":
         from pipelines import jacobian_tune
 
-        return jacobian_tune.run(cfg, out_dir, training_sequences)
+        return jacobian_tune.run(cfg, out_dir, training_sequences, evaluate)
     if cfg.merge:
         raise ConfigError("merge=[...] merges Jacobian-lens fits: give lens=jacobian")
     validate_tune(cfg)
@@ -311,7 +317,8 @@ def evaluate(cfg: DictConfig, out_dir: Path, checkpoint, files: dict[str, str]) 
 
 def heldout_documents(cfg, out_dir: Path, checkpoint) -> list[str]:
     """The run's held-out documents: heldout.json, written when the lens was trained or fitted
-    here; for a fit made elsewhere (a merge), the split `data.*` makes, written there now."""
+    here; for a lens made elsewhere (a merge, a file put there), the split `data.*` makes, written
+    there now."""
     path = out_dir / "heldout.json"
     if not path.is_file():
         training_sequences(cfg, out_dir, checkpoint)
