@@ -271,7 +271,8 @@ class TuneConf:
     jacobian: TuneJacobianConf = field(default_factory=TuneJacobianConf)
     merge: list[str] = field(default_factory=list)  # lens=jacobian: merge these partial fits (files or run folders)
     resume: bool = False  # continue from the latest step every stage checkpointed
-    evaluate: bool = False  # then compare tuned and logit lens on the held-out documents (eval.md/png)
+    evaluate: bool = False  # then compare the lens with the logit lens on the held-out documents (eval.md/png)
+    tuned_lens: str | None = None  # lens=jacobian evaluate=true: a translators file to compare as well
     progress: bool = True
 
 

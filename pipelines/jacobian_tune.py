@@ -3,7 +3,10 @@ the pipeline's own stages, the backward stage to stage (actors/jacobian_coordina
 tuned lens's corpus and training split. Writes `jacobian_lens.safetensors` and, beside it,
 `fit_sequences.jsonl` (the token ids fitted on, one JSON list per line); checkpoints every
 `jacobian.save_every` micro-batches (partial fits: sums and counts), which `resume=true`
-continues from. `merge=[a,b,...]` writes the merge of partial fits (files or run folders)."""
+continues from. `merge=[a,b,...]` writes the merge of partial fits (files or run folders).
+`evaluate=true` then compares it with the logit lens (and the tuned lens of `tuned_lens=<file>`)
+on the held-out split, as the tuned lens's evaluation does (pipelines/tune.py: eval.json/md/png);
+on a run folder that already holds a fit, it evaluates that fit without fitting again."""
 
 from __future__ import annotations
 
@@ -40,36 +43,67 @@ def validate(cfg) -> None:
             f"cluster.tp_size={cfg.cluster.tp_size}: the Jacobian lens is fitted on tp_size=1 pipeline stages "
             "(no backward through DeepSpeed AutoTP's all-reduce); split the model with cluster.num_stages"
         )
-    if cfg.evaluate:
-        raise ConfigError("evaluate=true with lens=jacobian: the Jacobian lens's evaluation is not built yet")
 
 
-def run(cfg, out_dir: Path, corpus: Callable) -> dict:
-    """Fit (or with `merge`, merge); `corpus(cfg, out_dir, checkpoint)`: the training split's
-    sequences, as the tuned lens trains on them (pipelines/tune.py)."""
+def run(cfg, out_dir: Path, corpus: Callable, evaluate: Callable) -> dict:
+    """Fit (or with `merge`, merge), then with `evaluate=true` evaluate the fit in `out_dir` beside
+    the logit lens and the `tuned_lens` given, on the held-out split; with `evaluate=true` a fit
+    already in `out_dir` is evaluated as it is, not fitted again. `corpus(cfg, out_dir,
+    checkpoint)`: the training split's sequences, as the tuned lens trains on them;
+    `evaluate(cfg, out_dir, checkpoint, files)`: the tuned lens's evaluation (pipelines/tune.py)."""
     from actors.checkpoint import resolve_checkpoint
-    from actors.jacobian_lens import FILE_NAME
     from actors.run_spec import check_cluster
 
-    if cfg.merge:
-        return merge(list(cfg.merge), out_dir)
     validate(cfg)
+    if cfg.merge and not cfg.evaluate:
+        return merge(list(cfg.merge), out_dir)
     checkpoint = resolve_checkpoint(cfg.model.name, cfg.model.revision)
     hf_config = checkpoint.config()
     model_checks(check_cluster, cluster_settings(cfg.cluster), hf_config)
-    d = hf_config.hidden_size
-    if d % cfg.jacobian.block:
-        raise ConfigError(f"jacobian.block={cfg.jacobian.block} does not divide d_model={d}: choose a divisor of {d}")
+    tuned = tuned_lens(cfg, hf_config)
+    result = merge(list(cfg.merge), out_dir) if cfg.merge else fitted(cfg, out_dir, checkpoint, corpus)
+    if cfg.evaluate:
+        files = {"jacobian": result["jacobian_lens"], **({"tuned": tuned} if tuned else {})}
+        result["evaluation"] = evaluate(cfg, out_dir, checkpoint, files)
+    return result
+
+
+def tuned_lens(cfg, hf_config) -> str | None:
+    """`tuned_lens`: the translators file evaluate=true compares with (resolved), checked from its
+    header against this model before anything is fitted; None when not given."""
+    from actors.tuned_lens import check_translators
+
+    if cfg.tuned_lens is None:
+        return None
+    path = str(Path(cfg.tuned_lens).expanduser().resolve())
+    try:
+        check_translators(path, cfg.model.name, hf_config.hidden_size, hf_config.num_hidden_layers)
+    except ValueError as err:  # its message names capture.tuned_lens, the lens driver's key
+        raise ConfigError("tuned_lens" + str(err).removeprefix("capture.tuned_lens")) from None
+    return path
+
+
+def fitted(cfg, out_dir: Path, checkpoint, corpus: Callable) -> dict:
+    """The fit in `out_dir`: made here, continued (`resume=true`), or the one already finished
+    there (with `resume=true` or `evaluate=true`)."""
+    from actors.jacobian_lens import FILE_NAME
+
     final, ck = out_dir / FILE_NAME, out_dir / "checkpoints"
     if final.is_file():
-        if not cfg.resume:
-            raise ConfigError(f"{out_dir} already holds a Jacobian lens ({FILE_NAME}): give another storage.run")
+        if not (cfg.resume or cfg.evaluate):
+            raise ConfigError(
+                f"{out_dir} already holds a Jacobian lens ({FILE_NAME}): give another storage.run, "
+                "or evaluate=true to evaluate it"
+            )
         print(f"[distlens] already fitted: {final}", file=sys.stderr)
         return {"jacobian_lens": str(final)}
     if not cfg.resume and ck.exists() and any(ck.glob("jacobian.mb*.safetensors")):
         raise ConfigError(
             f"{out_dir} already holds a Jacobian-lens fit: pass resume=true to continue it, or another storage.run"
         )
+    d = checkpoint.config().hidden_size
+    if d % cfg.jacobian.block:
+        raise ConfigError(f"jacobian.block={cfg.jacobian.block} does not divide d_model={d}: choose a divisor of {d}")
     out_dir.mkdir(parents=True, exist_ok=True)
     seqs = choose(cfg, corpus(cfg, out_dir, checkpoint))
     return fit(cfg, out_dir, checkpoint, seqs)
@@ -183,7 +217,9 @@ def merge(paths: list[str], out_dir: Path) -> dict:
     try:
         merged = merge_fits(fits)
     except ValueError as err:  # another model, hidden size, skip or layers
-        raise ConfigError(f"merge={[str(f) for f in files]}: {err}") from None
+        raise ConfigError(
+            f"merge={[str(f) for f in files]}: {err}; merge only fits of one model, hidden size, skip and layers"
+        ) from None
     out_dir.mkdir(parents=True, exist_ok=True)
     listed = [f.with_name(SEQUENCES_FILE) for f in files]
     if all(p.is_file() for p in listed):

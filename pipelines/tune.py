@@ -1,12 +1,13 @@
 """`python -m pipelines.tune`: train a tuned lens (one affine translator per layer) on the
 pipeline's own stages, and with `evaluate=true` compare it with the logit lens on held-out text;
-`lens=jacobian` fits the Jacobian lens on the same corpus and split (pipelines/jacobian_tune.py).
+`lens=jacobian` fits the Jacobian lens on the same corpus and split (pipelines/jacobian_tune.py),
+and with `evaluate=true` compares it with the logit lens and the tuned lens of `tuned_lens=<file>`.
 Each stage trains its layers' translators against the final distribution rebuilt from the
 final-normed states the last stage sends back; one optimizer step per micro-batch of
 `train.batch` sequences of `data.tokens` tokens. Writes the translators (safetensors with
 metadata), per-stage checkpoints (`resume=true` continues from the latest step every stage
 saved), `train.zarr` (each step's KL before the update, per layer and position), `loss.png`, and
-with `evaluate=true` `heldout.zarr` (both lenses), `eval.json`, `eval.md` and `eval.png`.
+with `evaluate=true` `heldout.zarr` (every lens compared), `eval.json`, `eval.md` and `eval.png`.
 
 Training text: files given by path (`.txt`: paragraphs; `.jsonl`: `text`, `question` or
 `statement`), or by default the shared behaviour datasets' questions, chat-templated, each
@@ -182,10 +183,15 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     from actors.run_spec import check_cluster
 
     choice("lens", cfg.lens, ("tuned", "jacobian"))
+    if cfg.tuned_lens is not None and not (cfg.lens == "jacobian" and cfg.evaluate):
+        raise ConfigError(
+            f"tuned_lens={cfg.tuned_lens!r} is the tuned lens that lens=jacobian evaluate=true compares with: "
+            "give both, or drop it (lens=tuned evaluates its own translators)"
+        )
     if cfg.lens == "jacobian":
         from pipelines import jacobian_tune
 
-        return jacobian_tune.run(cfg, out_dir, training_sequences)
+        return jacobian_tune.run(cfg, out_dir, training_sequences, evaluate)
     if cfg.merge:
         raise ConfigError("merge=[...] merges Jacobian-lens fits: give lens=jacobian")
     validate_tune(cfg)
@@ -196,7 +202,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     if not (cfg.evaluate and translators.is_file() and not cfg.resume):
         result = train(cfg, out_dir, checkpoint)
     if cfg.evaluate:
-        result["evaluation"] = evaluate(cfg, out_dir, checkpoint)
+        result["evaluation"] = evaluate(cfg, out_dir, checkpoint, {"tuned": str(translators)})
     return result
 
 
@@ -273,29 +279,29 @@ def train(cfg: DictConfig, out_dir: Path, checkpoint) -> dict:
     return {"translators": str(path), "wall_s": wall, "tokens": tokens, "losses": losses}
 
 
-def evaluate(cfg: DictConfig, out_dir: Path, checkpoint) -> dict:
-    """Both lenses over the held-out documents (cut into `data.tokens`-token sequences, at most
+def evaluate(cfg: DictConfig, out_dir: Path, checkpoint, files: dict[str, str]) -> dict:
+    """The logit lens and the lenses of `files` ({"tuned": translators, "jacobian": J-lens file})
+    over the held-out documents (cut into `data.tokens`-token sequences, at most
     `data.heldout_sequences`): per layer, the mean KL to the final layer and the top-1 agreement
     with the final layer's top token. Writes heldout.zarr, eval.json, eval.md, eval.png."""
     from actors.run_spec import CaptureSettings, GenerationSettings
     from actors.sampling import SamplingSpec
     from actors.store import LensStore
+    from actors.vocabulary import LENSES
     from pipelines.prompts import special_ids
 
     tokenizer = checkpoint.tokenizer()
     d = cfg.data
-    heldout_path = out_dir / "heldout.json"
-    if not heldout_path.is_file():
-        raise ConfigError(f"evaluate=true: {out_dir} holds no trained tuned lens (no heldout.json): train first")
     eos, _ = special_ids(tokenizer, checkpoint.config())
-    seqs = sequences(tokenizer, json.loads(heldout_path.read_text()), d.tokens, eos[0] if eos else 0)
+    seqs = sequences(tokenizer, heldout_documents(cfg, out_dir, checkpoint), d.tokens, eos[0] if eos else 0)
     seqs = seqs[: d.heldout_sequences]
     if not seqs:
         raise ConfigError(f"data.tokens={d.tokens}: the held-out documents hold no sequence that long")
+    lenses = tuple(lens for lens in LENSES if lens == "logit" or lens in files)
     spec = run_spec(
         cfg, str(checkpoint.path), str(out_dir / "heldout.zarr"), "overwrite",
-        capture=CaptureSettings(layers=None, components=("resid_post",), k=1, window=d.tokens + 1,
-                                lenses=("logit", "tuned"), tuned_lens=str(out_dir / "translators.safetensors")),
+        capture=CaptureSettings(layers=None, components=("resid_post",), k=1, window=d.tokens + 1, lenses=lenses,
+                                tuned_lens=files.get("tuned"), jacobian_lens=files.get("jacobian")),
         generation=GenerationSettings(1, SamplingSpec(eos_token_ids=(), pad_token_id=0)),
         attrs={"model": {"name": cfg.model.name, "revision": cfg.model.revision}, "config": OmegaConf.to_container(cfg)},
     )  # fmt: skip
@@ -309,14 +315,25 @@ def evaluate(cfg: DictConfig, out_dir: Path, checkpoint) -> dict:
     return table
 
 
+def heldout_documents(cfg, out_dir: Path, checkpoint) -> list[str]:
+    """The run's held-out documents: heldout.json, written when the lens was trained or fitted
+    here; for a lens made elsewhere (a merge, a file put there), the split `data.*` makes, written
+    there now."""
+    path = out_dir / "heldout.json"
+    if not path.is_file():
+        training_sequences(cfg, out_dir, checkpoint)
+    return json.loads(path.read_text())
+
+
 def lens_agreement(store) -> dict:
     """Per captured layer (resid_post): mean KL(final || lens) in nats and the fraction of
-    positions whose lens top-1 is the final layer's top-1, for the logit and the tuned lens."""
+    positions whose lens top-1 is the final layer's top-1, for every lens the store records
+    (`{lens}_kl`, `{lens}_top1`; `lenses` lists them, the logit lens first)."""
     mask = store["lens_mask"]  # [row, position]
     ci = store.components.index("resid_post")
     final_top = store["topk_ids"][:, -1, ci, :, 0]  # the last layer's lens is the final distribution
-    table = {"layers": store.layers}
-    for lens in ("logit", "tuned"):
+    table = {"layers": store.layers, "lenses": store.lenses}
+    for lens in store.lenses:
         kl = store.field("kl_to_final", lens)[:, :, ci]  # [row, layer, position]
         top = store.field("topk_ids", lens)[:, :, ci, :, 0]
         table[f"{lens}_kl"] = [float(kl[:, li][mask].mean()) for li in range(len(store.layers))]
@@ -326,28 +343,33 @@ def lens_agreement(store) -> dict:
 
 
 def eval_markdown(t: dict) -> str:
+    """`lens_agreement`'s table in markdown: a KL column, then a top-1 column, per lens."""
+    lenses = t["lenses"]
+    columns = [f"{lens} KL" for lens in lenses] + [f"{lens} top-1" for lens in lenses]
     lines = [
         f"Held-out: {t['positions']} positions. KL(final || lens) in nats, and top-1 agreement with the final layer.",
         "",
-        "| layer | logit KL | tuned KL | logit top-1 | tuned top-1 |",
-        "|---:|---:|---:|---:|---:|",
+        "| layer | " + " | ".join(columns) + " |",
+        "|---:|" + "---:|" * len(columns),
     ]
     for i, layer in enumerate(t["layers"]):
-        lines.append(
-            f"| {layer} | {t['logit_kl'][i]:.3f} | {t['tuned_kl'][i]:.3f} | "
-            f"{t['logit_top1'][i]:.2f} | {t['tuned_top1'][i]:.2f} |"
-        )
+        cells = [f"{t[f'{lens}_kl'][i]:.3f}" for lens in lenses] + [f"{t[f'{lens}_top1'][i]:.2f}" for lens in lenses]
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+LENS_COLORS = {"logit": "tab:gray", "tuned": "tab:blue", "jacobian": "tab:orange"}
 
 
 def plot_evaluation(t: dict, path: Path, model: str) -> Path:
     from pipelines.plots import pyplot
 
+    lenses = t["lenses"]
     plt = pyplot()
     fig, (kl_ax, top_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for lens, color in (("logit", "tab:gray"), ("tuned", "tab:blue")):
-        kl_ax.plot(t["layers"], t[f"{lens}_kl"], marker="o", ms=3, color=color, label=f"{lens} lens")
-        top_ax.plot(t["layers"], t[f"{lens}_top1"], marker="o", ms=3, color=color, label=f"{lens} lens")
+    for lens in lenses:
+        kl_ax.plot(t["layers"], t[f"{lens}_kl"], marker="o", ms=3, color=LENS_COLORS[lens], label=f"{lens} lens")
+        top_ax.plot(t["layers"], t[f"{lens}_top1"], marker="o", ms=3, color=LENS_COLORS[lens], label=f"{lens} lens")
     kl_ax.set_yscale("symlog", linthresh=0.01)
     kl_ax.set_ylabel("KL(final || lens), nats (held-out mean)")
     top_ax.set_ylabel("top-1 agreement with the final layer")
@@ -355,7 +377,8 @@ def plot_evaluation(t: dict, path: Path, model: str) -> Path:
     for ax in (kl_ax, top_ax):
         ax.set_xlabel("layer (resid_post)")
         ax.legend(fontsize=8)
-    fig.suptitle(f"tuned vs logit lens on held-out text, {model} ({t['positions']} positions)", fontsize=9)
+    title = " vs ".join(reversed(lenses))
+    fig.suptitle(f"{title} lens on held-out text, {model} ({t['positions']} positions)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

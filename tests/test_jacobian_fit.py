@@ -30,8 +30,8 @@ def _sequences(vocab: int) -> list[list[int]]:
     return [rng.integers(3, vocab, size=n).tolist() for n in LENGTHS]
 
 
-def _reference(model, seqs) -> dict[int, torch.Tensor]:
-    """sum over sequences and p >= SKIP of sum over p' of d h_L[p'] / d h_l[p] (causal: p' >= p),
+def _reference(model, seqs, skip: int = SKIP) -> dict[int, torch.Tensor]:
+    """sum over sequences and p >= skip of sum over p' of d h_L[p'] / d h_l[p] (causal: p' >= p),
     one backward per sequence over d copies (copy i seeds output dim i at every position)."""
     d, n_layers = model.config.hidden_size, model.config.num_hidden_layers
     sums = {la: torch.zeros(d, d, dtype=torch.float64) for la in range(n_layers)}
@@ -46,7 +46,7 @@ def _reference(model, seqs) -> dict[int, torch.Tensor]:
                 h.remove()
             grads = torch.autograd.grad(outs[-1][torch.arange(d), :, torch.arange(d)].sum(), outs)
         for la in range(n_layers):
-            sums[la] += grads[la][:, SKIP:].double().sum(1)
+            sums[la] += grads[la][:, skip:].double().sum(1)
     return sums
 
 

@@ -2,8 +2,8 @@
 adds `jacobian_*` arrays equal to `lm_head(final_norm(J_l h))` computed here from the unsliced
 HF model's hidden states (two micro-batches, rows of different lengths, two stages, two
 families), the last layer's exactly the logit lens's; the store verifies, the notebook API and
-the viewer's lens selector offer it, bad files are refused in one line, and
-`pipelines.tune lens=jacobian evaluate=true`'s table equals a plain-torch KL and top-1 here.
+the viewer's lens selector offer it, and bad files are refused in one line
+(`pipelines.tune lens=jacobian evaluate=true`'s table: tests/test_jacobian_tune.py).
 The J-lens files are built here from matrices drawn here (actors/jacobian_lens.py), so these
 tests do not depend on the fitter."""
 
