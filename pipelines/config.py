@@ -210,6 +210,10 @@ class BenchConf:
     tune_steps: int = 3  # the tuned-lens training workload's optimizer steps (0 skips it)
     tune_batch: int = 4  # sequences per step
     tune_tokens: int = 128  # tokens per sequence
+    jacobian_sequences: int = 2  # the jacobian workload's sequences fitted on (one per micro-batch)
+    jacobian_tokens: int = 32  # tokens per sequence
+    jacobian_block: int = 64  # output dimensions per backward; must divide d_model
+    jacobian_skip: int = 8  # source positions before this one are left out
     peers: list[str] = field(default_factory=lambda: ["nnsight", "transformer_lens", "steering_vectors"])
     # which workloads run (each also skipped by its own settings); pipelines.bench.settings.WORKLOADS names them
     workloads: list[str] = field(

@@ -144,6 +144,51 @@ def test_bench_suite_runs_every_other_workload(tiny_with_tokenizer, tmp_path, mo
         assert (out / name).exists()
 
 
+def test_jacobian_workload_fits_alike_on_ray_stages_and_in_plain_torch(tiny_with_tokenizer, tmp_path, monkeypatch):
+    """The jacobian workload on a tiny model, each system in this process: rows for distlens's
+    fitter on 2 Ray stages and for plain torch on the unsliced model, over the same sequences;
+    the bench's plain-torch fit itself equals the autograd reference of tests/test_jacobian_fit.py,
+    and the two systems' fits agree."""
+    import torch
+    from test_jacobian_fit import _reference as autograd_sums
+
+    from actors.jacobian_lens import load_fit
+    from pipelines.bench import suite, worker
+    from tiny_models import load_reference
+
+    runs = {}
+
+    def measure(job, python=None):  # a job and its figures cross a JSON boundary, as between processes
+        runs[job["system"]] = json.loads(json.dumps(worker.run_job(json.loads(json.dumps(job)))))
+        return runs[job["system"]]
+
+    monkeypatch.setattr(suite, "measure", measure)
+    cfg = compose_bench(
+        tmp_path, f"model.name={tiny_with_tokenizer}", "workloads=[jacobian]", "jacobian_sequences=2",
+        "jacobian_tokens=8", "jacobian_block=8", "jacobian_skip=3",
+    )  # fmt: skip
+    out = tmp_path / "bench" / "b"
+    rows = {r["system"]: r for r in suite.run(cfg, out)}
+    assert set(rows) == {"jacobian_plain_torch", "jacobian_distlens_ray_2stage"}
+    assert all("error" not in r for r in rows.values()), rows
+    plain, ours = runs["jacobian_plain"], runs["jacobian_distlens"]
+    assert plain["sequences"] == ours["sequences"] and [len(s) for s in plain["sequences"]] == [8, 8]
+    model = load_reference(tiny_with_tokenizer)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    reference, fitted = autograd_sums(model, plain["sequences"], skip=3), load_fit(plain["fit_file"])
+    assert fitted.positions == 2 * (8 - 3) and fitted.layers == (0, 1)
+    for la, expected in reference.items():
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(fitted.sums[la].double(), expected, atol=1e-5 * scale, rtol=0)
+    row = rows["jacobian_distlens_ray_2stage"]
+    assert row["max_rel_difference"] < 1e-5 and row["vs_plain_torch"] > 0
+    assert row["largest_process_rss"] > 0 and row["peak_rss"] >= row["largest_process_rss"]
+    for r in rows.values():
+        assert r["output_dims_per_s"] == pytest.approx(32 * r["sequences_per_s"]) and r["T"] == 2
+    assert "| Jacobian-lens fit throughput >= 1x plain torch on the unsliced model" in (out / "table.md").read_text()
+
+
 def test_capture_rounds_take_turns_and_ratios_stay_within_a_round():
     """The capture workload's schedule and arithmetic on made-up figures: every system once
     per round, the order rotating by one; each ratio is of two figures from the same round."""
@@ -243,6 +288,8 @@ def test_like_for_like_names_where_a_peer_parted_and_targets_take_its_fastest_ag
         ("workloads=[plots]", "workloads='plots' is not valid: choose one of ['lens_floor', 'long', 'trajectory',"),
         ("workloads=[corpus] corpus_batch=0", "corpus_batch=0 is out of range: must be >= 1"),
         ("workloads=[corpus] data_root=/nonexistent", "workloads=[corpus]: /nonexistent holds no *.jsonl datasets"),
+        ("workloads=[jacobian] jacobian_block=5", "jacobian_block=5 does not divide d_model=32: choose a divisor"),
+        ("workloads=[jacobian] jacobian_skip=32", "jacobian_skip=32 leaves no source position in sequences of"),
         (
             "data_root=/nonexistent scaling_layers=[1]",
             "sweep_dataset='corrigible-neutral-HHH': /nonexistent/corrigible-neutral-HHH.jsonl",

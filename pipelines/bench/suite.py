@@ -1,7 +1,7 @@
 """The CPU suite: named workloads (trajectories of several lengths, the long trajectory, the
-scaling workloads, a steering sweep, a steering study, tuned-lens training, capture against
-plain generation in rounds) on named systems, each measurement in a fresh process; `workloads`
-picks which run.
+scaling workloads, a steering sweep, a steering study, tuned-lens training, Jacobian-lens
+fitting, capture against plain generation in rounds) on named systems, each measurement in a
+fresh process; `workloads` picks which run.
 Writes results.json / results.csv (one row per system x workload x size: median and min/max
 over repeats); the report is `report`'s."""
 
@@ -21,6 +21,7 @@ from pipelines.bench import peers
 from pipelines.bench.agreement import agreement, like_for_like, same_scores
 from pipelines.bench.capture import capture_rows
 from pipelines.bench.corpus_workload import corpus_rows
+from pipelines.bench.jacobian import jacobian_rows
 from pipelines.bench.report import report
 from pipelines.bench.settings import check, sweep_dataset_path
 from pipelines.bench.study import study_rows
@@ -30,7 +31,8 @@ from pipelines.bench.worker import measure
 METRICS = (
     "tokens_per_s", "wall_s", "peak_rss", "largest_process_rss", "bytes_written", "positions", "lens_ms_per_row",
     "gemm_gflops", "layers", "lens_share", "bytes_per_row", "compression", "lens_layers", "lens_components",
-    "rows_per_s", "rows", "generated_tokens", "row_steps", "useful_row_steps", "slot_occupancy",
+    "rows_per_s", "rows", "generated_tokens", "row_steps", "useful_row_steps", "slot_occupancy", "sequences_per_s",
+    "output_dims_per_s",
 )  # fmt: skip
 
 
@@ -57,7 +59,7 @@ def run(cfg, out_dir: Path) -> list[dict]:
     tokenizer = checkpoint.tokenizer()
     prompt = encode_prompt(tokenizer, cfg.prompt)
     hf = checkpoint.config()
-    check(cfg, hf.num_hidden_layers, len(prompt))
+    check(cfg, hf, len(prompt))
     scratch = out_dir / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     base = {"model_path": str(checkpoint.path), "prompt": prompt, "prompts": cfg.prompts, "scratch": str(scratch)}
@@ -85,6 +87,8 @@ def run(cfg, out_dir: Path) -> list[dict]:
             shown = f"error: {r['error']}"
         elif workload in ("sweep", "study"):
             shown = f"{r['wall_s']:.3f} s"
+        elif workload == "jacobian":
+            shown = f"{r['sequences_per_s']:.3f} sequences/s, {r['output_dims_per_s']:.0f} output dims/s"
         elif workload == "lens_floor":
             shown = f"{r['lens_ms_per_row']:.3f} ms per (position, layer); GEMM {r['gemm_gflops']:.0f} GFLOP/s"
         else:
@@ -128,6 +132,8 @@ def run(cfg, out_dir: Path) -> list[dict]:
         rows += study_rows(cfg, bench)
     if cfg.tune_steps and "tune" in chosen:
         rows += tune_rows(cfg, bench)
+    if "jacobian" in chosen:
+        rows += jacobian_rows(cfg, bench)
 
     def keep(so_far):
         """Every measurement of a workload in rounds as it is made: a run stopped in its rounds keeps them."""

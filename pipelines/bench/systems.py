@@ -146,6 +146,20 @@ def lens_floor(job: dict) -> dict:
     }  # fmt: skip
 
 
+def start_ray(stages: int) -> None:
+    """A Ray cluster of this process's own for `stages` stage actors (one CPU each) and the driver."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    ray.init(
+        address="local",  # a cluster of its own, never one `ray start` left up
+        num_cpus=max(2, stages + 1),
+        include_dashboard=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}},
+        log_to_driver=False,
+    )
+
+
 def distlens(job: dict) -> dict:
     """distlens: the staged pipeline (`executor`, `stages`), every layer's `resid_post` lens
     (or the job's `layers` and `components`; none with `no_capture`) at k=10, with its KL to the
@@ -156,17 +170,7 @@ def distlens(job: dict) -> dict:
 
     device = job.get("device", "cpu")
     if job["executor"] == "ray":
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        import ray
-
-        repo = str(Path(__file__).resolve().parents[2])
-        ray.init(
-            address="local",  # a cluster of its own, never one `ray start` left up
-            num_cpus=max(2, job["stages"] + 1),
-            include_dashboard=False,
-            runtime_env={"env_vars": {"PYTHONPATH": repo}},
-            log_to_driver=False,
-        )
+        start_ray(job["stages"])
     prompts = job.get("prompt_list") or [job["prompt"]] * job.get("prompts", 1)
     if job.get("warmup"):  # kernels and allocator; its stages' weights are gone before the measured run
         Coordinator(run_spec(job, len(prompts), 8)).run(prompts)

@@ -96,6 +96,7 @@ def check(rows: list[dict]) -> list[str]:
                 out.append(f"| faster than {p['system']} (T={t}; like for like: {agree}) | {ratio:.2f}x | {verdict} |")
             elif p.get("error"):
                 out.append(f"| faster than {peer} (T={t}) | did not run: {p['error']} | MISSED |")
+    out += jacobian_targets(rows)
     out += capture_targets(rows)
     out += corpus_targets(rows)
     cost = TARGETS["sweep_cost"]
@@ -215,3 +216,16 @@ def corpus_targets(rows: list[dict]) -> list[str]:
             f"{r[f'{name}_max']:.2f}) | {'met' if ratio >= want else 'MISSED'} |"
         )
     return out
+
+
+def jacobian_targets(rows: list[dict]) -> list[str]:
+    """The jacobian workload's ratio: distlens's fit throughput over plain torch's, same fit."""
+    r = next((x for x in rows if x["workload"] == "jacobian" and "vs_plain_torch" in x), None)
+    if r is None:
+        return []
+    want, ratio = TARGETS["jacobian_fit_vs_torch"], r["vs_plain_torch"]
+    return [
+        f"| Jacobian-lens fit throughput >= {want:g}x plain torch on the unsliced model in one process ({r['system']}; "
+        f"{r['fitted']}; the fits differ by {r['max_rel_difference']:.1e} of their scale) | {ratio:.2f}x "
+        f"| {'met' if ratio >= want else 'MISSED'} |"
+    ]

@@ -14,23 +14,27 @@ import torch
 
 
 def tune_sequences(job: dict) -> list[list[int]]:
-    """`steps * batch` sequences of `tokens` ids: the shared datasets' questions, in file order,
-    joined by the end-of-sequence id and cut."""
+    """`steps * batch` sequences of `tokens` ids (`question_sequences`)."""
+    return question_sequences(job["model"], job.get("data_root"), job["tokens"], job["steps"] * job["batch"], "tune")
+
+
+def question_sequences(model: str, data_root: str | None, tokens: int, need: int, workload: str) -> list[list[int]]:
+    """`need` sequences of `tokens` ids: the shared datasets' questions, in file order, joined by
+    the end-of-sequence id and cut (the text of the tune and jacobian workloads)."""
     from actors.checkpoint import resolve_checkpoint
     from pipelines.datasets import dataset_root
     from pipelines.prompts import special_ids
     from pipelines.tune import sequences
 
-    checkpoint = resolve_checkpoint(job["model"])
+    checkpoint = resolve_checkpoint(model)
     tokenizer = checkpoint.tokenizer()
     eos, _ = special_ids(tokenizer, checkpoint.config())
     docs = []
-    for path in sorted(dataset_root(job.get("data_root")).glob("*.jsonl")):
+    for path in sorted(dataset_root(data_root).glob("*.jsonl")):
         docs += [json.loads(line)["question"] for line in path.read_text().splitlines()[:50] if line.strip()]
-    need = job["steps"] * job["batch"]
-    seqs = sequences(tokenizer, docs, job["tokens"], eos[0] if eos else 0)
+    seqs = sequences(tokenizer, docs, tokens, eos[0] if eos else 0)
     if len(seqs) < need:
-        raise ValueError(f"tune workload: {len(seqs)} sequences of {job['tokens']} tokens, {need} needed")
+        raise ValueError(f"{workload} workload: {len(seqs)} sequences of {tokens} tokens, {need} needed")
     return seqs[:need]
 
 

@@ -31,7 +31,7 @@ def run_job(job: dict) -> dict:
     """The job's system run in this process (what the fresh process runs): its figures."""
     import torch
 
-    from pipelines.bench import corpus_workload, peers, study, systems, tune
+    from pipelines.bench import corpus_workload, jacobian, peers, study, systems, tune
 
     torch.manual_seed(0)
     return {
@@ -40,6 +40,8 @@ def run_job(job: dict) -> dict:
         "steer_study": study.steer_study,
         "tune_distlens": tune.tune_distlens,
         "tune_plain": tune.tune_plain,
+        "jacobian_distlens": jacobian.jacobian_distlens,
+        "jacobian_plain": jacobian.jacobian_plain,
         "distlens_corpus": corpus_workload.distlens_corpus,
         "hf_generate_corpus": corpus_workload.hf_generate_corpus,
     }[job["system"]](job)
