@@ -17,11 +17,11 @@ import numpy as np
 
 from actors import head_watch, storage_fs
 from actors.continuous import ContinuousBatches
-from actors.executor import ClusterError, LocalExecutor, RayExecutor
+from actors.executor import LocalExecutor, RayExecutor
 from actors.progress import StageStats, progress_bar
+from actors.recovery import StageRecovery
 from actors.run_spec import RunSpec, SettingError
 from actors.run_state import MicroBatch, RunState, plan_run, shared_columns, shared_stages
-from actors.stage import LostStateError
 from actors.stage_group import StageGroup
 
 log = logging.getLogger("distlens")
@@ -40,7 +40,7 @@ class Coordinator:
     def __init__(self, spec: RunSpec, executor=None):
         self.spec = spec
         self._given_executor = executor
-        self.restarts = 0
+        self.recovery = StageRecovery(spec.cluster)  # failures survived (`restarts`) and the rules
         self._current: RunState | None = None  # the run in progress (or the last one)
 
     @property
@@ -94,7 +94,7 @@ class Coordinator:
             t_loaded = time.perf_counter()
             generated = self._generate()
             summary = run.summary(
-                generated, t0, t_loaded, time.perf_counter(), self.restarts, spec.attrs.get("ray_cluster")
+                generated, t0, t_loaded, time.perf_counter(), self.recovery.restarts, spec.attrs.get("ray_cluster")
             )
             store.mark_complete(summary)
             n_new = summary["generated_tokens"]
@@ -126,7 +126,7 @@ class Coordinator:
                 ray_cluster = spec.attrs["ray_cluster"]
                 log.info("ray cluster: %s at %s", ray_cluster["kind"], ray_cluster["address"])
             self.loading()
-            self._setup()
+            self.recovery.setup(self.stages)
             run.tokenizer = _load_tokenizer(spec.model.path)  # before the clock starts: decoding is part of writing
             if run.tokenizer is None and any(end.stop for end in run.ends):
                 raise SettingError("generation.stop", f": stop strings need a tokenizer; {spec.model.path} has none")
@@ -218,19 +218,15 @@ class Coordinator:
 
     def _until_done(self, pending, advance, recover) -> None:
         """`advance()` while `pending()`; a lost stage (Ray) is recovered by `recover(err)`."""
-        spec = self.spec
         while pending():
             try:
                 advance()
             except Exception as err:
-                if not self._stage_lost(err):
+                if not self.recovery.lost(self.stages, err):
                     raise
-                if spec.cluster.tp_size > 1:
-                    raise ClusterError(
-                        f"a stage actor died and is not restarted (tp_size={spec.cluster.tp_size}: a tensor-parallel "
-                        "group cannot re-form mid-run); finished micro-batches are in the store: run again "
-                        "with resume=true"
-                    ) from err
+                self.recovery.refuse_under_tp(
+                    err, "", "finished micro-batches are in the store: run again with resume=true"
+                )
                 recover(err)
 
     def _advance(self, queue, inflight, generated) -> None:
@@ -278,54 +274,11 @@ class Coordinator:
                 mb.gen_len[i] = mb.steps
         return max(run.ends[r].budget for r in rows)
 
-    # -- stage failures -------------------------------------------------------------------------
-    def _stage_lost(self, err: Exception) -> bool:
-        """A stage actor died, or restarted and lost its state (Ray actors only)."""
-        if self.stages.executor.name != "ray":
-            return False
-        from ray.exceptions import RayActorError
-
-        return isinstance(err, RayActorError | LostStateError)
-
-    def _setup(self) -> None:
-        """Load every stage's weights; a stage actor lost while loading is restarted from the
-        same budget as one lost mid-run (`cluster.max_restarts`), or the run stops in one line."""
-        spec = self.spec
-        while True:
-            try:
-                self.stages.setup()
-                return
-            except Exception as err:
-                if not self._stage_lost(err):
-                    raise
-                if spec.cluster.tp_size > 1:
-                    raise ClusterError(
-                        f"a stage actor died while loading its weights and is not restarted (tp_size="
-                        f"{spec.cluster.tp_size}: a tensor-parallel group cannot re-form); run again"
-                    ) from err
-                self._count_failure(err, "while loading weights; loading again")
-                self._rejoin()
-
-    def _count_failure(self, err: Exception, doing: str) -> None:
-        """One more stage failure against `cluster.max_restarts`: logged, or the run stops."""
-        spec = self.spec
-        self.restarts += 1
-        reason = str(err).strip().splitlines()[0][:200]
-        log.warning("stage failure %d of at most %d (%s): %s", self.restarts, spec.cluster.max_restarts, doing, reason)
-        print(f"[distlens] a stage failed ({reason}); {doing}", file=sys.stderr)
-        if self.restarts > spec.cluster.max_restarts:
-            raise ClusterError(
-                f"stages failed {self.restarts} times (cluster.max_restarts={spec.cluster.max_restarts}); "
-                "finished micro-batches are in the store: run again with resume=true"
-            ) from err
-
+    # -- stage failures (the rules: actors/recovery.py) ------------------------------------------
     def _recover(self, err: Exception, queue: list, inflight: dict) -> None:
-        """Wait for every stage to answer again (Ray restarts a dead actor, which reloads its
-        weights), set them up, and re-run the micro-batches that were in flight from their
-        first step: finished micro-batches are in the store and are not touched."""
-        self._count_failure(err, f"re-running {len(inflight)} micro-batch(es)")
-        self._rejoin()
-        self._setup()
+        """Re-run the micro-batches that were in flight from their first step once every stage
+        answers again with its weights: finished micro-batches are in the store, untouched."""
+        self.recovery.recovered(self.stages, err, f"re-running {len(inflight)} micro-batch(es)")
         self._current.stats.forget()
         for mb in sorted(inflight.values(), key=lambda m: m.index, reverse=True):
             self._current.bar.update(-mb.counted)
@@ -337,33 +290,10 @@ class Coordinator:
     def _recover_lanes(self, err: Exception, batches: ContinuousBatches) -> None:
         """As `_recover`, for continuous batching: every row not yet complete runs again from
         its first step in fresh lanes; complete rows (written or waiting for their batch) stay."""
-        self._count_failure(err, "re-running the rows in flight")
-        self._rejoin()
-        self._setup()
+        self.recovery.recovered(self.stages, err, "re-running the rows in flight")
         self._current.stats.forget()
         batches.forget_in_flight()
         batches.open_lanes()
-
-    def _rejoin(self) -> None:
-        """Wait (bounded by `cluster.restart_timeout_s`) until every stage answers again: a
-        restarted actor whose node died waits for Ray to find it a node with room."""
-        spec = self.spec
-        deadline = time.monotonic() + spec.cluster.restart_timeout_s
-        while True:
-            try:
-                self.stages.rejoin(timeout=max(1.0, deadline - time.monotonic()))
-                break
-            except Exception as again:
-                if not (self._stage_lost(again) or isinstance(again, TimeoutError)):
-                    raise
-                if time.monotonic() > deadline:
-                    ex = self.stages.executor
-                    raise ClusterError(
-                        f"a lost stage did not come back within cluster.restart_timeout_s="
-                        f"{spec.cluster.restart_timeout_s:g}: it waited for a node with room for {ex.bundle} "
-                        f"(available now: {ex.available()}); add a node, then run again with resume=true"
-                    ) from again
-                time.sleep(0.2)
 
 
 def _load_tokenizer(path: str):

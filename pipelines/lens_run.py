@@ -30,11 +30,10 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
     staging directory when storage.root is a URL)."""
     from actors import storage_fs
     from actors.checkpoint import resolve_checkpoint
-    from actors.run_spec import GenerationSettings, SteeringSettings, check_cluster, check_run, fingerprint
+    from actors.run_spec import GenerationSettings, SteeringSettings, check_cluster, check_run
     from actors.sampling import SamplingSpec
     from actors.store import LensStore
     from pipelines.config import cluster_settings, model_checks, run_spec, validate
-    from pipelines.heatmap import write_heatmap
     from pipelines.prompts import special_ids
     from pipelines.run_dir import run_location
 
@@ -48,30 +47,7 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
     eos, pad = special_ids(tokenizer, hf_config)
     steering, coefficients = steering_edits(cfg, hf_config)
     g, c = cfg.generation, cfg.cluster
-    results_cfg = OmegaConf.to_container(cfg, resolve=True)
-    # What determines the numbers: not where they are stored or how the stages are spread.
-    determining = {k: results_cfg[k] for k in ("model", "capture", "generation", "prompts", "steer")}
-    if cfg.corpus.path is not None:  # its identity (path, rows, content hash), never its rows
-        determining["corpus"] = given.identity
-    # How rows share micro-batches does not change a row's numbers (a run may resume either way).
-    determining["generation"] = {k: v for k, v in determining["generation"].items() if k != "batching"}
-    if cfg.steer.vector:  # the vector's bytes, not just its path
-        import hashlib
-
-        determining["steer_vector_sha256"] = hashlib.sha256(Path(cfg.steer.vector).read_bytes()).hexdigest()
-    fp = fingerprint(determining)
-    attrs = {
-        "model": {
-            "name": cfg.model.name,
-            "source": checkpoint.source,
-            "revision": cfg.model.revision,
-            "path": str(checkpoint.path),
-        },
-        "config": results_cfg,
-        "fingerprint": fp,
-        **({"corpus": given.identity} if cfg.corpus.path is not None else {}),
-        **session.run_info(),
-    }
+    attrs = store_attrs(cfg, checkpoint, given)
     existing = "resume" if cfg.resume else "overwrite" if cfg.overwrite else "refuse"
     spec = run_spec(
         cfg, str(checkpoint.path), str(storage_fs.join(where, "lens.zarr")), existing, attrs=attrs,
@@ -89,9 +65,46 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
     stops = None if given.rows is None else given.rows.stops()  # a corpus row's own max_new_tokens and stop
     summary = session.run_coordinator(spec, prompts, given.texts, stops=stops)  # in this process: pipelines/session.py
     store = LensStore.open(storage_fs.join(where, "lens.zarr"))
+    summary["plots"] = write_heatmaps(cfg, store, tokenizer, out_dir, where)  # a URL root's: once uploaded
+    print_summary(store, tokenizer, summary, rows=None if cfg.corpus.path is None else cfg.plot.max_prompts)
+    return summary
+
+
+def store_attrs(cfg, checkpoint, given) -> dict:
+    """The store's attributes: the model, the whole config, and the fingerprint of what
+    determines the numbers (not where they are stored or how the stages are spread)."""
+    from actors.run_spec import fingerprint
+
+    results_cfg = OmegaConf.to_container(cfg, resolve=True)
+    determining = {k: results_cfg[k] for k in ("model", "capture", "generation", "prompts", "steer")}
+    if cfg.corpus.path is not None:  # its identity (path, rows, content hash), never its rows
+        determining["corpus"] = given.identity
+    # How rows share micro-batches does not change a row's numbers (a run may resume either way).
+    determining["generation"] = {k: v for k, v in determining["generation"].items() if k != "batching"}
+    if cfg.steer.vector:  # the vector's bytes, not just its path
+        import hashlib
+
+        determining["steer_vector_sha256"] = hashlib.sha256(Path(cfg.steer.vector).read_bytes()).hexdigest()
+    model = {"name": cfg.model.name, "source": checkpoint.source, "revision": cfg.model.revision,
+             "path": str(checkpoint.path)}  # fmt: skip
+    return {
+        "model": model,
+        "config": results_cfg,
+        "fingerprint": fingerprint(determining),
+        **({"corpus": given.identity} if cfg.corpus.path is not None else {}),
+        **session.run_info(),
+    }
+
+
+def write_heatmaps(cfg, store, tokenizer, out_dir: Path, where) -> list[str]:
+    """One heatmap per prompt (the first `plot.max_prompts`) and lens, heatmap_prompt0.png
+    (logit), heatmap_prompt0_tuned.png, ..., replacing a replaced run's; their final places."""
+    from actors import storage_fs
+    from pipelines.heatmap import write_heatmap
+
     for old in {*out_dir.glob("heatmap_prompt*.png"), *storage_fs.glob(where, "heatmap_prompt*.png")}:
         storage_fs.remove(old)  # a replaced run's, maybe of more prompts
-    plots = [  # one per prompt and lens: heatmap_prompt0.png (logit), heatmap_prompt0_tuned.png
+    plots = [
         write_heatmap(
             store,
             i,
@@ -103,9 +116,7 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
         for i in range(min(cfg.plot.max_prompts, store.group["tokens"].shape[0]))
         for lens in store.lenses
     ]
-    summary["plots"] = [str(storage_fs.join(where, p.name)) for p in plots]  # a URL root's: once uploaded
-    print_summary(store, tokenizer, summary, rows=None if cfg.corpus.path is None else cfg.plot.max_prompts)
-    return summary
+    return [str(storage_fs.join(where, p.name)) for p in plots]
 
 
 def prompt_rows(cfg, tokenizer):

@@ -1,7 +1,7 @@
 """The drivers' import rule, read from the source with ast (every import, also those inside
 functions): the five drivers (pipelines.lens, steer, tune, demo and distlens.api) import none
 of each other, each runs through pipelines.session, and the modules under pipelines/ (outside
-pipelines/bench) import each other without a cycle."""
+pipelines/bench) import each other without a cycle; and the size rules (classes, functions)."""
 
 from __future__ import annotations
 
@@ -75,3 +75,18 @@ def test_the_modules_under_pipelines_import_each_other_without_a_cycle():
     for name in sorted(graph):
         if name not in state:
             visit(name, [name])
+
+
+def test_rooms_stay_small_enough_to_read():
+    """The house's size rules, read with ast: StageWorker and Coordinator under 300 lines each,
+    and no function in actors/, pipelines/ (outside pipelines/bench/) or distlens/ over 80."""
+    long, classes = [], {}
+    for path in sorted([*REPO.glob("actors/*.py"), *REPO.glob("pipelines/*.py"), *REPO.glob("distlens/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            lines = getattr(node, "end_lineno", 0) - getattr(node, "lineno", 0) + 1
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and lines > 80:
+                long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
+            if isinstance(node, ast.ClassDef) and node.name in ("StageWorker", "Coordinator"):
+                classes[node.name] = lines
+    assert not long, long
+    assert set(classes) == {"StageWorker", "Coordinator"} and max(classes.values()) < 300, classes
