@@ -40,6 +40,46 @@ def run_driver(
     )
 
 
+def run_here(module: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m <module> overrides...` run in this test process (`runpy`, as `__main__`, with
+    this argv and working directory), for runs a driver refuses before any compute and before
+    Ray: the same code from the command line on, the exit code its `SystemExit` carries (1 and
+    the traceback for any other exception, as Python's), stdout and stderr captured. Logging
+    handlers the run configured (Hydra's) are closed and the process's own put back."""
+    import contextlib
+    import io
+    import logging
+    import runpy
+    import traceback
+
+    from actors import head_watch
+
+    out, err = io.StringIO(), io.StringIO()
+    argv, here, watched = sys.argv, os.getcwd(), head_watch._enabled
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    code = 0
+    try:
+        sys.argv = [module, *overrides]
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv, head_watch._enabled = argv, watched
+        os.chdir(here)
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:], root.level = handlers, level
+    return subprocess.CompletedProcess([sys.executable, "-m", module, *overrides], code, out.getvalue(), err.getvalue())
+
+
 def _environment(of: dict | None = None) -> dict:
     """A driver's variables: this process's (or `of`), this checkout first on the path, loopback Ray."""
     env = dict(os.environ if of is None else of, PYTHONPATH=str(REPO), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
