@@ -89,7 +89,7 @@ class JacobianCoordinator:
                 seen += len(done_rows)
                 bar.update(1)
                 wall = max(time.perf_counter() - started, 1e-9)
-                bar.set_postfix_str(f"{seen / wall:.2f} seq/s, {seen * self.d_model / wall:.0f} output dims/s")
+                bar.set_postfix_str(f"{seen / wall:.3g} seq/s, {seen * self.d_model / wall:.0f} output dims/s")
             if checkpoint or last:
                 fit = self._collect(fit)
             if checkpoint:

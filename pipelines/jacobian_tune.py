@@ -150,7 +150,7 @@ def fit(cfg, out_dir: Path, checkpoint, seqs: list[list[int]]) -> dict:
     n_new = len(seqs) - first * j.batch
     print(
         f"jacobian lens: {path} ({result.sequences} sequences, {result.tokens} tokens, {result.positions} source "
-        f"positions; this run {n_new} sequences in {wall:.0f} s, {n_new / max(wall, 1e-9):.2f} seq/s, "
+        f"positions; this run {n_new} sequences in {wall:.0f} s, {n_new / max(wall, 1e-9):.3g} seq/s, "
         f"{n_new * result.d_model / max(wall, 1e-9):.0f} output dims/s)"
     )
     return {"jacobian_lens": str(path), "wall_s": wall, "sequences": result.sequences, "tokens": result.tokens}
