@@ -82,6 +82,7 @@ class ContinuousBatches:
             if run.ended(row, rec.generated):
                 ended.append(row)
                 run.bar.update(run.ends[row].budget - len(rec.generated))
+                run.stats.rows_done += 1
         run.stats.tick()
         self.coordinator.stepped(lane.index, lane.steps)
         free = self.size - (len(lane.rows) - len(ended))
@@ -94,6 +95,7 @@ class ContinuousBatches:
         """After a stage failure: every row not yet complete goes back to the front of the queue,
         to run again from its first step; returns how many rows that is."""
         again = sorted({r for lane in self.lanes.values() for r in (*lane.rows, *lane.evicted)})
+        self.run.stats.rows_done -= sum(len(lane.evicted) for lane in self.lanes.values())  # ended, run again
         for row in again:
             self.run.bar.update(-len(self.rows.pop(row).generated))
         self.queue.extendleft(reversed(again))

@@ -192,7 +192,8 @@ class Coordinator:
         spec, run = self.spec, self._current
         budget = sum(run.ends[r].budget for mb in run.todo for r in range(mb.rows.start, mb.rows.stop))
         run.bar = progress_bar(budget, self.DESC, spec.progress)
-        run.stats = StageStats(run.stages, run.bar, self.DESC)
+        rows = sum(mb.rows.stop - mb.rows.start for mb in run.todo)
+        run.stats = StageStats(run.stages, run.bar, self.DESC, rows_total=rows)
         if spec.generation.batching == "continuous":
             batches = ContinuousBatches(self, run)
             batches.open_lanes()
@@ -256,6 +257,7 @@ class Coordinator:
             return
         bar.update(budget - mb.counted)
         mb.counted = budget
+        stats.rows_done += mb.rows.stop - mb.rows.start
         mb.calls += self.stages.finish(mb.index, mb.last)
         generated.update(run.write(mb, self.stages.collect(mb.calls), spec.generation))
         del inflight[mb.index]

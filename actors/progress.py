@@ -23,12 +23,15 @@ def progress_bar(total: int, desc: str, enabled: bool):
 
 
 class StageStats:
-    """Per-stage throughput for the progress bar and the run log: every few seconds each stage
-    is asked (without waiting) for its busy time and tokens processed."""
+    """Per-stage throughput and rows done for the progress bar and the run log: every few
+    seconds each stage is asked (without waiting) for its busy time and tokens processed; the
+    coordinator counts rows whose generation has ended (`rows_done` of `rows_total`; the bar
+    itself counts tokens, so its rate is tokens/s and its ETA the run's)."""
 
-    def __init__(self, stages, bar, desc: str, every_s: float = 2.0):
+    def __init__(self, stages, bar, desc: str, every_s: float = 2.0, rows_total: int = 0):
         self.stages, self.bar, self.desc, self.every_s = stages, bar, desc, every_s
         self.last_poll, self.pending, self.rates, self.losses = 0.0, None, {}, {}
+        self.rows_done, self.rows_total = 0, rows_total
 
     def tick(self) -> None:
         ex = self.stages.executor
@@ -39,9 +42,9 @@ class StageStats:
                 if "loss" in stats:  # tuned-lens training: each stage's last step
                     self.losses[stats["stage"]] = stats["loss"]
             self.pending = None
-            if self.rates and hasattr(self.bar, "set_postfix_str"):
+            if hasattr(self.bar, "set_postfix_str"):
                 self.bar.set_postfix_str(self.text().strip(" ,;"), refresh=False)
-            elif self.rates and hasattr(self.bar, "set_description"):  # Ray's tqdm (coordinator in an actor)
+            elif hasattr(self.bar, "set_description"):  # Ray's tqdm (coordinator in an actor)
                 self.bar.set_description(self.desc + self.text())
         if self.pending is None and time.monotonic() - self.last_poll > self.every_s:
             self.last_poll = time.monotonic()
@@ -52,9 +55,10 @@ class StageStats:
         self.pending = None
 
     def text(self) -> str:
+        text = f"; rows {self.rows_done}/{self.rows_total} done" if self.rows_total else ""
         if not self.rates:
-            return ""
-        text = "; stage tokens/s " + " ".join(f"s{k}={v:.0f}" for k, v in sorted(self.rates.items()))
+            return text
+        text += "; stage tokens/s " + " ".join(f"s{k}={v:.0f}" for k, v in sorted(self.rates.items()))
         if self.losses:
             text += "; KL loss " + " ".join(f"s{k}={v:.3f}" for k, v in sorted(self.losses.items()))
         return text

@@ -347,6 +347,9 @@ def test_stage_actor_killed_mid_run_reruns_the_rows_in_flight(ray_cluster, llama
     assert_stores_equal(killed, reference)
     done = Counter(r["batch"] for r in killed.write_log() if r["event"] == "done")
     assert sorted(done) == list(range(5)) and set(done.values()) == {1}
+    # the progress count: rows that had ended but ran again after the kill are not counted twice
+    written = [line for line in (tmp_path / "run.log").read_text().splitlines() if " written: rows " in line]
+    assert f"; rows {len(PROMPTS)}/{len(PROMPTS)} done" in written[-1], written[-1]
 
 
 def test_tuned_lens_and_scores_write_the_static_store(tiny_checkpoints, tmp_path):

@@ -72,6 +72,8 @@ def test_stage_actor_killed_mid_run_is_restarted_and_the_store_equals_an_uninter
     np.testing.assert_array_equal(killed["coefficient"], reference["coefficient"])
     begun = _assert_each_batch_written_once(killed)
     assert set(begun.values()) == {1}  # micro-batch 0 was finished before the kill: not recomputed
+    written = [line for line in (tmp_path / "run.log").read_text().splitlines() if " written: rows " in line]
+    assert f"; rows {len(PROMPTS)}/{len(PROMPTS)} done" in written[-1], written[-1]  # each row counted once
     # the restarted stage reloaded its weights in a new process
     assert summary["stage_info"][1]["pid"] not in (coordinator.killed, summary["stage_info"][0]["pid"])
 
