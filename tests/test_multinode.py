@@ -65,16 +65,26 @@ def _spec(path, store_path, **cluster):
 
 class RemoveNode(Coordinator):
     """Kill (no graceful shutdown) every process of the node holding stage 1 once micro-batch 2
-    has made 2 steps: batch 0 is written by then, batches 1 and 2 are in flight."""
+    has made 2 steps: batch 0 is written by then, batches 1 and 2 are in flight. Returns once
+    stage 1's process is gone: a raylet's workers end some time after it is killed, and a run
+    whose last steps finished first would meet the loss only in its summary."""
 
     cluster = None
     removed = None
 
     def stepped(self, mb, steps):
         if self.removed is None and (mb, steps) == (2, 2):
+            import psutil
+
             self.removed = next(i["node_id"] for i in self.stages.info() if i["stage"] == 1)
+            stage = psutil.Process(self.stages.pid(1))
             node = next(n for n in self.cluster.list_all_nodes() if n.node_id == self.removed)
             self.cluster.remove_node(node, allow_graceful=False)
+            try:
+                stage.wait(timeout=60)
+            except psutil.TimeoutExpired:
+                stage.kill()  # its node is gone: what is left of it goes too
+                stage.wait(timeout=10)
 
 
 def _nodes(summary) -> list[str]:
