@@ -225,9 +225,7 @@ class Coordinator:
             except Exception as err:
                 if not self.recovery.lost(self.stages, err):
                     raise
-                self.recovery.refuse_under_tp(
-                    err, "", "finished micro-batches are in the store: run again with resume=true"
-                )
+                self.recovery.refuse_under_tp(err, loading=False)
                 recover(err)
 
     def _advance(self, queue, inflight, generated) -> None:

@@ -32,12 +32,18 @@ class StageRecovery:
 
         return isinstance(err, RayActorError | LostStateError)
 
-    def refuse_under_tp(self, err: Exception, when: str, then: str) -> None:
+    def refuse_under_tp(self, err: Exception, loading: bool) -> None:
         """A tensor-parallel group cannot re-form: a lost rank ends the run in one line."""
-        if self.cluster.tp_size > 1:
+        tp = self.cluster.tp_size
+        if tp > 1 and loading:
             raise ClusterError(
-                f"a stage actor died {when}and is not restarted (tp_size={self.cluster.tp_size}: a tensor-parallel "
-                f"group cannot re-form{'' if when else ' mid-run'}); {then}"
+                f"a stage actor died while loading its weights and is not restarted (tp_size={tp}: a "
+                "tensor-parallel group cannot re-form); run again"
+            ) from err
+        if tp > 1:
+            raise ClusterError(
+                f"a stage actor died and is not restarted (tp_size={tp}: a tensor-parallel group cannot re-form "
+                "mid-run); finished micro-batches are in the store: run again with resume=true"
             ) from err
 
     def setup(self, stages: StageGroup) -> None:
@@ -50,7 +56,7 @@ class StageRecovery:
             except Exception as err:
                 if not self.lost(stages, err):
                     raise
-                self.refuse_under_tp(err, "while loading its weights ", "run again")
+                self.refuse_under_tp(err, loading=True)
                 self.count(err, "while loading weights; loading again")
                 self.rejoin(stages)
 
