@@ -88,8 +88,14 @@ def _environment(of: dict | None = None) -> dict:
 
 
 def _read_late(name: str) -> bool:
-    """Variables read when a driver uses them, not when torch, Ray or transformers import."""
-    return name in ("RAY_ADDRESS", "PYTEST_CURRENT_TEST") or name.startswith(("AWS_", "DISTLENS_"))
+    """Variables read when a driver uses them, not when the zygote's libraries import (it never
+    imports Ray). Some are set in the test process by what it runs, for good, and made every later
+    driver of that process a fresh Python (seconds of imports each): the first `ray.init` sets
+    RAY_AUTH_MODE, RAY_CLIENT_MODE, RAY_USAGE_STATS_ENABLED and PYTHONBREAKPOINT; torch's inductor
+    sets TORCHINDUCTOR_CACHE_DIR (read when it compiles); DeepSpeed's import sets
+    PYTORCH_NVML_BASED_CUDA_CHECK (the zygote's own import of it sets the same)."""
+    late = ("PYTEST_CURRENT_TEST", "PYTHONBREAKPOINT", "TORCHINDUCTOR_CACHE_DIR", "PYTORCH_NVML_BASED_CUDA_CHECK")
+    return name in late or name.startswith(("RAY_", "AWS_", "DISTLENS_"))
 
 
 class _Zygote:
