@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from actors.stage import StageSpec, StageWorker
+from actors.stage import StageSpec, StageWorker, tp_place
 
 
 class ClusterError(RuntimeError):
@@ -46,8 +46,11 @@ class LocalExecutor:
 
 class RayExecutor:
     """Stage actors in one placement group. With `persistent=True` the actors outlive a run
-    and later runs with no more stages (and tp_size 1) reuse them: each worker reloads only
-    its new slice, skipping process start-up and imports (seconds per actor)."""
+    and later runs with no more ranks reuse them: each worker reloads only its new slice,
+    skipping process start-up and imports (seconds per actor). A tensor-parallel rank keeps its
+    process group, so a run reuses the pool only where each rank it needs sits in the same
+    (stage, rank, tp_size) place as when the pool was made (any model; tp_size 1 ranks anywhere
+    outside a group)."""
 
     name = "ray"
 
@@ -68,6 +71,7 @@ class RayExecutor:
         self.placement = placement  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (Ray's strategies)
         self._pg = None
         self._actors = []
+        self._places: list[tuple] = []  # each actor's tensor-parallel place when it was made
 
     @classmethod
     def for_cluster(cls, cluster, persistent: bool = False) -> RayExecutor:
@@ -88,7 +92,7 @@ class RayExecutor:
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        if self.persistent and len(self._actors) >= len(specs) and all(s.tp_size == 1 for s in specs):
+        if self.persistent and self._fits(specs):
             actors = self._actors[: len(specs)]
             ray.get([a.configure.remote(spec) for a, spec in zip(actors, specs)])
             return actors
@@ -113,6 +117,7 @@ class RayExecutor:
                 f"{self.placement_timeout_s:.0f}s (placement {self.placement}); available: {ray.available_resources()}. "
                 "Lower num_stages/tp_size or cluster.cpus_per_stage/gpus_per_stage, or add nodes."
             )
+        self._places = [tp_place(spec) for spec in specs]
         remote_cls = ray.remote(StageWorker)
         self._actors = [
             remote_cls.options(
@@ -124,6 +129,13 @@ class RayExecutor:
             for i, spec in enumerate(specs)
         ]
         return self._actors
+
+    def _fits(self, specs: list[StageSpec]) -> bool:
+        """Whether the pooled actors can run `specs`: enough of them, each in the same
+        tensor-parallel place (actors.stage.StageWorker.configure keeps a rank's group)."""
+        return len(self._actors) >= len(specs) and all(
+            tp_place(spec) == place for spec, place in zip(specs, self._places)
+        )
 
     def call(self, worker, method, *args, num_returns: int = 1):
         return getattr(worker, method.__name__).options(num_returns=num_returns).remote(*args)

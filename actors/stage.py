@@ -154,8 +154,11 @@ class StageWorker(LaneStage, JacobianStage):
         unchanged (only hooks for capture and steering are rebuilt by `setup`), and otherwise
         loads the new slice: another run or split without a new process."""
         old = getattr(self, "spec", None)
-        if old is not None and spec.tp_size > 1:
-            raise ValueError("a pooled worker cannot join a new tensor-parallel group; create fresh workers")
+        if old is not None and tp_place(old) != tp_place(spec):
+            raise ValueError(
+                f"a pooled worker in tensor-parallel place {tp_place(old)} (stage, rank, size) cannot take place "
+                f"{tp_place(spec)}: its process group is fixed; create fresh workers"
+            )
         same_slice = old is not None and hasattr(self, "engine") and _slice_key(old) == _slice_key(spec)
         self._loaded = same_slice
         self.spec = spec
@@ -238,7 +241,7 @@ class StageWorker(LaneStage, JacobianStage):
         spec = self.spec
         self.loads = getattr(self, "loads", 0) + 1
         self.device = torch.device(spec.device)
-        if spec.tp_size > 1:
+        if spec.tp_size > 1 and not torch.distributed.is_initialized():  # a pooled rank is in its group already
             from actors.distributed import init_stage_group
 
             backend = "nccl" if self.device.type == "cuda" else "gloo"
@@ -452,6 +455,11 @@ def _next_tokens(lens: LogitLens, hidden: torch.Tensor, state: _BatchState, spec
     if spec.score_ids:  # a few chosen logits (e.g. answer letters), never the vocabulary
         out["scores"] = logits[:, list(spec.score_ids)].float().cpu().numpy()
     return out
+
+
+def tp_place(spec: StageSpec) -> tuple:
+    """Where a rank sits in its stage's tensor-parallel world; tp_size 1 sits in none."""
+    return (spec.stage, spec.tp_rank, spec.tp_size) if spec.tp_size > 1 else (None, 0, 1)
 
 
 def _slice_key(spec: StageSpec) -> tuple:

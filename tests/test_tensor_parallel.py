@@ -81,17 +81,30 @@ def _assert_tp_store_equal(tp2, tp1) -> None:
     assert (np.abs(tp2["target_rank"].astype(int) - tp1["target_rank"]) <= 1).all()
 
 
+@pytest.fixture(scope="module")
+def tp_pool(ray_cluster):
+    """Two stages of two tensor-parallel ranks, made by llama's run (the first) and reused by every
+    family's: each rank keeps its process group and loads the next model's slice."""
+    from actors.executor import RayExecutor
+
+    pool = RayExecutor(cpus_per_stage=1, persistent=True)
+    yield pool
+    pool.close()
+
+
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gpt2"])
-def test_tp2_equals_tp1_and_unsliced(family, ray_cluster, tiny_checkpoints, tmp_path):
-    """Every component captured, two micro-batches; llama on 2 stages (4 ranks), the others on 1."""
+def test_tp2_equals_tp1_and_unsliced(family, tp_pool, tiny_checkpoints, tmp_path):
+    """Every component captured, two micro-batches; llama on 2 stages (4 ranks), the others on 1
+    (the pool's first two ranks, loading another family's weights in the same process group)."""
     path = tiny_checkpoints[family]
     num_stages = 2 if family == "llama" else 1
     model = load_reference(path)
     comps = ("resid_post", "attn_out", "mlp_out", "attn_in", "mlp_in")
     common = dict(num_stages=num_stages, components=comps, micro_batch_size=2)
     _, tp1 = run_lens(path, tmp_path / "tp1.zarr", **common)
-    summary, tp2 = run_lens(path, tmp_path / "tp2.zarr", tp_size=2, executor="ray", **common)
+    summary, tp2 = run_lens(path, tmp_path / "tp2.zarr", tp_size=2, executor="ray", executor_pool=tp_pool, **common)
     assert len(summary["stage_info"]) == 2 * num_stages
+    assert [info["tp_rank"] for info in summary["stage_info"]] == [0, 1] * num_stages
     _assert_tp_store_equal(tp2, tp1)
     if family in ("llama", "gemma2"):  # the vocab-sharded KL merge against the unsliced model
         assert assert_kl_to_final_matches_hf(model, tp2) > 0
