@@ -29,17 +29,35 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
+    """This test process's own Ray cluster, started by the first module that asks and kept for the
+    next (a start is ~11 CPU-seconds of Ray's processes); a module that connects this process to
+    another cluster (test_multinode.py) shuts it down first, and the next module starts a new one.
+    Each module's actors and placement groups are its own to release (its pools' fixtures)."""
     import ray
 
-    ray.init(
-        address="local",  # a cluster of its own, never one another test (or `ray start`) left up
-        num_cpus=8,  # logical CPUs: 4 stages plus a coordinator on this 2-core machine
-        include_dashboard=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
-        log_to_driver=False,
-    )
+    if not ray.is_initialized():
+        ray.init(
+            address="local",  # a cluster of its own, never one another test (or `ray start`) left up
+            num_cpus=8,  # logical CPUs: 4 stages plus a coordinator on this 2-core machine
+            include_dashboard=False,
+            runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+            log_to_driver=False,
+        )
     yield ray
-    ray.shutdown()
+    import time
+
+    for _ in range(100):  # released actors free their CPUs within moments
+        if ray.available_resources().get("CPU") == 8:
+            return
+        time.sleep(0.2)
+    raise AssertionError(
+        f"a module left Ray resources held (the next module shares this cluster): {ray.available_resources()}"
+    )
+
+
+def pytest_sessionfinish(session):
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -115,8 +133,8 @@ LONGEST_FIRST = ("test_fault_tolerance.py", "test_multinode.py", "test_tensor_pa
 # (pyproject's `--dist loadgroup`). Every other test goes to whichever process is free, so a
 # file of many independent tests spreads over all of them (a module's Ray cluster then starts
 # in each process that runs one of its tests: seconds, against minutes of tests).
-KEPT_TOGETHER = {"test_dataset_formats.py", "test_model_families.py", "test_object_storage.py",
-                 "test_ray_executor.py", "test_staged_equals_unsliced.py", "test_viewer.py"}  # fmt: skip
+KEPT_TOGETHER = {"test_continuous_batching.py", "test_dataset_formats.py", "test_model_families.py", "test_object_storage.py",
+                 "test_ray_executor.py", "test_staged_equals_unsliced.py", "test_tensor_parallel.py", "test_viewer.py"}  # fmt: skip
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups

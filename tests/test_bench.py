@@ -149,6 +149,7 @@ def test_jacobian_workload_fits_alike_on_ray_stages_and_in_plain_torch(tiny_with
     fitter on 2 Ray stages and for plain torch on the unsliced model, over the same sequences;
     the bench's plain-torch fit itself equals the autograd reference of tests/test_jacobian_fit.py,
     and the two systems' fits agree."""
+    import ray
     import torch
     from test_jacobian_fit import _reference as autograd_sums
 
@@ -156,6 +157,7 @@ def test_jacobian_workload_fits_alike_on_ray_stages_and_in_plain_torch(tiny_with
     from pipelines.bench import suite, worker
     from tiny_models import load_reference
 
+    ray.shutdown()  # the workload starts a cluster of its own, as in its fresh process (conftest's ray_cluster may be up)
     runs = {}
 
     def measure(job, python=None):  # a job and its figures cross a JSON boundary, as between processes
@@ -287,6 +289,7 @@ def test_like_for_like_names_where_a_peer_parted_and_targets_take_its_fastest_ag
         ("long_size=2", "long_size=2 is out of range: positions must exceed the prompt's"),
         ("workloads=[plots]", "workloads='plots' is not valid: choose one of ['lens_floor', 'long', 'trajectory',"),
         ("workloads=[corpus] corpus_batch=0", "corpus_batch=0 is out of range: must be >= 1"),
+        ("workloads=[corpus] corpus_layers=[2]", "corpus_layers=2 is out of range: layers are 0..1"),
         ("workloads=[corpus] data_root=/nonexistent", "workloads=[corpus]: /nonexistent holds no *.jsonl datasets"),
         ("workloads=[jacobian] jacobian_block=5", "jacobian_block=5 does not divide d_model=32: choose a divisor"),
         ("workloads=[jacobian] jacobian_skip=32", "jacobian_skip=32 leaves no source position in sequences of"),
@@ -373,9 +376,10 @@ def test_corpus_workload_rows_come_from_its_runs_and_hf_generate_agrees(tiny_wit
     probe = dict(model_path=str(tiny_with_tokenizer), corpus=str(corpus), T=t, micro_batch_size=2, eos_token_ids=[])
     free = corpus_workload.hf_generate_corpus(probe)["generated"]  # no EOS: every row T tokens
     eos = [free[0][2], free[1][4]]  # row 0 ends by step 3, row 1 by step 5; the others where they meet one
-    runs = {}
+    runs, layers = {}, {}
 
     def measure(job, python=None):  # a job and its figures cross a JSON boundary, as between processes
+        layers[job["system"], job.get("batching"), job.get("no_capture", False)] = job.get("layers")
         got = json.loads(json.dumps(worker.run_job(json.loads(json.dumps({**job, "eos_token_ids": eos})))))
         label = max((k for k, v in corpus_workload.SYSTEMS.items() if v.items() <= job.items()),
                     key=lambda k: len(corpus_workload.SYSTEMS[k]))  # fmt: skip
@@ -385,10 +389,13 @@ def test_corpus_workload_rows_come_from_its_runs_and_hf_generate_agrees(tiny_wit
     monkeypatch.setattr(suite, "measure", measure)
     cfg = compose_bench(
         tmp_path, f"model.name={tiny_with_tokenizer}", "workloads=[corpus]", "corpus_prompts=5",
-        f"corpus_max_new_tokens={t}", "corpus_batch=2", "corpus_rounds=1",
+        f"corpus_max_new_tokens={t}", "corpus_batch=2", "corpus_rounds=1", "corpus_layers=[1]",
     )  # fmt: skip
     out = tmp_path / "bench" / "b"
     listed = suite.run(cfg, out)
+    assert {k: v for k, v in layers.items() if k[0] == "distlens_corpus"} == {
+        ("distlens_corpus", b, nc): [1] for b in ("continuous", "static") for nc in (False, True)
+    }  # the capture systems read the chosen layer (the no-capture ones read none, whatever the job says)
     written = [json.loads(line) for line in (out / "corpus.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in written] == [json.loads(x)["prompt"] for x in corpus.read_text().splitlines()]
     assert len({r["dataset"] for r in written}) == 5  # one question from each dataset in turn

@@ -42,6 +42,7 @@ def cluster():
     for _ in range(2):
         c.add_node(num_cpus=2)
     c.wait_for_nodes()
+    ray.shutdown()  # this process's own cluster, if an earlier module left it up (conftest's ray_cluster)
     ray.init(address=c.address, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}}, log_to_driver=False)
     yield c
     ray.shutdown()

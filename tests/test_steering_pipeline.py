@@ -255,7 +255,7 @@ def test_rows_with_their_own_edits_equal_hf_hooked_with_each_rows_edits(
     from actors.steering import RowEdit
 
     if executor == "ray":
-        request.getfixturevalue("ray_cluster")  # started for this module, stopped after it
+        request.getfixturevalue("ray_cluster")  # this test process's cluster (conftest.py)
     path = tiny_checkpoints["llama"]
     table = 0.3 * torch.randn(3, 64, generator=torch.Generator().manual_seed(11))
     rows = tuple((p, tuple(RowEdit(*e) for e in edits)) for p, edits in ROW_EDITS)

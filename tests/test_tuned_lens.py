@@ -75,7 +75,7 @@ def _stage_files(ck, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_translators_trained_on_stages_equal_a_plain_torch_loop(executor, family, tiny_checkpoints, tmp_path, request):
     """Gemma 2: the final logit soft-cap is in the lens and in the gradient through it."""
     if executor == "ray":
-        request.getfixturevalue("ray_cluster")  # started for this module, stopped after it
+        request.getfixturevalue("ray_cluster")  # this test process's cluster (conftest.py)
     path = tiny_checkpoints[family]
     model = load_reference(path)
     for p in model.parameters():
