@@ -225,6 +225,7 @@ class BenchConf:
     corpus_max_new_tokens: int = 64  # tokens each row may generate (EOS on)
     corpus_batch: int = 16  # micro_batch_size of distlens and HF generate's batch
     corpus_rounds: int = 1  # its rounds, every system once per round, in turn
+    corpus_layers: list[int] | None = None  # layers its capture systems read (resid_post lens); null: every layer
 
 
 @dataclass

@@ -150,7 +150,8 @@ def corpus_rows(cfg, measure, row, out_dir: Path, keep=None) -> list[dict]:
 
     path = out_dir / "corpus.jsonl"
     build_corpus(dataset_root(cfg.data_root), cfg.corpus_prompts, path)
-    job = {"corpus": str(path), "T": cfg.corpus_max_new_tokens, "micro_batch_size": cfg.corpus_batch}
+    job = {"corpus": str(path), "T": cfg.corpus_max_new_tokens, "micro_batch_size": cfg.corpus_batch,
+           "layers": list(cfg.corpus_layers or [])}  # fmt: skip
     runs = {label: [] for label in SYSTEMS}
     for i in range(cfg.corpus_rounds):
         for label in order(list(SYSTEMS), i):

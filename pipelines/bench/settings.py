@@ -57,6 +57,9 @@ def check(cfg, hf, prompt_len: int) -> None:
             raise ConfigError(f"scaling_layers={value!r} is out of range: layers captured must be 1..{n_layers}")
     for value in cfg.components:
         choice("components", value, COMPONENTS)
+    for value in (cfg.corpus_layers or []) if "corpus" in chosen else []:
+        if not 0 <= value < n_layers:
+            raise ConfigError(f"corpus_layers={value!r} is out of range: layers are 0..{n_layers - 1}")
     for workload in sorted(chosen & {"corpus", "jacobian"}):  # their text: the shared datasets' questions
         from pipelines.datasets import dataset_root
 
