@@ -11,7 +11,7 @@ import pytest
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback only, before ray is imported
 # One torch thread per test process, inherited by every driver, zygote and Ray worker it starts:
-# three test processes share two cores, and OpenMP threads that spin-wait for a core another
+# four test processes share two cores, and OpenMP threads that spin-wait for a core another
 # process holds made CPU-bound tests up to ten times slower (measured: three processes of small
 # matmuls, 0.6 s alone, 5.5-7.0 s each side by side with two threads, 0.6 s with one).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
