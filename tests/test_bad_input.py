@@ -231,12 +231,12 @@ def test_output_path_with_another_config_is_refused(tiny_with_tokenizer, tmp_pat
     tokens = before["tokens"]
     record = (tmp_path / "r" / ".hydra" / "config.yaml").read_text()
     assert "max_new_tokens: 3" in record
-    second = run_driver("pipelines.lens", *base, "generation.max_new_tokens=4", cwd=tmp_path)
+    second = run_here("pipelines.lens", *base, "generation.max_new_tokens=4", cwd=tmp_path)  # refused: no compute
     assert second.returncode == 2
     assert "already holds a run with another config" in second.stderr
     assert (LensStore.open(store)["tokens"] == tokens).all()  # untouched, and so is its config record
     assert (tmp_path / "r" / ".hydra" / "config.yaml").read_text() == record
-    other = run_driver("pipelines.lens", *base, "generation.max_new_tokens=4", "resume=true", cwd=tmp_path)
+    other = run_here("pipelines.lens", *base, "generation.max_new_tokens=4", "resume=true", cwd=tmp_path)
     assert other.returncode == 2
     assert "another config (generation.max_new_tokens 3 -> 4): resume continues the same config only" in other.stderr
     # an overwrite that cannot start puts the store it would replace back, with its write log
