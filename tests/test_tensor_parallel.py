@@ -119,6 +119,22 @@ def test_tp2_equals_tp1_and_unsliced(family, tp_pool, tiny_checkpoints, tmp_path
             )
 
 
+def test_a_pooled_rank_takes_another_model_only_in_the_same_tensor_parallel_place(tiny_checkpoints):
+    """A rank's process group is fixed: another model's slice in the same (stage, rank, tp_size)
+    place is taken; any other place, or leaving the group (tp_size 1), is refused."""
+    from dataclasses import replace
+
+    from actors.stage import StageSpec, StageWorker
+
+    spec = StageSpec(0, 1, 0, 2, str(tiny_checkpoints["llama"]), tp_rank=1, tp_size=2)
+    worker = StageWorker(spec)
+    worker.configure(replace(spec, model_path=str(tiny_checkpoints["qwen3"])))
+    assert worker.spec.model_path == str(tiny_checkpoints["qwen3"])
+    for other in (replace(spec, tp_rank=0), replace(spec, stage=1), replace(spec, tp_rank=0, tp_size=1)):
+        with pytest.raises(ValueError, match=r"cannot take place .*: its process group is fixed"):
+            worker.configure(other)
+
+
 def test_tensor_parallel_is_refused_for_a_family_autotp_cannot_shard(tiny_checkpoints, tmp_path):
     from actors.coordinator import Coordinator
 
