@@ -27,6 +27,9 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {family: save_tiny(family, root / family) for family in FAMILIES}
 
 
+RAY_CPUS = 8  # the test process's cluster's logical CPUs: 4 stages plus a coordinator on this 2-core machine
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """This test process's own Ray cluster, started by the first module that asks and kept for the
@@ -38,7 +41,7 @@ def ray_cluster():
     if not ray.is_initialized():
         ray.init(
             address="local",  # a cluster of its own, never one another test (or `ray start`) left up
-            num_cpus=8,  # logical CPUs: 4 stages plus a coordinator on this 2-core machine
+            num_cpus=RAY_CPUS,
             include_dashboard=False,
             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
             log_to_driver=False,
@@ -47,7 +50,7 @@ def ray_cluster():
     import time
 
     for _ in range(100):  # released actors free their CPUs within moments
-        if ray.available_resources().get("CPU") == 8:
+        if ray.available_resources().get("CPU") == RAY_CPUS:
             return
         time.sleep(0.2)
     raise AssertionError(
@@ -131,8 +134,8 @@ LONGEST_FIRST = ("test_fault_tolerance.py", "test_multinode.py", "test_tensor_pa
 # Files whose tests share what an expensive module fixture builds (an S3 server and its runs,
 # reference runs, a browser and its stores, a pool of stage actors) stay in one test process
 # (pyproject's `--dist loadgroup`). Every other test goes to whichever process is free, so a
-# file of many independent tests spreads over all of them (a module's Ray cluster then starts
-# in each process that runs one of its tests: seconds, against minutes of tests).
+# file of many independent tests spreads over all of them (each process that runs one of its
+# Ray tests then starts its own kept cluster, if it has none yet: seconds, against minutes of tests).
 KEPT_TOGETHER = {"test_continuous_batching.py", "test_dataset_formats.py", "test_model_families.py", "test_object_storage.py",
                  "test_ray_executor.py", "test_staged_equals_unsliced.py", "test_tensor_parallel.py", "test_viewer.py"}  # fmt: skip
 
