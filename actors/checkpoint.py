@@ -51,9 +51,26 @@ class Checkpoint:
         return AutoConfig.from_pretrained(self.path)
 
     def tokenizer(self):
-        from transformers import AutoTokenizer
+        return load_tokenizer(self.path)
 
-        return AutoTokenizer.from_pretrained(self.path)
+
+_TOKENIZERS: dict = {}  # (directory, its tokenizer files' stats) -> tokenizer: loaded once a process
+
+
+def load_tokenizer(path):
+    """The tokenizer of the checkpoint at `path`, loaded once per process while its files stay
+    as they are (a driver and the coordinator it runs, or a notebook's runs, share it; a large
+    tokenizer takes about a second to parse). Nothing here changes a tokenizer after loading."""
+    from transformers import AutoTokenizer
+
+    root = Path(path).resolve()
+    if not root.is_dir():  # not a local checkpoint: as transformers reads it
+        return AutoTokenizer.from_pretrained(path)
+    files = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(root.glob("*token*")) if f.is_file())
+    key = (str(root), files)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = AutoTokenizer.from_pretrained(root)
+    return _TOKENIZERS[key]
 
 
 def _say(msg: str) -> None:

@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from actors import head_watch, storage_fs
+from actors.checkpoint import load_tokenizer
 from actors.continuous import ContinuousBatches
 from actors.executor import LocalExecutor, RayExecutor
 from actors.progress import StageStats, progress_bar
@@ -299,9 +300,7 @@ class Coordinator:
 def _load_tokenizer(path: str):
     """The checkpoint's tokenizer, or None: tiny test checkpoints may carry none."""
     try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path)
+        return load_tokenizer(path)
     except Exception:
         return None
 
