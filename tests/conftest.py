@@ -58,6 +58,14 @@ def ray_cluster():
     )
 
 
+@pytest.fixture
+def joined_ray(ray_cluster) -> dict:
+    """Variables for `run_driver(env=...)` that make a Ray driver join this test process's
+    cluster ($RAY_ADDRESS) instead of starting a private one of its own (~11 CPU-seconds of Ray's
+    processes), where the cluster it runs on is not what the test checks."""
+    return {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+
+
 def pytest_sessionfinish(session):
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         sys.modules["ray"].shutdown()

@@ -201,11 +201,12 @@ STEER_BASE = ["data.max_train=4", "data.max_test=4", "steering.select_items=2", 
 # Cases run as a process of their own: where Ray is started or joined (the rest run the driver's
 # `__main__` in the test's process, tests/driver.py `run_here`: the same code, from the command
 # line to the exit code, without a process start per case)
-IN_A_PROCESS = {"unreachable_ray_address", "tp_not_dividing_heads", "resources_the_cluster_cannot_place"}
+IN_A_PROCESS = {"unreachable_ray_address", "tp_not_dividing_heads"}
+JOIN_RAY = {"resources_the_cluster_cannot_place"}  # a process of its own that joins the test process's cluster
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_is_refused_before_compute(case, tiny_with_tokenizer, tmp_path):
+def test_bad_input_is_refused_before_compute(case, tiny_with_tokenizer, tmp_path, request):
     driver, overrides, message = CASES[case]
     if callable(overrides):
         overrides = overrides(tmp_path, tiny_with_tokenizer)
@@ -213,15 +214,17 @@ def test_bad_input_is_refused_before_compute(case, tiny_with_tokenizer, tmp_path
     if driver == STEER:
         base += STEER_BASE
     before = {p for p in tmp_path.rglob("*.zarr")}
-    run = run_driver if case in IN_A_PROCESS else run_here
-    result = run(driver, *base, *overrides, cwd=tmp_path)
+    if case in JOIN_RAY:
+        result = run_driver(driver, *base, *overrides, cwd=tmp_path, env=request.getfixturevalue("joined_ray"))
+    else:
+        result = (run_driver if case in IN_A_PROCESS else run_here)(driver, *base, *overrides, cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("distlens: error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert {p for p in tmp_path.rglob("*.zarr")} == before  # no store written (an existing one untouched)
 
 
-def test_output_path_with_another_config_is_refused(tiny_with_tokenizer, tmp_path):
+def test_output_path_with_another_config_is_refused(tiny_with_tokenizer, tmp_path, joined_ray):
     base = [f"model.name={tiny_with_tokenizer}", "cluster=inprocess", f"storage.root={tmp_path}", "storage.run=r"]
     first = run_driver("pipelines.lens", *base, "generation.max_new_tokens=3", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -242,7 +245,7 @@ def test_output_path_with_another_config_is_refused(tiny_with_tokenizer, tmp_pat
     # an overwrite that cannot start puts the store it would replace back, with its write log
     log = (tmp_path / "r" / "lens.zarr.writes.jsonl").read_text()
     unplaceable = ["cluster.executor=ray", "cluster.cpus_per_stage=64", "cluster.placement_timeout_s=2"]
-    failed = run_driver("pipelines.lens", *base, "overwrite=true", *unplaceable, cwd=tmp_path)
+    failed = run_driver("pipelines.lens", *base, "overwrite=true", *unplaceable, cwd=tmp_path, env=joined_ray)
     assert failed.returncode == 2 and "cannot place" in failed.stderr
     assert LensStore.open(store).is_complete and (LensStore.open(store)["tokens"] == tokens).all()
     assert (tmp_path / "r" / "lens.zarr.writes.jsonl").read_text() == log

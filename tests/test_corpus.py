@@ -34,7 +34,8 @@ ROWS = [
     for i in range(9)
 ]
 SKIP, LIMIT = 2, 5  # rows 2..6: three micro-batches of 2
-RUN = ["cluster=inprocess", "cluster.micro_batch_size=2", "generation.max_new_tokens=3", "progress=false"]
+RUN = ["cluster=inprocess", "cluster.micro_batch_size=2", "generation.max_new_tokens=3", "progress=false",
+       "plot.max_prompts=0"]  # fmt: skip
 
 
 def _listed(row: dict) -> dict:

@@ -127,6 +127,7 @@ BASE = [
     "storage.shard_batches=1",
     "generation.max_new_tokens=4",
     "progress=false",
+    "plot.max_prompts=0",  # no heatmaps: none is read here
 ]
 LENS_PROMPTS = '["The lighthouse keeper", "Once upon a time", "In the beginning", "A cat sat"]'
 

@@ -18,7 +18,7 @@ from actors.store import LensStore
 from reference import assert_stores_equal
 
 BASE = ["cluster=inprocess", "cluster.micro_batch_size=1", "storage.shard_batches=1", "generation.max_new_tokens=4", "progress=false",
-        "capture.activations=float32"]  # fmt: skip
+        "capture.activations=float32", "plot.max_prompts=0"]  # fmt: skip
 PROMPTS = '["The lighthouse keeper", "Once upon a time", "In the beginning", "A cat sat"]'
 
 

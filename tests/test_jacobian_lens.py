@@ -119,7 +119,7 @@ def three_lens_run(tmp_path_factory, tiny_with_tokenizer):
     _random_translators(root / "tuned.safetensors", 32, model)
     ds = distlens.lens(
         ["The capital of France is", "Hi"], root / "run", model=model, cluster="inprocess", max_new_tokens=4,
-        overrides=["cluster.micro_batch_size=1", "capture.lenses=[logit,tuned,jacobian]",
+        overrides=["cluster.micro_batch_size=1", "capture.lenses=[logit,tuned,jacobian]", "plot.max_prompts=0",
                    f"capture.tuned_lens={root / 'tuned.safetensors'}", f"capture.jacobian_lens={root / FILE_NAME}"],
     )  # fmt: skip
     return root, ds, matrices

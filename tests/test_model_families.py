@@ -195,7 +195,7 @@ def test_every_family_runs_through_the_lens_driver(family_dirs, tmp_path):
 
     result = run_driver(
         "pipelines.lens", "-m", f"model.name={','.join(str(p) for p in family_dirs.values())}", "model=hf",
-        "model.dtype=float32", "cluster=inprocess", "generation.max_new_tokens=4", "prompts=[Hello there,Why?]",
+        "model.dtype=float32", "cluster=inprocess", "generation.max_new_tokens=4", "prompts=[Hello there,Why?]", "plot.max_prompts=0",
         f"storage.root={tmp_path}", "hydra.sweep.dir=" + str(tmp_path / "sweep"), cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

@@ -178,7 +178,7 @@ def test_a_lost_head_ends_the_driver_in_one_line_and_resume_on_a_new_cluster_com
     from driver import REPO, ray_head, run_driver, stop_session
 
     base = [f"model.name={tiny_with_tokenizer}", "cluster.micro_batch_size=1", "storage.shard_batches=1",
-            "generation.max_new_tokens=4",
+            "generation.max_new_tokens=4", "plot.max_prompts=0",
             "progress=false", 'prompts=["The lighthouse keeper", "Once upon a time", "In the beginning", "A cat sat"]',
             f"storage.root={tmp_path}"]  # fmt: skip
     marker = tmp_path / "first-batch-written"

@@ -27,10 +27,12 @@ def two_datasets(tmp_path):
     return root
 
 
-def test_dataset_all_runs_every_dataset_and_loads_the_model_once(tiny_with_tokenizer, two_datasets, tmp_path):
+def test_dataset_all_runs_every_dataset_and_loads_the_model_once(
+    tiny_with_tokenizer, two_datasets, tmp_path, joined_ray
+):
     result = run_driver(
         "pipelines.steer", f"model.name={tiny_with_tokenizer}", "dataset=all", f"data.root={two_datasets}",
-        f"storage.root={tmp_path}", "storage.run=all", *SMALL, cwd=tmp_path,
+        f"storage.root={tmp_path}", "storage.run=all", *SMALL, cwd=tmp_path, env=joined_ray,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "steer" / "all"

@@ -27,7 +27,7 @@ from reference import assert_kl_to_final_matches_hf, assert_stores_equal, run_le
 # Twelve rows of different lengths, one micro-batch each.
 TWELVE = [[5 + i + j for j in range(2 + i % 5)] for i in range(12)]
 DRIVER = ["cluster=inprocess", "cluster.micro_batch_size=1", "storage.shard_batches=2", "generation.max_new_tokens=4",
-          "progress=false"]  # fmt: skip
+          "progress=false", "plot.max_prompts=0"]  # fmt: skip
 DRIVER_PROMPTS = '["The lighthouse keeper", "Once upon a time", "In the", "A cat sat on the", "Far", "Rain fell"]'
 
 

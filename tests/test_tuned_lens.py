@@ -182,7 +182,7 @@ def test_tune_driver_trains_evaluates_and_survives_a_kill(tiny_with_tokenizer, t
     lens = run_driver(
         "pipelines.lens", f"model.name={model}", "cluster=inprocess", f"storage.root={tmp_path}", "storage.run=l",
         "capture.lenses=[logit,tuned]", f"capture.tuned_lens={out / 'translators.safetensors'}",
-        "generation.max_new_tokens=3", cwd=tmp_path,
+        "generation.max_new_tokens=3", "plot.max_prompts=1", cwd=tmp_path,
     )  # fmt: skip
     assert lens.returncode == 0, lens.stderr[-3000:]
     store = LensStore.open(tmp_path / "l" / "lens.zarr")

@@ -170,7 +170,7 @@ def long_store(tmp_path_factory, smollm2):
     ds = distlens.lens(
         [prompt], root / "run", model=str(model), cluster="inprocess", max_new_tokens=1,
         overrides=["generation.chat_template=false", "generation.stop_at_eos=false", "cluster.micro_batch_size=1",
-                   "capture.k=5"],
+                   "capture.k=5", "plot.max_prompts=0"],
     )  # fmt: skip
     store = LensStore.open(root / "run" / "lens.zarr")
     assert ds.sizes["layer"] == 30 and int(store.group["lengths"][0]) >= 1500
