@@ -37,38 +37,42 @@ class _Lane:
 
 class ContinuousBatches:
     """Runs every row of `run.todo`'s micro-batches through lanes; `coordinator` gives the stage
-    group and its `stepped` hook. `generate()` returns each row's generated ids."""
+    group and its `stepped` hook. It holds only the rows in flight or waiting for their batch to
+    be written (and a count per unwritten batch), however many rows the run has."""
 
     def __init__(self, coordinator, run):
         self.coordinator, self.run = coordinator, run
         self.spec = coordinator.spec
         self.size = self.spec.cluster.micro_batch_size
-        self.queue = deque(r for mb in run.todo for r in range(mb.rows.start, mb.rows.stop))
-        self.batch_of = {r: mb for mb in run.todo for r in range(mb.rows.start, mb.rows.stop)}
-        self.waiting = {mb.index: set(range(mb.rows.start, mb.rows.stop)) for mb in run.todo}
+        self.fresh = (r for mb in run.todo for r in range(mb.rows.start, mb.rows.stop))  # rows never admitted
+        self.queue: deque = deque()  # rows to admit next: run again after a failure, or read ahead from `fresh`
         self.unwritten = deque(run.todo)  # store batches are written in order, as the static path does
+        self.left = {mb.index: mb.rows.stop - mb.rows.start for mb in run.todo}  # rows not complete, by batch
         self.rows: dict[int, _Row] = {}
         self.lanes: dict[int, _Lane] = {}
-        self.generated: dict[int, list] = {}
         self.row_steps = self.lane_steps = 0  # rows computed (one per row and call), lane calls that computed
+        self.turn = -1  # the lane advanced last
 
-    def generate(self) -> dict[int, list]:
+    def generate(self) -> None:
         self.open_lanes()
         while self.lanes:
             self.advance()
-        return self.generated
 
     def open_lanes(self) -> None:
         for k in range(self.spec.cluster.micro_batches_in_flight):
-            if self.queue and k not in self.lanes:
+            if self._waiting(1) and k not in self.lanes:
                 self.lanes[k] = _Lane(k)
                 self._submit(self.lanes[k], [], self._take(self.size), fresh=True)
 
     def advance(self) -> None:
         """Take one lane's step: record each row's token, let ended rows go, admit waiting rows."""
         ex, run = self.coordinator.stages.executor, self.run
-        keys = list(self.lanes)
+        # Lanes in turn: of those ready, the one after the lane last advanced (in-process every
+        # lane is ready, and always taking the first starved the others: their rows, and every
+        # later batch waiting on them, were held to the end of the run).
+        keys = sorted(self.lanes, key=lambda k: (k <= self.turn, k))
         lane = self.lanes[keys[ex.wait_first([self.lanes[k].last for k in keys])]]
+        self.turn = lane.index
         out = ex.get(lane.last)
         self._collect(lane)
         lane.steps += 1
@@ -105,7 +109,7 @@ class ContinuousBatches:
     def summary(self) -> dict:
         """Row-steps computed against useful (tokens generated), and the share of the lanes' slots
         that did useful work (useful / (lane calls x micro_batch_size)), as the static path reports them."""
-        useful = sum(len(g) for g in self.generated.values())
+        useful = self.run.generated_tokens
         return {
             "batching": "continuous",
             "row_steps": self.row_steps,
@@ -113,9 +117,22 @@ class ContinuousBatches:
             "slot_occupancy": round(useful / (self.lane_steps * self.size), 4) if self.lane_steps else None,
         }
 
+    def _waiting(self, n: int) -> int:
+        """How many rows (up to `n`) wait to be admitted, reading ahead from the run's rows."""
+        while len(self.queue) < n:
+            row = next(self.fresh, None)
+            if row is None:
+                break
+            self.queue.append(row)
+        return min(n, len(self.queue))
+
+    def _batch(self, row: int):
+        """The store batch (MicroBatch) that holds `row`."""
+        return self.run.micro_batches[row // self.size]
+
     def _take(self, n: int) -> dict | None:
         """Up to `n` waiting rows as one left-padded group to prefill, or None."""
-        rows = [self.queue.popleft() for _ in range(min(n, len(self.queue)))]
+        rows = [self.queue.popleft() for _ in range(self._waiting(n))]
         if not rows:
             return None
         pad_id = self.spec.generation.sampling.pad_token_id
@@ -128,7 +145,7 @@ class ContinuousBatches:
         edits = []
         for r in rows:
             self.rows[r] = _Row()
-            mb = self.batch_of[r]
+            mb = self._batch(r)
             edits.append(mb.edits[r - mb.rows.start] if mb.edits else ())
         return {"rows": rows, "input_ids": ids, "attention_mask": mask, "edits": edits}
 
@@ -152,11 +169,11 @@ class ContinuousBatches:
         for chunk in self.coordinator.stages.collect(lane.calls):
             self.rows[chunk.micro_batch].chunks.append(chunk)
         for row in lane.evicted:
-            self.waiting[self.batch_of[row].index].discard(row)
+            self.left[self._batch(row).index] -= 1
         lane.calls, lane.evicted = [], []
         # The finished batches stay a prefix of the run (a resumed or interrupted run reads so);
         # a batch done before an earlier one waits for it, holding only its rows' small results.
-        while self.unwritten and not self.waiting[self.unwritten[0].index]:
+        while self.unwritten and not self.left[self.unwritten[0].index]:
             self._write(self.unwritten.popleft())
 
     def _write(self, mb) -> None:
@@ -175,7 +192,8 @@ class ContinuousBatches:
                 scores[i, : len(rec.scores)] = rec.scores
         pad = (mb.attention_mask == 0).sum(1)
         chunks = batch_chunks([rec.chunks for rec in recs], pad, mb.input_ids.shape[1] + steps)
-        self.generated.update(self.run.write(mb, chunks, self.spec.generation, generated, scores))
+        del self.left[mb.index]
+        self.run.write(mb, chunks, self.spec.generation, generated, scores)
         self.coordinator.batch_written(mb, steps)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections import deque
 
 import numpy as np
 
@@ -93,9 +94,9 @@ class Coordinator:
         try:
             self._start_stages(executor)
             t_loaded = time.perf_counter()
-            generated = self._generate()
+            self._generate()
             summary = run.summary(
-                generated, t0, t_loaded, time.perf_counter(), self.recovery.restarts, spec.attrs.get("ray_cluster")
+                t0, t_loaded, time.perf_counter(), self.recovery.restarts, spec.attrs.get("ray_cluster")
             )
             store.mark_complete(summary)
             n_new = summary["generated_tokens"]
@@ -188,8 +189,8 @@ class Coordinator:
             mb.index, mb.rows.start, mb.rows.stop - 1, steps, self._current.stats.text(),
         )  # fmt: skip
 
-    def _generate(self) -> dict[int, list]:
-        """Run every micro-batch still to do; returns each row's generated ids."""
+    def _generate(self) -> None:
+        """Run every micro-batch still to do, each written once its rows have ended."""
         spec, run = self.spec, self._current
         budget = sum(run.ends[r].budget for mb in run.todo for r in range(mb.rows.start, mb.rows.stop))
         run.bar = progress_bar(budget, self.DESC, spec.progress)
@@ -203,20 +204,19 @@ class Coordinator:
             )
             run.batching = batches.summary()
             run.bar.close()
-            return batches.generated
-        queue, inflight, generated = list(run.todo), {}, {}
+            return
+        queue, inflight = deque(run.todo), {}
         run.batching = {"batching": "static", "row_steps": 0, "lane_steps": 0}
         self._until_done(
             lambda: bool(queue or inflight),
-            lambda: self._advance(queue, inflight, generated),
+            lambda: self._advance(queue, inflight),
             lambda err: self._recover(err, queue, inflight),
         )
-        useful, computed = sum(len(g) for g in generated.values()), run.batching.pop("row_steps")
+        useful, computed = run.generated_tokens, run.batching.pop("row_steps")
         steps = run.batching.pop("lane_steps")
         run.batching.update(row_steps=computed, useful_row_steps=useful,
                             slot_occupancy=round(useful / (steps * spec.cluster.micro_batch_size), 4) if steps else None)  # fmt: skip
         run.bar.close()
-        return generated
 
     def _until_done(self, pending, advance, recover) -> None:
         """`advance()` while `pending()`; a lost stage (Ray) is recovered by `recover(err)`."""
@@ -229,11 +229,11 @@ class Coordinator:
                 self.recovery.refuse_under_tp(err, loading=False)
                 recover(err)
 
-    def _advance(self, queue, inflight, generated) -> None:
+    def _advance(self, queue, inflight) -> None:
         """Fill the pipeline, then take one step's result from whichever micro-batch is ready."""
         spec, ex, bar, stats = self.spec, self.stages.executor, self._current.bar, self._current.stats
         while queue and len(inflight) < spec.cluster.micro_batches_in_flight:
-            mb = queue.pop(0)
+            mb = queue.popleft()
             self._start(mb)
             inflight[mb.index] = mb
         keys = list(inflight)
@@ -258,7 +258,7 @@ class Coordinator:
         mb.counted = budget
         stats.rows_done += mb.rows.stop - mb.rows.start
         mb.calls += self.stages.finish(mb.index, mb.last)
-        generated.update(run.write(mb, self.stages.collect(mb.calls), spec.generation))
+        run.write(mb, self.stages.collect(mb.calls), spec.generation)
         del inflight[mb.index]
         self.batch_written(mb, mb.steps)
 
@@ -276,7 +276,7 @@ class Coordinator:
         return max(run.ends[r].budget for r in rows)
 
     # -- stage failures (the rules: actors/recovery.py) ------------------------------------------
-    def _recover(self, err: Exception, queue: list, inflight: dict) -> None:
+    def _recover(self, err: Exception, queue: deque, inflight: dict) -> None:
         """Re-run the micro-batches that were in flight from their first step once every stage
         answers again with its weights: finished micro-batches are in the store, untouched."""
         self.recovery.recovered(self.stages, err, f"re-running {len(inflight)} micro-batch(es)")
@@ -285,7 +285,7 @@ class Coordinator:
             self._current.bar.update(-mb.counted)
             mb.steps, mb.counted, mb.generated, mb.scores, mb.calls, mb.last = 0, 0, [], [], [], None
             mb.gen_len = None
-            queue.insert(0, mb)
+            queue.appendleft(mb)
         inflight.clear()
 
     def _recover_lanes(self, err: Exception, batches: ContinuousBatches) -> None:

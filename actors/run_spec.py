@@ -137,6 +137,8 @@ class CorpusRows:
         """Each prompt's own stop conditions; None where a row carries none (the run's apply)."""
         return [
             RowStop(int(budget) or None, tuple(self.stop[i]) if i in self.stop else None)
+            if budget or i in self.stop
+            else None  # most rows: nothing of their own (no object per row)
             for i, budget in enumerate(self.max_new_tokens)
         ]
 

@@ -34,12 +34,12 @@ def row_ends(generation: GenerationSettings, stops, n_prompts: int) -> list[RowE
     if stops is not None and len(stops) != n_prompts:
         raise SettingError("prompts", f": {len(stops)} stop conditions are given for {n_prompts} prompts")
     eos = frozenset(generation.sampling.eos_token_ids)
-    out = []
+    out, alike = [], {}  # rows with the same conditions share one RowEnd (a corpus has many rows)
     for i in range(n_prompts):
         own = (stops[i] if stops is not None else None) or RowStop()
         stop = tuple(generation.stop if own.stop is None else own.stop)
         if any(not isinstance(s, str) or not s for s in stop):
             raise SettingError("prompts", f"[{i}] stop={list(stop)!r}: every stop string must be a non-empty string")
         budget = generation.max_new_tokens if own.max_new_tokens is None else own.max_new_tokens
-        out.append(RowEnd(budget, stop, eos))
+        out.append(alike.setdefault((budget, stop), RowEnd(budget, stop, eos)))
     return out

@@ -197,7 +197,8 @@ def test_each_row_carries_its_own_limits(fmt, tmp_path):
     corpus = SimpleNamespace(path=str(path), field=None, format="hf_hub" if fmt == "hf_hub" else None, skip=1,
                              limit=None, split="train")  # fmt: skip
     read = read_corpus(corpus, lambda text: [len(text)])
-    assert read.texts == [r["text"] for r in ROWS[1:]] and read.token_ids == [[len(t)] for t in read.texts]
+    assert list(read.texts) == [r["text"] for r in ROWS[1:]]
+    assert [ids.tolist() for ids in read.token_ids] == [[len(t)] for t in read.texts]
     assert read.rows.index.tolist() == list(range(1, len(ROWS)))
     want = [expected_limits(fmt, r) for r in ROWS[1:]]
     assert read.rows.max_new_tokens.tolist() == [b for b, _ in want]
