@@ -2,8 +2,8 @@
 `python -m pipelines.bench.corpus_scale`, whose small model and corpus these tests use: a
 3-layer random Llama with a 504-word vocabulary, so that the lens over the vocabulary does not
 dominate): the memory a run holds does not grow with its rows (Python's own allocations, numpy's
-included, traced through a whole notebook run of 300 and of 1,500 rows), and a driver killed
-midway through 1,500 rows resumes to the uninterrupted run's store, whose rows match the unsliced
+included, traced through a whole notebook run of 300 and of 2,048 rows), and a driver killed
+midway through 2,048 rows resumes to the uninterrupted run's store, whose rows match the unsliced
 HF model."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from reference import assert_stores_equal, lens_reference
 
 RUN = ["cluster=inprocess", "cluster.micro_batch_size=64", "generation.max_new_tokens=2", "generation.chat_template=false",
        "progress=false", "plot.max_prompts=0"]  # fmt: skip
-ROWS = 1500  # 24 micro-batches of 64
+ROWS = 2048  # 32 micro-batches of 64
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def small(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_a_runs_memory_does_not_grow_with_its_rows(small, tmp_path):
     """The peak of what Python allocated (tracemalloc, numpy's arrays included) during a whole
-    run of 1,500 rows against one of 300, after a first run paid the one-time costs; shards of two
+    run of 2,048 rows against one of 300, after a first run paid the one-time costs; shards of two
     micro-batches, so the finished rows waiting for their shard are few either way. Each row now
     costs its prompt's ids and text packed and a few numbers (measured: 160-460 bytes a row, the
     peak moving with which rows wait together); before, 8 KB a row, most of it the lens of rows
@@ -63,7 +63,7 @@ def test_a_driver_killed_midway_through_thousands_of_rows_resumes_to_the_uninter
     from tiny_models import load_reference
 
     model_path, corpus = small
-    # shards of 4 batches (by size they would hold the whole run: nothing recorded before the kill)
+    # shards of 4 batches: the kill leaves four recorded (by size a shard would hold 16)
     args = [
         f"model.name={model_path}",
         f"corpus.path={corpus}",
@@ -74,11 +74,11 @@ def test_a_driver_killed_midway_through_thousands_of_rows_resumes_to_the_uninter
     full = run_driver("pipelines.lens", *args, "storage.run=full", cwd=tmp_path)
     assert full.returncode == 0, full.stderr[-3000:]
     wrapper = str(Path(__file__).with_name("faulty_driver.py"))
-    fault = json.dumps({"kill_driver": {"after_batches": 12}})  # of 24: near row 750
+    fault = json.dumps({"kill_driver": {"after_batches": 16}})  # of 32: at row 1,024
     cut = run_driver(wrapper, fault, "pipelines.lens", *args, "storage.run=cut", cwd=tmp_path, script=True)
     assert cut.returncode == -9, cut.stderr[-3000:]
     path = tmp_path / "cut" / "lens.zarr"
-    assert LensStore.open(path).done_batches() == set(range(12))  # three shards
+    assert LensStore.open(path).done_batches() == set(range(16))  # four shards
     resumed = run_driver("pipelines.lens", *args, "storage.run=cut", "resume=true", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     store, uninterrupted = LensStore.open(path), LensStore.open(tmp_path / "full" / "lens.zarr")
@@ -90,7 +90,7 @@ def test_a_driver_killed_midway_through_thousands_of_rows_resumes_to_the_uninter
     comp = store.components.index("resid_post")
     lengths, prompt_lengths = store["lengths"], store["prompt_lengths"]
     kl = store.group["kl_to_final"]
-    for row in (0, 63, 64, 767, 768, 1499):
+    for row in (0, 63, 64, 1023, 1024, 2047):
         tokens = torch.tensor(store.tokens(row).tolist())[None]
         n = int(lengths[row]) - 1
         with torch.no_grad():
