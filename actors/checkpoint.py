@@ -66,7 +66,8 @@ def load_tokenizer(path):
     root = Path(path).resolve()
     if not root.is_dir():  # not a local checkpoint: as transformers reads it
         return AutoTokenizer.from_pretrained(path)
-    files = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(root.glob("*token*")) if f.is_file())
+    stats = ((f.name, f.stat()) for f in sorted(root.glob("*token*")) if f.is_file())
+    files = tuple((name, st.st_mtime_ns, st.st_size) for name, st in stats)
     key = (str(root), files)
     if key not in _TOKENIZERS:
         _TOKENIZERS[key] = AutoTokenizer.from_pretrained(root)

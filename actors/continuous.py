@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from actors.lens_window import LensChunk
+from actors.run_state import left_pad
 from actors.vocabulary import lens_fill
 
 
@@ -135,13 +136,7 @@ class ContinuousBatches:
         rows = [self.queue.popleft() for _ in range(self._waiting(n))]
         if not rows:
             return None
-        pad_id = self.spec.generation.sampling.pad_token_id
-        prompts = [self.run.prompts[r] for r in rows]
-        cols = max(len(p) for p in prompts)
-        ids = np.full((len(rows), cols), pad_id, np.int64)
-        mask = np.zeros((len(rows), cols), np.int64)
-        for i, p in enumerate(prompts):
-            ids[i, cols - len(p) :], mask[i, cols - len(p) :] = p, 1
+        ids, mask = left_pad([self.run.prompts[r] for r in rows], self.spec.generation.sampling.pad_token_id)
         edits = []
         for r in rows:
             self.rows[r] = _Row()

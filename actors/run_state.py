@@ -25,6 +25,17 @@ if TYPE_CHECKING:
     from actors.stage_group import StageGroup
 
 
+def left_pad(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, attention mask) [rows, longest prompt], int64: each prompt at the right end of its
+    row, so every row's next token is the last column."""
+    cols = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), cols), pad_id, np.int64)
+    mask = np.zeros((len(prompts), cols), np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, cols - len(p) :], mask[i, cols - len(p) :] = p, 1
+    return ids, mask
+
+
 class RowPrompts:
     """Each row's prompt token ids where rows repeat prompts (a sweep): `prompts[sources[row]]`,
     without a copy per row."""
@@ -75,14 +86,7 @@ class MicroBatch:
 
     def _pad(self) -> tuple:
         if self._padded is None:
-            group = [self.prompts[r] for r in range(self.rows.start, self.rows.stop)]
-            cols = max(len(p) for p in group)
-            ids = np.full((len(group), cols), self.pad_id, np.int64)
-            mask = np.zeros((len(group), cols), np.int64)
-            for i, p in enumerate(group):
-                ids[i, cols - len(p) :] = p
-                mask[i, cols - len(p) :] = 1
-            self._padded = (ids, mask)
+            self._padded = left_pad([self.prompts[r] for r in range(self.rows.start, self.rows.stop)], self.pad_id)
         return self._padded
 
     def release(self) -> None:
