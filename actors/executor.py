@@ -62,6 +62,7 @@ class RayExecutor:
         max_restarts: int = 0,
         persistent: bool = False,
         placement: str = "PACK",
+        actor_names: str | None = None,
     ):
         self.cpus = cpus_per_stage
         self.gpus = gpus_per_stage
@@ -72,14 +73,15 @@ class RayExecutor:
         self._pg = None
         self._actors = []
         self._places: list[tuple] = []  # each actor's tensor-parallel place when it was made
+        self.actor_names = actor_names  # name the actors "<this>-stage<s>-rank<r>" (see `_name`)
 
     @classmethod
-    def for_cluster(cls, cluster, persistent: bool = False) -> RayExecutor:
+    def for_cluster(cls, cluster, persistent: bool = False, actor_names: str | None = None) -> RayExecutor:
         """From a run's ClusterSettings: a tensor-parallel group cannot re-form, so no restarts there."""
         return cls(
             cluster.cpus_per_stage, cluster.gpus_per_stage, cluster.placement_timeout_s,
             max_restarts=cluster.max_restarts if cluster.tp_size == 1 else 0, persistent=persistent,
-            placement=cluster.placement,
+            placement=cluster.placement, actor_names=actor_names,
         )  # fmt: skip
 
     @property
@@ -125,10 +127,15 @@ class RayExecutor:
                 num_gpus=self.gpus,
                 max_restarts=self.max_restarts,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
+                **(self._name(spec) if self.actor_names else {}),
             ).remote(spec)
             for i, spec in enumerate(specs)
         ]
         return self._actors
+
+    def _name(self, spec: StageSpec) -> dict:
+        """A named actor in namespace "distlens" (`ray list actors`, the dashboard, `ray.get_actor`)."""
+        return {"name": f"{self.actor_names}-stage{spec.stage}-rank{spec.tp_rank}", "namespace": "distlens"}
 
     def _fits(self, specs: list[StageSpec]) -> bool:
         """Whether the pooled actors can run `specs`: enough of them, each in the same

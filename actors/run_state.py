@@ -221,7 +221,7 @@ def plan_run(spec: RunSpec, prompts: list[list[int]], prompt_texts: list[str] | 
     todo = [mb for mb in mbs if mb.index not in store.done_batches()]
     return RunState(
         prompts=prompts, prompt_texts=prompt_texts, sources=rows.sources, row_arrays=row_arrays, bounds=bounds,
-        specs=_stage_specs(spec, bounds, layers, rows), run_store=run_store, micro_batches=mbs, todo=todo, ends=ends,
+        specs=stage_specs(spec, bounds, layers, rows.vectors, rows.steered), run_store=run_store, micro_batches=mbs, todo=todo, ends=ends,
     )  # fmt: skip
 
 
@@ -270,8 +270,9 @@ def _open_store(spec: RunSpec, config, layout: StoreLayout, rows, bounds) -> Run
     return RunStore.open(spec.storage.path, layout, attrs, spec.storage.existing, rows.vectors)
 
 
-def _stage_specs(spec: RunSpec, bounds, layers: tuple, rows) -> list[StageSpec]:
-    """One StageSpec per stage and tensor-parallel rank."""
+def stage_specs(spec: RunSpec, bounds, layers: tuple, vectors, steered) -> list[StageSpec]:
+    """One StageSpec per stage and tensor-parallel rank; `vectors` the steering table, `steered`
+    every (layer, site) some row edits (the stages hook those)."""
     capture = stage_capture(spec.capture, layers)
     return [
         StageSpec(
@@ -286,8 +287,8 @@ def _stage_specs(spec: RunSpec, bounds, layers: tuple, rows) -> list[StageSpec]:
             tp_size=spec.cluster.tp_size,
             capture=capture,
             sampling=spec.generation.sampling,
-            vectors=rows.vectors,
-            steered=rows.steered,
+            vectors=vectors,
+            steered=steered,
             tune=spec.tune,
             score_ids=tuple(spec.steering.score_ids),
         )  # fmt: skip

@@ -13,6 +13,7 @@ COMMANDS = {
     "report": "pipelines.report",
     "tune": "pipelines.tune",
     "view": "pipelines.view",
+    "serve": "pipelines.serve",
 }
 
 

@@ -181,6 +181,26 @@ class DemoConf:
 
 
 @dataclass
+class ServeSettingsConf:
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 8000
+    api_key: str | None = None  # else $DISTLENS_API_KEY; unset: no key asked
+    vectors: list[str] = field(default_factory=list)  # steering study folders or vector files ([name=]path)
+    max_waiting: int = 64  # requests waiting for a slot; past it: 429 with Retry-After
+    app: str = "distlens"  # the Ray Serve application's name
+    model_name: str | None = None  # the `model` clients send; default: model.name
+
+
+@dataclass
+class ServeConf:
+    model: ModelConf = field(default_factory=ModelConf)
+    cluster: ClusterConf = field(default_factory=ClusterConf)
+    capture: CaptureConf = field(default_factory=CaptureConf)
+    serve: ServeSettingsConf = field(default_factory=ServeSettingsConf)
+    progress: bool = False
+
+
+@dataclass
 class BenchConf:
     model: ModelConf = field(default_factory=ModelConf)
     storage: StorageConf = field(default_factory=StorageConf)
@@ -296,6 +316,7 @@ def register() -> None:
     cs.store(name="steer_schema", node=SteerConf)
     cs.store(name="demo_schema", node=DemoConf)
     cs.store(name="bench_schema", node=BenchConf)
+    cs.store(name="serve_schema", node=ServeConf)
     cs.store(group="model", name="schema", node=ModelConf)
     cs.store(group="cluster", name="schema", node=ClusterConf)
     cs.store(group="storage", name="schema", node=StorageConf)
@@ -348,24 +369,7 @@ def validate(cfg) -> None:
         )
     at_least("plot.max_prompts", cfg.plot.max_prompts, 0)
     at_least("plot.max_positions", cfg.plot.max_positions, 1)
-    if cap.layers is not None and not _is_list(cap.layers):
-        raise ConfigError(
-            f"capture.layers={cap.layers!r} is not a list: give a list of indices, e.g. [{cap.layers}], or null"
-        )
-    if cap.layers is not None and not cap.layers:
-        raise ConfigError("capture.layers=[] is empty: give layer indices or null for every layer")
-    if isinstance(cap.positions, str):
-        choice("capture.positions", cap.positions, POSITION_WORDS)
-    elif not _is_list(cap.positions) or not all(isinstance(p, int) and p >= 0 for p in cap.positions):
-        raise ConfigError(
-            f"capture.positions={cap.positions!r}: use {list(POSITION_WORDS)} or a list of positions >= 0"
-        )
-    elif not cap.positions:
-        raise ConfigError(f"capture.positions=[] is empty: use {list(POSITION_WORDS)} or a list of positions >= 0")
-    at_least("capture.k", cap.k, 1)
-    at_least("capture.window", cap.window, 1)
-    if cap.activations is not None:
-        choice("capture.activations", cap.activations, ACTIVATION_DTYPES)
+    _validate_capture(cap)
     g = cfg.generation
     at_least("generation.max_new_tokens", g.max_new_tokens, 1)
     at_least("generation.temperature", g.temperature, 0.0)
@@ -386,6 +390,28 @@ def validate(cfg) -> None:
             raise ConfigError(f"prompts[{i}]={p!r} is empty: every prompt needs text")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("resume=true and overwrite=true contradict each other: choose one")
+
+
+def _validate_capture(cap) -> None:
+    """The `capture` group's own settings (layers and components against the model: `model_checks`)."""
+    if cap.layers is not None and not _is_list(cap.layers):
+        raise ConfigError(
+            f"capture.layers={cap.layers!r} is not a list: give a list of indices, e.g. [{cap.layers}], or null"
+        )
+    if cap.layers is not None and not cap.layers:
+        raise ConfigError("capture.layers=[] is empty: give layer indices or null for every layer")
+    if isinstance(cap.positions, str):
+        choice("capture.positions", cap.positions, POSITION_WORDS)
+    elif not _is_list(cap.positions) or not all(isinstance(p, int) and p >= 0 for p in cap.positions):
+        raise ConfigError(
+            f"capture.positions={cap.positions!r}: use {list(POSITION_WORDS)} or a list of positions >= 0"
+        )
+    elif not cap.positions:
+        raise ConfigError(f"capture.positions=[] is empty: use {list(POSITION_WORDS)} or a list of positions >= 0")
+    at_least("capture.k", cap.k, 1)
+    at_least("capture.window", cap.window, 1)
+    if cap.activations is not None:
+        choice("capture.activations", cap.activations, ACTIVATION_DTYPES)
 
 
 def _validate_corpus(cfg) -> None:
@@ -522,6 +548,40 @@ def model_checks(check, *args, keys: dict | None = None) -> None:
     except SettingError as err:
         key = {**SETTING_KEYS, **(keys or {})}.get(err.field, err.field)
         raise ConfigError(f"{key}{err.text}") from None
+
+
+def check_serve(cfg) -> str:
+    """Every check of `distlens serve`'s config (the model's included); returns the checkpoint's path."""
+    import re
+
+    from actors.checkpoint import resolve_checkpoint
+    from actors.run_spec import check_run
+
+    _validate_model_and_cluster(cfg)
+    _validate_capture(cfg.capture)
+    s = cfg.serve
+    if not isinstance(s.host, str) or not s.host:
+        raise ConfigError(f"serve.host={s.host!r}: give an address to bind, e.g. 127.0.0.1")
+    if not 1 <= s.port <= 65535:
+        raise ConfigError(f"serve.port={s.port!r} is out of range: valid is 1..65535")
+    at_least("serve.max_waiting", s.max_waiting, 1)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", s.app or ""):
+        raise ConfigError(f"serve.app={s.app!r}: letters, digits, '.', '_' and '-' only")
+    checkpoint = resolve_checkpoint(cfg.model.name, cfg.model.revision)
+    hf_config = checkpoint.config()
+    spec = run_spec(cfg, str(checkpoint.path), "")
+    model_checks(check_run, spec, hf_config, [[0]])
+    from pipelines.serve_api import RequestError  # the vectors load here first: a bad one is refused before Ray starts
+
+    try:
+        from pipelines.serve_api import Vectors, model_facts
+
+        vectors = Vectors(model_facts(cfg, str(checkpoint.path), spec)[0])
+        for entry in s.vectors:
+            vectors.load(str(entry), cfg.model.name)
+    except (ValueError, RequestError) as err:
+        raise ConfigError(f"serve.vectors: {err}" if not str(err).startswith("serve.vectors") else str(err)) from None
+    return str(checkpoint.path)
 
 
 def cluster_settings(c):

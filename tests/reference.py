@@ -186,3 +186,64 @@ def assert_stores_equal(a: LensStore, b: LensStore, atol: float = 1e-5) -> None:
     da, db = determining_attrs(a), determining_attrs(b)
     differ = {k: (da[k], db[k]) for k in da if da[k] != db[k]}
     assert not differ, f"attrs that determine the numbers differ ({a.path} against {b.path}): {differ}"
+
+
+class HookedModel:
+    """The unsliced HF model with the test's own hooks: each (layer, site) of the edits adds the
+    current row's `c * v` where its positions apply (positions of the whole sequence), and every
+    decoder layer's output is recorded after the edits (resid_post). An edit is (vector, layer,
+    site, positions, coefficient); its vector an index into `table` [n, d] or the values."""
+
+    def __init__(self, path, table=None):
+        from tiny_models import decoder_layers, load_reference
+
+        self.model, self.table = load_reference(path), table
+        self.edits, self.prompt_len, self.captured = (), 0, {}
+        layers = decoder_layers(self.model)
+        for layer, block in enumerate(layers):
+            block.register_forward_pre_hook(self._pre(layer), with_kwargs=True)
+            for name, site in (("input_layernorm", "attn_in"), ("post_attention_layernorm", "mlp_in")):
+                if hasattr(block, name):  # the Llama family's norms (the edits here are Llama's)
+                    getattr(block, name).register_forward_hook(lambda m, a, out, i=layer, s=site: self._add(out, i, s))
+            block.register_forward_hook(lambda m, a, out, i=layer: self._record(self._add(out, i, "resid_post"), i))
+
+    def _pre(self, layer):
+        def pre(module, args, kwargs):
+            if args:
+                return (self._add(args[0], layer, "resid_pre"), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": self._add(kwargs["hidden_states"], layer, "resid_pre")}
+
+        return pre
+
+    def _add(self, hidden, layer, site):  # hidden: [1, n, d]
+        p = torch.arange(hidden.shape[1])
+        n = self.prompt_len
+        for v, e_layer, e_site, positions, c in self.edits:
+            if (e_layer, e_site) != (layer, site):
+                continue
+            if isinstance(positions, int):
+                where = p >= positions
+            else:
+                where = {"all": p >= 0, "prompt": p < n, "generated": p >= n, "last": p == n - 1}[positions]
+            vector = self.table[v] if isinstance(v, int) else torch.as_tensor(np.asarray(v, np.float32))
+            hidden = hidden + c * where[None, :, None].float() * vector
+        return hidden
+
+    def _record(self, out, layer):
+        self.captured[layer] = out[0] if isinstance(out, tuple) else out
+        return out
+
+    @torch.no_grad()
+    def alone(self, prompt, edits=(), budget=8, eos=None, stop=(), tokenizer=None):
+        """Greedy generation of one row by full forwards (no cache, no batch-mates), ending as the
+        run does: EOS (kept), its budget, or a stop string in the decoded text (the completing
+        token kept). Returns (tokens, {layer: hidden [positions, d]})."""
+        self.edits, self.prompt_len = edits, len(prompt)
+        seq = list(prompt)
+        for _ in range(budget):
+            seq.append(int(self.model(torch.tensor([seq])).logits[0, -1].argmax()))
+            text = tokenizer.decode(seq[len(prompt) :]) if stop else ""
+            if seq[-1] == eos or any(s in text for s in stop):
+                break
+        self.model(torch.tensor([seq]))
+        return seq, {layer: h[0] for layer, h in self.captured.items()}

@@ -15,8 +15,8 @@ import torch
 from actors.run_spec import RowStop
 from actors.sampling import SamplingSpec
 from actors.store import LensStore
-from reference import assert_kl_to_final_matches_hf, assert_stores_equal, run_lens
-from tiny_models import decoder_layers, final_norm, load_reference
+from reference import HookedModel, assert_kl_to_final_matches_hf, assert_stores_equal, run_lens
+from tiny_models import final_norm
 
 # Nine prompts of 1 to 9 tokens: more rows than the 2 x 2 slots in flight, so slots are refilled.
 PROMPTS = [
@@ -55,63 +55,6 @@ def stage_pool(ray_cluster):
     pool = RayExecutor(cpus_per_stage=1, persistent=True)
     yield pool
     pool.close()
-
-
-class HookedModel:
-    """The unsliced HF model with the test's own hooks: each (layer, site) of the edits adds the
-    current row's `c * v` where its positions apply (positions of the whole sequence), and every
-    decoder layer's output is recorded after the edits (resid_post)."""
-
-    def __init__(self, path):
-        self.model = load_reference(path)
-        self.edits, self.prompt_len, self.captured = (), 0, {}
-        layers = decoder_layers(self.model)
-        for layer, block in enumerate(layers):
-            block.register_forward_pre_hook(self._pre(layer), with_kwargs=True)
-            for name, site in (("input_layernorm", "attn_in"), ("post_attention_layernorm", "mlp_in")):
-                if hasattr(block, name):  # the Llama family's norms (the edits here are Llama's)
-                    getattr(block, name).register_forward_hook(lambda m, a, out, i=layer, s=site: self._add(out, i, s))
-            block.register_forward_hook(lambda m, a, out, i=layer: self._record(self._add(out, i, "resid_post"), i))
-
-    def _pre(self, layer):
-        def pre(module, args, kwargs):
-            if args:
-                return (self._add(args[0], layer, "resid_pre"), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": self._add(kwargs["hidden_states"], layer, "resid_pre")}
-
-        return pre
-
-    def _add(self, hidden, layer, site):  # hidden: [1, n, d]
-        p = torch.arange(hidden.shape[1])
-        n = self.prompt_len
-        for v, e_layer, e_site, positions, c in self.edits:
-            if (e_layer, e_site) != (layer, site):
-                continue
-            if isinstance(positions, int):
-                where = p >= positions
-            else:
-                where = {"all": p >= 0, "prompt": p < n, "generated": p >= n, "last": p == n - 1}[positions]
-            hidden = hidden + c * where[None, :, None].float() * TABLE[v]
-        return hidden
-
-    def _record(self, out, layer):
-        self.captured[layer] = out[0] if isinstance(out, tuple) else out
-        return out
-
-    @torch.no_grad()
-    def alone(self, prompt, edits=(), budget=MAX_NEW, eos=None, stop=(), tokenizer=None):
-        """Greedy generation of one row by full forwards (no cache, no batch-mates), ending as the
-        run does: EOS (kept), its budget, or a stop string in the decoded text (the completing
-        token kept). Returns (tokens, {layer: hidden [positions, d]})."""
-        self.edits, self.prompt_len = edits, len(prompt)
-        seq = list(prompt)
-        for _ in range(budget):
-            seq.append(int(self.model(torch.tensor([seq])).logits[0, -1].argmax()))
-            text = tokenizer.decode(seq[len(prompt) :]) if stop else ""
-            if seq[-1] == eos or any(s in text for s in stop):
-                break
-        self.model(torch.tensor([seq]))
-        return seq, {layer: h[0] for layer, h in self.captured.items()}
 
 
 def _plan(hooked, tokenizer, steered: bool):
@@ -184,7 +127,7 @@ def test_rows_ending_at_different_steps_equal_hf_generating_each_alone(
     executor, steered, llama_with_tokenizer, tmp_path, request
 ):
     path = llama_with_tokenizer
-    hooked = HookedModel(path)
+    hooked = HookedModel(path, TABLE)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
@@ -211,7 +154,7 @@ def test_continuous_store_equals_static_store_and_wastes_no_row_steps(llama_with
     path = llama_with_tokenizer
     from transformers import AutoTokenizer
 
-    edits, eos, stops = _plan(HookedModel(path), AutoTokenizer.from_pretrained(path), True)
+    edits, eos, stops = _plan(HookedModel(path, TABLE), AutoTokenizer.from_pretrained(path), True)
     cont_summary, cont = _run(path, tmp_path / "c.zarr", edits, eos, stops)
     static_summary, static = _run(path, tmp_path / "s.zarr", edits, eos, stops, batching="static")
     assert_stores_equal(cont, static)
@@ -226,7 +169,7 @@ def test_sampled_rows_equal_the_same_run_one_row_at_a_time(executor, llama_with_
     path = llama_with_tokenizer
     from transformers import AutoTokenizer
 
-    edits, eos, stops = _plan(HookedModel(path), AutoTokenizer.from_pretrained(path), True)
+    edits, eos, stops = _plan(HookedModel(path, TABLE), AutoTokenizer.from_pretrained(path), True)
     sampling = SamplingSpec(temperature=1.0, top_p=0.95, seed=3, eos_token_ids=(eos,), pad_token_id=0)
     pool = {"executor": "ray", "executor_pool": request.getfixturevalue("stage_pool")} if executor == "ray" else {}
     _, batched = _run(path, tmp_path / "b.zarr", edits, eos, stops, sampling=sampling, **pool)
@@ -244,7 +187,7 @@ def test_sliding_window_family_equals_hf_alone(tiny_checkpoints, tmp_path):
     mask applies the window, so rows spliced at any column equal HF alone; and its KL to the
     final layer equals the HF model's."""
     path = tiny_checkpoints["gemma2"]
-    hooked = HookedModel(path)
+    hooked = HookedModel(path, TABLE)
     model = hooked.model
     eos = hooked.alone(PROMPTS[0])[0][len(PROMPTS[0]) + 2]
     stops = [RowStop(max_new_tokens=b) for b in (8, 2, 6, 1, 8, 3, 5, 7, 4)]
@@ -278,7 +221,7 @@ def test_tensor_parallel_lanes_equal_one_rank(llama_with_tokenizer, tmp_path, ra
     path = llama_with_tokenizer
     from transformers import AutoTokenizer
 
-    edits, eos, stops = _plan(HookedModel(path), AutoTokenizer.from_pretrained(path), True)
+    edits, eos, stops = _plan(HookedModel(path, TABLE), AutoTokenizer.from_pretrained(path), True)
     _, tp1 = _run(path, tmp_path / "tp1.zarr", edits, eos, stops, num_stages=1)
     summary, tp2 = _run(path, tmp_path / "tp2.zarr", edits, eos, stops, num_stages=1, tp_size=2, executor="ray")
     assert len(summary["stage_info"]) == 2
@@ -301,7 +244,7 @@ def test_every_family_and_capture_choice_writes_the_static_store(
     capture-position kind and several components: continuous batching writes, array for array,
     the store of the static path (itself tested against HF), rows ending by EOS and budgets."""
     path = tiny_checkpoints[family]
-    eos = HookedModel(path).alone(PROMPTS[1])[0][len(PROMPTS[1]) + 1]
+    eos = HookedModel(path, TABLE).alone(PROMPTS[1])[0][len(PROMPTS[1]) + 1]
     stops = [RowStop(max_new_tokens=b) for b in (8, 2, 6, 1, 8, 3, 5, 7, 4)]
     kw = dict(positions=positions, components=components, kl_to_final=True)
     _, cont = _run(path, tmp_path / "c.zarr", [()] * len(PROMPTS), eos, stops, **kw)
@@ -331,7 +274,7 @@ def test_stage_actor_killed_mid_run_reruns_the_rows_in_flight(ray_cluster, llama
     path = llama_with_tokenizer
     from transformers import AutoTokenizer
 
-    edits, eos, stops = _plan(HookedModel(path), AutoTokenizer.from_pretrained(path), False)
+    edits, eos, stops = _plan(HookedModel(path, TABLE), AutoTokenizer.from_pretrained(path), False)
     _, reference = _run(path, tmp_path / "reference.zarr", edits, eos, stops)
     spec = run_spec(
         model_path=str(path), store_path=str(tmp_path / "killed.zarr"), executor="ray", max_restarts=2,
@@ -365,7 +308,7 @@ def test_tuned_lens_and_scores_write_the_static_store(tiny_checkpoints, tmp_path
         translators.weight.copy_(0.5 * torch.randn(3, 64, 64, generator=g) / 8)
         translators.bias.copy_(0.5 * torch.randn(3, 64, generator=g))
     save_translators(tmp_path / "t.safetensors", translators, {"model": "tiny"})
-    eos = HookedModel(path).alone(PROMPTS[0])[0][len(PROMPTS[0]) + 2]
+    eos = HookedModel(path, TABLE).alone(PROMPTS[0])[0][len(PROMPTS[0]) + 2]
     stops = [RowStop(max_new_tokens=b) for b in (8, 2, 6, 1, 8, 3, 5, 7, 4)]
     kw = dict(lenses=("logit", "tuned"), tuned_lens=str(tmp_path / "t.safetensors"), score_ids=(40, 41), k=4)
     _, cont = _run(path, tmp_path / "c.zarr", [()] * len(PROMPTS), eos, stops, **kw)
