@@ -226,3 +226,28 @@ def ray_head(num_cpus: int = 2):
     finally:
         stop_session(session)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def serving(*overrides: str, cwd: Path, env: dict, timeout: float = 300):
+    """`python -m pipelines.serve overrides...` (a fresh process: Ray Serve's replica imports this
+    checkout) from its start until it prints that it serves; yields its stderr's file. Ended with
+    Ctrl-C, as a user ends it, which must take the app down and exit 0."""
+    import time
+
+    out, err = Path(cwd) / "serve.out", Path(cwd) / "serve.err"
+    with open(out, "w") as o, open(err, "w") as e:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipelines.serve", *overrides], cwd=cwd, env=dict(env, PYTHONPATH=str(REPO)),
+            stdout=o, stderr=e, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + timeout
+            while "serving" not in out.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, err.read_text()[-3000:]
+                time.sleep(0.5)
+            yield err
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=120) == 0, err.read_text()[-3000:]
+        finally:
+            proc.kill()

@@ -168,3 +168,71 @@ def test_two_jobs_submitted_at_once_to_a_head_with_room_for_one_both_complete_an
         assert store.is_complete
         assert_stores_equal(store, stores[0])
     assert assert_kl_to_final_matches_hf(load_reference(tiny_with_tokenizer), stores[0]) > 0
+
+
+@pytest.mark.xdist_group("job_submit_head")
+def test_serve_joined_to_a_head_names_its_actors_and_serves_under_ray_job_submit(head, tiny_with_tokenizer, tmp_path):
+    """`distlens serve` on a `ray start` head: its stage actors and Serve replica are listed by
+    `ray list actors` under their names, and a chat answer equals HF greedy generation; then the
+    same server as a submitted job (stages in its replica) answers until `ray job stop` ends it."""
+    import time
+
+    import openai
+    import requests
+    from driver import serving
+    from transformers import AutoTokenizer
+
+    from actors.distributed import free_port
+    from reference import HookedModel
+
+    gcs, dashboard, env = head
+    hooked, tok = HookedModel(tiny_with_tokenizer), AutoTokenizer.from_pretrained(tiny_with_tokenizer)
+    ids = list(
+        tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_dict=False)
+    )
+    seq, _ = hooked.alone(ids, (), 4, tok.eos_token_id)
+    want = tok.decode(seq[len(ids) :], skip_special_tokens=True)
+
+    def answer(port: int) -> str:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        chat = client.chat.completions.create(model=str(tiny_with_tokenizer), messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=4, temperature=0)  # fmt: skip
+        return chat.choices[0].message.content
+
+    port = free_port()
+    with serving(f"model.name={tiny_with_tokenizer}", f"serve.port={port}", "serve.app=onhead", f"cluster.address={gcs}",
+                 cwd=tmp_path, env=env):  # fmt: skip
+        assert answer(port) == want
+        listed = subprocess.run(["ray", "list", "actors", "--address", gcs, "--filter", "state=ALIVE", "--format", "json"],
+                                env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert listed.returncode == 0, listed.stderr[-2000:]
+        names = {a.get("name") for a in json.loads(listed.stdout)} | {
+            a.get("class_name") for a in json.loads(listed.stdout)
+        }
+        assert {"distlens-onhead-stage0-rank0", "distlens-onhead-stage1-rank0"} <= names, names
+        assert any("DistlensServer" in (n or "") for n in names), names
+    port = free_port()
+    address = ["--address", f"http://127.0.0.1:{dashboard}"]
+    submitted = subprocess.run(
+        ["ray", "job", "submit", *address, "--no-wait", "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml",
+         "--", "python", "-m", "pipelines.serve", f"model.name={tiny_with_tokenizer}", f"serve.port={port}",
+         "serve.app=asjob", "cluster=inprocess"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr[-2000:]
+    job = next(w.strip("'") for w in submitted.stdout.split() if w.strip("'").startswith("raysubmit_"))
+    deadline, health = time.monotonic() + 300, None
+    while (health or {}).get("status") != "ok" and time.monotonic() < deadline:  # the job's driver starts it
+        try:
+            health = requests.get(f"http://127.0.0.1:{port}/health", timeout=10).json()
+        except (requests.RequestException, ValueError):
+            time.sleep(1)
+    assert health and health["status"] == "ok", health
+    assert answer(port) == want
+    stopped = subprocess.run(
+        ["ray", "job", "stop", *address, job], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    polled = subprocess.run([sys.executable, "-c", WAIT_FOR_JOBS, f"http://127.0.0.1:{dashboard}", job],
+                            env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert json.loads(polled.stdout)[job]["status"] == "STOPPED", polled.stdout[-2000:]

@@ -10,10 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from types import SimpleNamespace
 
@@ -21,7 +18,7 @@ import numpy as np
 import pytest
 import requests
 import torch
-from driver import REPO
+from driver import serving
 
 from reference import HookedModel, lens_reference
 
@@ -67,30 +64,16 @@ def served(tiny_with_tokenizer, ray_cluster, tmp_path_factory):
         dataset="probe", items=1, aggregator="mean_diff", normalised=False, norm=float(VECTORS[0].norm()),
     ).save(folder / "probe.safetensors")  # fmt: skip
     port = _free_port()
-    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address, PYTHONPATH=str(REPO))
-    out, err = open(folder / "out.txt", "w"), open(folder / "err.txt", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.serve", f"model.name={tiny_with_tokenizer}", f"serve.port={port}",
-         f"serve.api_key={KEY}", f"serve.app={APP}", f"serve.vectors=['probe={probe}']", "serve.max_waiting=8",
-         "cluster.micro_batch_size=3", "cluster.micro_batches_in_flight=2", "capture.k=5"],
-        cwd=folder, env=env, stdout=out, stderr=err, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while "serving" not in (folder / "out.txt").read_text():
-        assert proc.poll() is None and time.monotonic() < deadline, (folder / "err.txt").read_text()[-3000:]
-        time.sleep(0.5)
-    tok = AutoTokenizer.from_pretrained(tiny_with_tokenizer)
-    yield SimpleNamespace(
-        url=f"http://127.0.0.1:{port}/v1", root=f"http://127.0.0.1:{port}", model=str(tiny_with_tokenizer),
-        hooked=HookedModel(tiny_with_tokenizer), tok=tok, eos=tok.eos_token_id, log=folder / "err.txt",
-    )  # fmt: skip
-    proc.send_signal(signal.SIGINT)
-    try:
-        assert proc.wait(timeout=120) == 0, (folder / "err.txt").read_text()[-3000:]
-    finally:
-        proc.kill()
-        out.close()
-        err.close()
+    overrides = [f"model.name={tiny_with_tokenizer}", f"serve.port={port}", f"serve.api_key={KEY}", f"serve.app={APP}",
+                 f"serve.vectors=['probe={probe}']", "serve.max_waiting=8", "cluster.micro_batch_size=3",
+                 "cluster.micro_batches_in_flight=2", "capture.k=5"]  # fmt: skip
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+    with serving(*overrides, cwd=folder, env=env) as log:
+        tok = AutoTokenizer.from_pretrained(tiny_with_tokenizer)
+        yield SimpleNamespace(
+            url=f"http://127.0.0.1:{port}/v1", root=f"http://127.0.0.1:{port}", model=str(tiny_with_tokenizer),
+            hooked=HookedModel(tiny_with_tokenizer), tok=tok, eos=tok.eos_token_id, log=log,
+        )  # fmt: skip
 
 
 def _client(served, asynchronous: bool = False):
