@@ -114,9 +114,9 @@ class Vectors:
         return vec
 
     def load(self, entry: str, model: str) -> list[Vector]:
-        """`serve.vectors` entry: a steering-vector .safetensors file, a steering study's dataset
-        folder (its best layer's vector, named after the dataset), or a steer run folder (each
-        dataset's); `name=path` names a file's vector."""
+        """`serve.vectors` entry: a steering-vector .safetensors file (named after the file), a
+        steering study's folder (its chosen layer's vector, named after the dataset), or a steer
+        run folder of several datasets (each one's); `name=path` names the vector."""
         from pipelines.vectors import SteeringVector
 
         name, _, path = entry.rpartition("=") if "=" in entry else ("", "", entry)
@@ -133,9 +133,11 @@ class Vectors:
 
             out = []
             for folder in folders:
-                best = json.loads((folder / "summary.json").read_text())["best_layer"]
-                vec = SteeringVector.load(folder / f"vector_layer{best}.safetensors", model, self.facts.d_model)
-                out.append(self._put(name or folder.name, vec, str(folder)))
+                study = json.loads((folder / "summary.json").read_text())
+                vec = SteeringVector.load(
+                    folder / f"vector_layer{study['best_layer']}.safetensors", model, self.facts.d_model
+                )
+                out.append(self._put(name or study.get("dataset") or folder.name, vec, str(folder)))
             return out
         vec = SteeringVector.load(path, model, self.facts.d_model)
         return [self._put(name or path.stem, vec, str(path))]

@@ -66,7 +66,7 @@ def _under_a_file(tmp_path, _model) -> list[str]:
     return [f"storage.root={tmp_path / 'a-file' / 'runs'}"]
 
 
-LENS, STEER = "pipelines.lens", "pipelines.steer"
+LENS, STEER, SERVE = "pipelines.lens", "pipelines.steer", "pipelines.serve"
 # name: (driver, overrides or a function of (tmp_path, model dir) giving them, message); all exit with 2
 CASES = {
     # storage that cannot be written: refused before Hydra opens its log there and before Ray starts
@@ -188,6 +188,18 @@ CASES = {
         "capture.tuned_lens=null: capture.lenses holds tuned, so give a translators file",
     ),
     "unknown_lens": (LENS, ["capture.lenses=[logit,tunde]"], "capture.lenses contains 'tunde', which is not valid"),
+    # distlens serve: its own settings and the vectors it registers, refused before Ray starts
+    "serve_port_out_of_range": (SERVE, ["serve.port=70000"], "serve.port=70000 is out of range: valid is 1..65535"),
+    "serve_vector_of_another_model": (
+        SERVE,
+        lambda tmp, _: [f"serve.vectors=['{_vector(tmp, 32, 'other-model')}']"],
+        "was built on model 'other-model'",
+    ),
+    "serve_vectors_folder_without_a_study": (
+        SERVE,
+        lambda tmp, _: [f"serve.vectors=['{tmp}']"],
+        "holds no steering study",
+    ),
     # an output path holding another run's store
     "output_path_holds_another_run": (
         LENS,
@@ -201,7 +213,8 @@ STEER_BASE = ["data.max_train=4", "data.max_test=4", "steering.select_items=2", 
 # Cases run as a process of their own: where Ray is started or joined (the rest run the driver's
 # `__main__` in the test's process, tests/driver.py `run_here`: the same code, from the command
 # line to the exit code, without a process start per case)
-IN_A_PROCESS = {"unreachable_ray_address", "tp_not_dividing_heads"}
+# (and the serve cases: its `__main__` sets the process's SIGTERM handler)
+IN_A_PROCESS = {"unreachable_ray_address", "tp_not_dividing_heads"} | {c for c in CASES if CASES[c][0] == SERVE}
 JOIN_RAY = {"resources_the_cluster_cannot_place"}  # a process of its own that joins the test process's cluster
 
 
@@ -210,7 +223,8 @@ def test_bad_input_is_refused_before_compute(case, tiny_with_tokenizer, tmp_path
     driver, overrides, message = CASES[case]
     if callable(overrides):
         overrides = overrides(tmp_path, tiny_with_tokenizer)
-    base = [f"model.name={tiny_with_tokenizer}", "cluster=inprocess", f"storage.root={tmp_path}", "storage.run=r"]
+    base = [f"model.name={tiny_with_tokenizer}", "cluster=inprocess"]
+    base += [f"storage.root={tmp_path}", "storage.run=r"] if driver != SERVE else []
     if driver == STEER:
         base += STEER_BASE
     before = {p for p in tmp_path.rglob("*.zarr")}
