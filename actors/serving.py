@@ -279,8 +279,9 @@ class ServeEngine:
                 ticket.notify(("error", status, message))
 
     def _forget(self, row: int) -> Ticket:
-        self.ends.pop(row, None)
-        ticket = self.rows.pop(row)
+        with self._cond:  # `cancel` reads the rows from another thread
+            self.ends.pop(row, None)
+            ticket = self.rows.pop(row)
         ticket.done = True
         return ticket
 

@@ -190,6 +190,11 @@ def parse(body, kind: str, facts: ModelFacts, vectors: Vectors, encode) -> Parse
     field = "max_completion_tokens" if limit is not None else "max_tokens"
     max_tokens = body.get(field, 16) if limit is None else limit
     room = facts.context - len(ids)
+    if room < 1:
+        raise RequestError(
+            "messages" if kind == "chat" else "prompt",
+            f"the prompt's {len(ids)} tokens fill the context of {facts.context}",
+        )
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= room:
         raise RequestError(
             field, f"{field}={max_tokens!r} is out of range: valid is 1..{room} (context {facts.context} minus the "

@@ -17,6 +17,7 @@ class Reply:
         self.tokens: list[int] = []
         self.logprobs: list = []
         self.sent = ""  # text already streamed
+        self.unsent: list[int] = []  # tokens whose log-probs no chunk has carried yet
         self.hold = max((len(s) for s in parsed.request.stop), default=1) - 1
 
     def _text(self) -> tuple[str, bool]:
@@ -29,6 +30,8 @@ class Reply:
         """Take one generated token; a stream's chunk of the new text (None: nothing to send yet)."""
         self.tokens.append(token)
         self.logprobs.append(logprobs)
+        if logprobs is not None:  # sent with the next chunk that carries text
+            self.unsent.append(len(self.tokens) - 1)
         text, stopped = self._text()
         if stopped or text.endswith("\ufffd"):  # a stop string (sent at the end), or a character still split
             return None
@@ -36,7 +39,12 @@ class Reply:
         if len(ready) <= len(self.sent):
             return None
         delta, self.sent = ready[len(self.sent) :], ready
-        return self._chunk(delta, None, [self._logprob(len(self.tokens) - 1)] if logprobs is not None else None)
+        return self._chunk(delta, None, self._take_logprobs())
+
+    def _take_logprobs(self) -> list | None:
+        entries = [self._logprob(i) for i in self.unsent]
+        self.unsent = []
+        return entries or None
 
     def first_chunk(self) -> dict:
         if self.kind == "chat":
@@ -46,7 +54,7 @@ class Reply:
     def last_chunks(self, reason: str, lens) -> list[dict]:
         text, stopped = self._text()
         reason = "stop" if stopped else reason
-        out = [self._chunk(text[len(self.sent) :], reason, None)]
+        out = [self._chunk(text[len(self.sent) :], reason, self._take_logprobs())]
         extra = self._extra(lens)
         if extra:
             out[-1]["distlens"] = extra

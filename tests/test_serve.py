@@ -189,13 +189,18 @@ def test_streaming_returns_the_tokens_of_the_whole_answer_and_stops_where_it_doe
     # a stop string first met at a later token: the text of that token, not in the text before it
     stop = next(piece for i in range(3, len(tokens)) if (piece := served.tok.decode(tokens[i]).strip())
                 and piece not in served.tok.decode(tokens[:i]))  # fmt: skip
-    kw = dict(model=served.model, messages=[{"role": "user", "content": MESSAGES[4]}], max_tokens=10, temperature=0)  # fmt: skip
+    kw = dict(model=served.model, messages=[{"role": "user", "content": MESSAGES[4]}], max_tokens=10, temperature=0,
+              logprobs=True)  # fmt: skip
     for stops, text, reason in ((None, want, "length"), ([stop], want[: want.find(stop)], "stop")):
         whole = client.chat.completions.create(**kw, stop=stops)
         chunks = list(client.chat.completions.create(**kw, stop=stops, stream=True))
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert whole.choices[0].message.content == streamed == text
         assert whole.choices[0].finish_reason == chunks[-1].choices[0].finish_reason == reason
+        streamed_lp = [
+            e.logprob for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
+        ]
+        assert streamed_lp == [e.logprob for e in whole.choices[0].logprobs.content]  # every token's, once
         assert stops or len(chunks) > 3  # token by token, not one block
 
 
