@@ -171,15 +171,16 @@ def test_two_jobs_submitted_at_once_to_a_head_with_room_for_one_both_complete_an
 
 
 @pytest.mark.xdist_group("job_submit_head")
-def test_serve_joined_to_a_head_names_its_actors_and_serves_under_ray_job_submit(head, tiny_with_tokenizer, tmp_path):
-    """`distlens serve` on a `ray start` head: its stage actors and Serve replica are listed by
-    `ray list actors` under their names, and a chat answer equals HF greedy generation; then the
-    same server as a submitted job (stages in its replica) answers until `ray job stop` ends it."""
+def test_serve_under_ray_job_submit_on_a_head_names_its_actors_and_stops_with_the_job(
+    head, tiny_with_tokenizer, tmp_path
+):
+    """`distlens serve` submitted as a job to a `ray start` head: its two stage actors (on the
+    head) and its Serve replica are listed by `ray list actors` under their names, a chat answer
+    equals HF greedy generation of the request alone, and `ray job stop` takes it all down."""
     import time
 
     import openai
     import requests
-    from driver import serving
     from transformers import AutoTokenizer
 
     from actors.distributed import free_port
@@ -191,32 +192,11 @@ def test_serve_joined_to_a_head_names_its_actors_and_serves_under_ray_job_submit
         tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_dict=False)
     )
     seq, _ = hooked.alone(ids, (), 4, tok.eos_token_id)
-    want = tok.decode(seq[len(ids) :], skip_special_tokens=True)
-
-    def answer(port: int) -> str:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-        chat = client.chat.completions.create(model=str(tiny_with_tokenizer), messages=[{"role": "user", "content": "Hi"}],
-                                              max_tokens=4, temperature=0)  # fmt: skip
-        return chat.choices[0].message.content
-
-    port = free_port()
-    with serving(f"model.name={tiny_with_tokenizer}", f"serve.port={port}", "serve.app=onhead", f"cluster.address={gcs}",
-                 cwd=tmp_path, env=env):  # fmt: skip
-        assert answer(port) == want
-        listed = subprocess.run(["ray", "list", "actors", "--address", gcs, "--filter", "state=ALIVE", "--format", "json"],
-                                env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
-        assert listed.returncode == 0, listed.stderr[-2000:]
-        names = {a.get("name") for a in json.loads(listed.stdout)} | {
-            a.get("class_name") for a in json.loads(listed.stdout)
-        }
-        assert {"distlens-onhead-stage0-rank0", "distlens-onhead-stage1-rank0"} <= names, names
-        assert any("DistlensServer" in (n or "") for n in names), names
-    port = free_port()
-    address = ["--address", f"http://127.0.0.1:{dashboard}"]
+    port, address = free_port(), ["--address", f"http://127.0.0.1:{dashboard}"]
     submitted = subprocess.run(
         ["ray", "job", "submit", *address, "--no-wait", "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml",
          "--", "python", "-m", "pipelines.serve", f"model.name={tiny_with_tokenizer}", f"serve.port={port}",
-         "serve.app=asjob", "cluster=inprocess"],
+         "serve.app=asjob"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr[-2000:]
@@ -228,7 +208,20 @@ def test_serve_joined_to_a_head_names_its_actors_and_serves_under_ray_job_submit
         except (requests.RequestException, ValueError):
             time.sleep(1)
     assert health and health["status"] == "ok", health
-    assert answer(port) == want
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    chat = client.chat.completions.create(model=str(tiny_with_tokenizer), messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=4, temperature=0)  # fmt: skip
+    assert chat.choices[0].message.content == tok.decode(seq[len(ids) :], skip_special_tokens=True)
+
+    def alive() -> set:
+        listed = subprocess.run(["ray", "list", "actors", "--address", gcs, "--filter", "state=ALIVE", "--format", "json"],
+                                env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert listed.returncode == 0, listed.stderr[-2000:]
+        return {a.get("name") or a.get("class_name") for a in json.loads(listed.stdout)}
+
+    names = alive()
+    assert {"distlens-asjob-stage0-rank0", "distlens-asjob-stage1-rank0"} <= names, names
+    assert any("DistlensServer" in (n or "") for n in names), names
     stopped = subprocess.run(
         ["ray", "job", "stop", *address, job], env=env, capture_output=True, text=True, timeout=300
     )
@@ -236,3 +229,7 @@ def test_serve_joined_to_a_head_names_its_actors_and_serves_under_ray_job_submit
     polled = subprocess.run([sys.executable, "-c", WAIT_FOR_JOBS, f"http://127.0.0.1:{dashboard}", job],
                             env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert json.loads(polled.stdout)[job]["status"] == "STOPPED", polled.stdout[-2000:]
+    deadline = time.monotonic() + 120
+    while any("asjob" in (n or "") or "DistlensServer" in (n or "") for n in alive()) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not any("asjob" in (n or "") or "DistlensServer" in (n or "") for n in alive())
