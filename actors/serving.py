@@ -178,7 +178,9 @@ class ServeEngine:
             self._finish_error(row, 503, f"the request failed in the stages ({message}); send it again")
         self.lanes.clear()
         if self.failed:
-            for row in list(self.waiting):
+            with self._cond:
+                waiting, self.waiting = list(self.waiting), deque()
+            for row in waiting:
                 self._finish_error(row, 503, self.failed)
 
     def _requeue_in_flight(self) -> None:

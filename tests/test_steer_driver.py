@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from driver import ray_head, run_driver
+from driver import run_driver
 
 from actors.store import LensStore
 
@@ -62,16 +62,17 @@ def test_dataset_all_runs_every_dataset_and_loads_the_model_once(
 
 
 def test_multirun_over_datasets_and_layers_joins_one_cluster_and_reports_one_table(
-    tiny_with_tokenizer, two_datasets, tmp_path
+    tiny_with_tokenizer, two_datasets, tmp_path, joined_ray
 ):
-    """`-m dataset=a,b layer=0,1` with $RAY_ADDRESS set: all four jobs run their stages on the
-    one running cluster, and `pipelines.report` collects them into one 4-row table."""
-    with ray_head(num_cpus=3) as (address, _, env, _):
-        result = run_driver(
-            "pipelines.steer", "-m", "dataset=survival-instinct,corrigible-neutral-HHH", "layer=0,1",
-            f"model.name={tiny_with_tokenizer}", f"data.root={two_datasets}", f"storage.root={tmp_path}", *SMALL,
-            cwd=tmp_path, env={"RAY_ADDRESS": address, **{k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}},
-        )  # fmt: skip
+    """`-m dataset=a,b layer=0,1` with $RAY_ADDRESS set (this test process's running cluster):
+    all four jobs run their stages on that one cluster, and `pipelines.report` collects them
+    into one 4-row table."""
+    address = joined_ray["RAY_ADDRESS"]
+    result = run_driver(
+        "pipelines.steer", "-m", "dataset=survival-instinct,corrigible-neutral-HHH", "layer=0,1",
+        f"model.name={tiny_with_tokenizer}", f"data.root={two_datasets}", f"storage.root={tmp_path}", *SMALL,
+        cwd=tmp_path, env=joined_ray,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep_dir,) = (tmp_path / "steer-multirun").iterdir()
     summaries = [json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")]
