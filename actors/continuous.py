@@ -146,12 +146,8 @@ class ContinuousBatches:
 
     def _submit(self, lane: _Lane, evict: list, admit: dict | None, fresh: bool = False) -> None:
         """One call of `lane` through every stage, each stage's output handed to the next."""
-        stages = self.coordinator.stages
         plan = {"open": fresh, "evict": evict, "admit": admit}
-        feed, hidden, calls = lane.last, None, []
-        for s in range(stages.num_stages):
-            hidden, chunk_calls = stages.lane_step(s, lane.index, plan, feed, hidden)
-            calls += chunk_calls
+        hidden, calls = self.coordinator.stages.lane_call(lane.index, plan, lane.last)
         gone = set(evict)
         lane.rows = [r for r in lane.rows if r not in gone] + (admit["rows"] if admit else [])
         lane.last, lane.calls, lane.evicted = hidden, calls, list(evict)

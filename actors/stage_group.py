@@ -89,6 +89,15 @@ class StageGroup:
         calls = self._every_rank([stage], StageWorker.lane_step, lane, plan, feed, upstream, num_returns=2)
         return calls[0][0], [pair[1] for pair in calls]
 
+    def lane_call(self, lane: int, plan: dict, feed) -> tuple[object, list]:
+        """One call of lane `lane` through every stage, each stage's output handed to the next:
+        (the last stage's output handle, every stage's and rank's lens-chunk handles)."""
+        hidden, calls = None, []
+        for s in range(self.num_stages):
+            hidden, chunk_calls = self.lane_step(s, lane, plan, feed, hidden)
+            calls += chunk_calls
+        return hidden, calls
+
     def finish(self, mb: int, last_tokens) -> list:
         return self._every_rank(self._all_stages(), StageWorker.finish, mb, last_tokens)
 

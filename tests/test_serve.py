@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import time
 from types import SimpleNamespace
 
@@ -45,12 +44,6 @@ STEERING = [
 MAX_TOKENS = [6, 3, 5, 4, 6, 2, 5, 3]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tiny_with_tokenizer, ray_cluster, tmp_path_factory):
     """The server, started as a user starts it; yields what the tests read; stopped with Ctrl-C."""
@@ -63,7 +56,9 @@ def served(tiny_with_tokenizer, ray_cluster, tmp_path_factory):
         vector=VECTORS[0].numpy(), model=str(tiny_with_tokenizer), hidden_size=D, layer=PROBE[0], site=PROBE[1],
         dataset="probe", items=1, aggregator="mean_diff", normalised=False, norm=float(VECTORS[0].norm()),
     ).save(folder / "probe.safetensors")  # fmt: skip
-    port = _free_port()
+    from actors.distributed import free_port
+
+    port = free_port()
     overrides = [f"model.name={tiny_with_tokenizer}", f"serve.port={port}", f"serve.api_key={KEY}", f"serve.app={APP}",
                  f"serve.vectors=['probe={probe}']", "serve.max_waiting=8", "cluster.micro_batch_size=3",
                  "cluster.micro_batches_in_flight=2", "capture.k=5"]  # fmt: skip
