@@ -74,6 +74,11 @@ class CaptureSettings:
     jacobian_lens: str | None = None  # the jacobian_lens.safetensors file the Jacobian lens reads
 
 
+def captured_layers(cap: CaptureSettings, n_layers: int) -> tuple[int, ...]:
+    """The global indices `cap.layers` names (None: every layer; negative counts from the end), sorted."""
+    return tuple(range(n_layers)) if cap.layers is None else tuple(sorted(i % n_layers for i in cap.layers))
+
+
 def stage_capture(cap: CaptureSettings, layers: tuple[int, ...]) -> CaptureSettings:
     """`cap` as the stages read it: `layers` resolved to global indices (sorted, none negative,
     never None), `components` a tuple, and `tuned_lens` (`jacobian_lens`) kept only when the tuned

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from actors.run_spec import RunSpec, SettingError, check_run, stage_capture
+from actors.run_spec import RunSpec, SettingError, captured_layers, check_run, stage_capture
 from actors.run_store import FinishedBatch, RunStore, lay_out_batch
 from actors.slicing import plan_stages
 from actors.stage import StageSpec
@@ -208,7 +208,7 @@ def plan_run(spec: RunSpec, prompts: list[list[int]], prompt_texts: list[str] | 
     check_run(spec, config, prompts, [end.budget for end in ends], rows.sources)
     n_layers = config.num_hidden_layers
     cap = spec.capture
-    layers = tuple(range(n_layers)) if cap.layers is None else tuple(sorted(i % n_layers for i in cap.layers))
+    layers = captured_layers(cap, n_layers)
     bounds = plan_stages(config, spec.cluster.num_stages)
     layout = _layout(spec, config, prompts, rows, layers, [end.budget for end in ends])
     row_arrays = _edit_arrays(rows, rows.kinds, layout.n_edits)

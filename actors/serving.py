@@ -55,6 +55,7 @@ class Ticket:
 
     def __init__(self, request: ServeRequest, notify):
         self.request, self.notify = request, notify
+        self.row = -1  # its row id, given at `submit`
         self.generated: list[int] = []
         self.sent = 0  # tokens the client has (a re-run after a stage failure skips them)
         self.chunks: list = []  # LensChunks of this row, every stage
@@ -108,7 +109,7 @@ class ServeEngine:
                 raise Unavailable(self.failed or "the server is shutting down")
             if len(self.waiting) >= self.max_waiting:
                 raise Busy(f"{len(self.waiting)} requests are waiting (serve.max_waiting={self.max_waiting})")
-            row = next(self._ids)
+            row = ticket.row = next(self._ids)
             self.rows[row] = ticket
             self.ends[row] = RowEnd(request.max_tokens, tuple(request.stop), self.eos)
             self.waiting.append(row)
@@ -119,10 +120,9 @@ class ServeEngine:
         """The client went away: a waiting row leaves the queue, a running one its lane at its next step."""
         with self._cond:
             ticket.cancelled = True
-            for row, t in list(self.rows.items()):
-                if t is ticket and row in self.waiting:
-                    self.waiting.remove(row)
-                    self._forget(row)
+            if ticket.row in self.waiting:
+                self.waiting.remove(ticket.row)
+                self._forget(ticket.row)
 
     def health(self) -> dict:
         with self._cond:
@@ -290,12 +290,13 @@ def serving_specs(spec, config) -> list:
     layer hooked (a request may edit any), the run's capture (a request's lens reads a subset of
     it), no vector table (a request carries its vectors)."""
     from actors.adapters import adapter_for
+    from actors.run_spec import captured_layers
     from actors.run_state import stage_specs
     from actors.slicing import plan_stages
     from actors.vocabulary import STEERING_SITES
 
-    n, cap = config.num_hidden_layers, spec.capture
-    layers = tuple(range(n)) if cap.layers is None else tuple(sorted(i % n for i in cap.layers))
+    n = config.num_hidden_layers
+    layers = captured_layers(spec.capture, n)
     have = adapter_for(config.model_type).sites_for(config)
     steered = tuple((layer, site) for layer in range(n) for site in STEERING_SITES if site in have)
     return stage_specs(spec, plan_stages(config, spec.cluster.num_stages), layers, None, steered)

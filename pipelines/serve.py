@@ -39,7 +39,7 @@ class Server:
         from pipelines.serve_api import Vectors, model_facts
 
         cfg = OmegaConf.create(settings["cfg"])
-        self.cfg, self.api_key = cfg, settings["api_key"]
+        self.api_key = settings["api_key"]
         spec = run_spec(cfg, settings["model_path"], "")
         self.facts, hf_config = model_facts(cfg, settings["model_path"], spec)
         self.tokenizer = load_tokenizer(settings["model_path"])

@@ -77,6 +77,7 @@ def model_facts(cfg, model_path: str, spec):
 
     from actors.adapters import adapter_for
     from actors.checkpoint import load_tokenizer
+    from actors.run_spec import captured_layers
     from pipelines.prompts import special_ids
 
     hf = AutoConfig.from_pretrained(model_path)
@@ -88,7 +89,7 @@ def model_facts(cfg, model_path: str, spec):
         name=cfg.serve.model_name or cfg.model.name, n_layers=n, d_model=hf.hidden_size,
         context=int(getattr(hf, "max_position_embeddings", 2048) or 2048),
         sites=tuple(s for s in STEERING_SITES if s in have),
-        lens_layers=tuple(range(n)) if cap.layers is None else tuple(sorted(i % n for i in cap.layers)),
+        lens_layers=captured_layers(cap, n),
         components=tuple(cap.components), lenses=tuple(cap.lenses) if cap.lens else (), k=cap.k, eos=tuple(eos), pad=pad,
     )  # fmt: skip
     return facts, hf
