@@ -17,15 +17,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from actors.adapters import get_path
 from actors.jacobian_fit import JacobianStage
 from actors.lane import LaneStage
 from actors.lens import LogitLens
-from actors.lens_window import LensChunk, LensWindow, WindowBuffer, capture_mask
+from actors.lens_window import LensChunk, LensWindow, WindowBuffer
 from actors.run_spec import CaptureSettings
 from actors.sampling import SamplingSpec, choose_tokens
-from actors.steering import edit_terms
-from actors.vocabulary import MODEL_DTYPES, SITES
+from actors.stage_hooks import HookedStage
+from actors.vocabulary import MODEL_DTYPES
 
 DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
 
@@ -76,6 +75,8 @@ class _BatchState:
     finished: torch.Tensor | None = None
     generator: torch.Generator | None = None
     terms: dict = field(default_factory=dict)  # (layer, site) -> [(positions, [batch, d_model])], see edit_terms
+    do: dict = field(default_factory=dict)  # (layer, site) -> [(row, Intervention)], see actors/interventions.py
+    sources: dict = field(default_factory=dict)  # row -> the patch-source key it carries
     shared: bool = False  # a shared prefix: no lens flush and no sampling until `expand`
 
     def advance(self, new: int, device) -> torch.Tensor:
@@ -107,42 +108,12 @@ class _BatchState:
             self.finished = self.finished[idx]
 
 
-def _edit_mask(state: _BatchState, start: int, end: int, positions) -> torch.Tensor:
-    """[batch, end - start] bool: where a steering edit with `positions` applies."""
-    if isinstance(positions, int):
-        cols = torch.arange(start, end)[None, :]
-        return (cols - state.pad[:, None]) >= positions
-    if positions == "all":
-        return torch.ones(len(state.pad), end - start, dtype=torch.bool)
-    return capture_mask(state, start, end, positions)
-
-
-def _hook_input(module, transform):
-    """Rewrite the tensor `module` reads: its first positional argument or `hidden_states=`."""
-
-    def pre(m, args, kwargs):
-        if args:
-            return (transform(args[0]), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": transform(kwargs["hidden_states"])}
-
-    return module.register_forward_pre_hook(pre, with_kwargs=True)
-
-
-def _hook_output(module, transform):
-    """Rewrite the tensor `module` returns (the first element of a returned tuple)."""
-
-    def post(m, args, out):
-        return (transform(out[0]), *out[1:]) if isinstance(out, tuple) else transform(out)
-
-    return module.register_forward_hook(post)
-
-
 def _node_id() -> str | None:
     ray = sys.modules.get("ray")  # a process that never imported Ray (the in-process executor's) runs on no Ray node
     return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
 
 
-class StageWorker(LaneStage, JacobianStage):
+class StageWorker(HookedStage, LaneStage, JacobianStage):
     """Holds layers `[spec.start, spec.end)` and runs prefill/decode steps for micro-batches
     (static ones here; continuous batching's lanes in actors/lane.py)."""
 
@@ -227,6 +198,7 @@ class StageWorker(LaneStage, JacobianStage):
                 )
             self._vectors = table.to(self.device)
         self._install_hooks()
+        self._patch_sources: dict = {}  # (source key, layer, site) -> [prompt length, d], see interventions
         self._states: dict[int, _BatchState] = {}
         self._lanes = {}
         self.window = LensWindow(spec, self.lens, self.config, self.device)  # the tuned lens and its training too
@@ -291,38 +263,6 @@ class StageWorker(LaneStage, JacobianStage):
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }
 
-    def _install_hooks(self) -> None:
-        """One hook per (layer, site) that is steered or captured: the edit first, so a capture
-        at the same site records the steered activation that flows on. Where a site sits in a
-        layer is the family's adapter row."""
-        capture = self.spec.capture
-        sites = self.model.adapter.sites_for(self.config)
-        for offset, layer in enumerate(self.model.layers):
-            index = self.spec.start + offset
-            for site in SITES:
-                steered = (index, site) in self._steered
-                record = index in capture.layers and site in capture.components
-                if not steered and not record:
-                    continue
-                path, which = sites[site]
-                module = get_path(layer, path)
-                hook = (_hook_input if which == "in" else _hook_output)(module, self._transform(index, site, record))
-                self._hooks.append(hook)
-
-    def _transform(self, layer: int, site: str, record: bool):
-        def transform(hidden: torch.Tensor) -> torch.Tensor:  # hidden: [batch, new, d_model]
-            if self._step is not None:
-                state, start, new = self._step
-                for positions, per_row in state.terms.get((layer, site), ()):
-                    mask = _edit_mask(state, start, start + new, positions).to(hidden.device)
-                    # the edit is float32 (coefficient x vector), cast to the model's dtype once added
-                    hidden = hidden + (mask[:, :, None].float() * per_row[:, None, :]).to(hidden.dtype)
-            if record and self._capture is not None:
-                self._capture.setdefault((layer, site), []).append(hidden.detach())
-            return hidden
-
-        return transform
-
     # -- micro-batch lifecycle --------------------------------------------------------------
     def start(self, mb: int, attention_mask: np.ndarray, positions="all", edits=None, shared=False) -> None:
         """Open micro-batch `mb`; attention_mask: [batch, prompt_cols] (left-padded prompts);
@@ -340,19 +280,12 @@ class StageWorker(LaneStage, JacobianStage):
             prompt_cols=mask.shape[1],
             positions=positions if isinstance(positions, str) else tuple(positions),
         )
-        state.terms = self._terms(edits, mask.shape[0])
+        self._take_edits(state, edits, mask.shape[0])
         if self.spec.is_last:
             state.finished = torch.zeros(mask.shape[0], dtype=torch.bool)
             state.generator = torch.Generator().manual_seed(self.spec.sampling.seed * 1_000_003 + mb)
         state.shared = bool(shared)
         self._states[mb] = state
-
-    def _terms(self, edits, rows: int) -> dict:
-        if edits is None or not self._steered:
-            return {}
-        if len(edits) != rows:
-            raise ValueError(f"edits are given for {len(edits)} rows; the micro-batch has {rows}")
-        return edit_terms(edits, self._vectors, self._steered, self.device)
 
     def expand(self, mb: int, index, edits, prefix=None) -> None:
         """Replicate a shared prefix: row i of the micro-batch becomes prefix row `index[i]`,
@@ -363,7 +296,7 @@ class StageWorker(LaneStage, JacobianStage):
         state = self._state(mb)
         idx = torch.as_tensor(np.asarray(index), dtype=torch.long)
         state.select(idx, idx.to(self.device), self.window.finals_of(prefix))
-        state.terms = self._terms(edits, len(idx))
+        self._take_edits(state, edits, len(idx))
         state.shared = False
 
     @torch.no_grad()
@@ -454,6 +387,7 @@ def _next_tokens(lens: LogitLens, hidden: torch.Tensor, state: _BatchState, spec
     out = {"tokens": chosen.numpy(), "finished": state.finished.numpy().copy(), **final}
     if spec.score_ids:  # a few chosen logits (e.g. answer letters), never the vocabulary
         out["scores"] = logits[:, list(spec.score_ids)].float().cpu().numpy()
+        out["score_logz"] = torch.logsumexp(logits.float(), dim=-1).cpu().numpy()  # log-probs = scores - logz
     return out
 
 

@@ -1,8 +1,8 @@
 """The stages of one run as one object with named calls: it owns the rank topology (the ranks
 of each stage), the tensor-parallel rendezvous, and how each call is dispatched and collected.
 
-Dispatch: the micro-batch calls (`start`, `step`, `expand`, `finish`, `lane_step`, the Jacobian
-fit's `jacobian_rows`, `_block`, `_drop`) and `setup` go to every rank of the stages they name
+Dispatch: the micro-batch calls (`start`, `step`, `expand`, `finish`, `lane_step`,
+`drop_patch_sources`, the Jacobian fit's `jacobian_rows`, `_block`, `_drop`) and `setup` go to every rank of the stages they name
 (tensor-parallel ranks run the same step together); the reports (`stats`, `jacobian_take`) go
 to rank 0 of each stage. Collection: a stage's output and its lens chunks are
 rank 0's (every rank computes the merged lens; only rank 0's spec says `reports`, so the others
@@ -98,8 +98,12 @@ class StageGroup:
             calls += chunk_calls
         return hidden, calls
 
-    def finish(self, mb: int, last_tokens) -> list:
-        return self._every_rank(self._all_stages(), StageWorker.finish, mb, last_tokens)
+    def finish(self, mb: int, last_tokens, stages=None) -> list:
+        return self._every_rank(self._all_stages() if stages is None else stages, StageWorker.finish, mb, last_tokens)
+
+    def drop_patch_sources(self) -> list:
+        """Every rank forgets the activations its patch-source rows lent (actors/interventions.py)."""
+        return self._every_rank(self._all_stages(), StageWorker.drop_patch_sources)
 
     # -- the Jacobian-lens fit (actors/jacobian_fit.py, driven by actors/jacobian_coordinator.py) --
     def jacobian_rows(self, stage: int, key, x, lengths):

@@ -9,7 +9,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from actors.vocabulary import ACTIVATION_DTYPES, MODEL_DTYPES, STEERING_POSITIONS, STEERING_SITES
+from actors.vocabulary import ACTIVATION_DTYPES, MODEL_DTYPES, SITES, STEERING_POSITIONS, STEERING_SITES
 from pipelines.errors import exit_with_error
 
 POSITION_WORDS = ("all", "prompt", "generated")
@@ -301,6 +301,32 @@ class TuneConf:
     progress: bool = True
 
 
+@dataclass
+class TraceSettingsConf:
+    sites: list[str] = field(default_factory=lambda: ["resid_post"])  # resid_post, attn_out, mlp_out, ...
+    layers: Any = None  # None = every layer; else a list of indices (negative counts from the end)
+
+
+@dataclass
+class TraceConf:
+    model: ModelConf = field(default_factory=ModelConf)
+    cluster: ClusterConf = field(default_factory=ClusterConf)
+    pairs: Any = None  # a JSONL file of {clean, corrupt, target, foil?}, or the pairs inline
+    trace: TraceSettingsConf = field(default_factory=TraceSettingsConf)
+    resume: bool = False  # continue the trace.zarr in hydra.run.dir: pairs already traced are skipped
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class PatchConf:
+    model: ModelConf = field(default_factory=ModelConf)
+    cluster: ClusterConf = field(default_factory=ClusterConf)
+    rows: Any = None  # a JSONL file of {prompt, edits, targets?}, or the rows inline (pipelines/patch_rows.py)
+    targets: list[str] = field(default_factory=list)  # tokens whose log-probs every row reports
+    progress: bool = True
+
+
 def register() -> None:
     from omegaconf import OmegaConf
 
@@ -317,6 +343,8 @@ def register() -> None:
     cs.store(name="demo_schema", node=DemoConf)
     cs.store(name="bench_schema", node=BenchConf)
     cs.store(name="serve_schema", node=ServeConf)
+    cs.store(name="trace_schema", node=TraceConf)
+    cs.store(name="patch_schema", node=PatchConf)
     cs.store(group="model", name="schema", node=ModelConf)
     cs.store(group="cluster", name="schema", node=ClusterConf)
     cs.store(group="storage", name="schema", node=StorageConf)
@@ -582,6 +610,37 @@ def check_serve(cfg) -> str:
     except (ValueError, RequestError) as err:
         raise ConfigError(f"serve.vectors: {err}" if not str(err).startswith("serve.vectors") else str(err)) from None
     return str(checkpoint.path)
+
+
+def check_interventions_run(cfg, hf_config) -> None:
+    """The `model` and `cluster` of a run of interventions (pipelines.trace, pipelines.patch)."""
+    from actors.run_spec import check_cluster
+
+    _validate_model_and_cluster(cfg)
+    if cfg.cluster.tp_size != 1:
+        raise ConfigError(f"cluster.tp_size={cfg.cluster.tp_size}: interventions run on tp_size=1 pipeline stages")
+    model_checks(check_cluster, cluster_settings(cfg.cluster), hf_config)
+
+
+def check_trace(cfg, hf_config) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Every check of a causal trace's settings against the model (the pairs: pipelines/trace_pairs.py);
+    returns (sites, layers) with layers as indices from 0."""
+    check_interventions_run(cfg, hf_config)
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("resume=true and overwrite=true contradict each other: choose one")
+    sites = cfg.trace.sites
+    if not _is_list(sites) or not sites:
+        raise ConfigError(f"trace.sites={sites!r}: give a list of sites, e.g. [resid_post, attn_out, mlp_out]")
+    for site in sites:
+        choice("trace.sites", site, SITES)
+    n = hf_config.num_hidden_layers
+    layers = range(n) if cfg.trace.layers is None else cfg.trace.layers
+    if not _is_list(layers) and not isinstance(layers, range) or not len(layers):
+        raise ConfigError(f"trace.layers={layers!r}: give a list of layer indices, or null for every layer")
+    for layer in layers:
+        if not isinstance(layer, int) or not -n <= layer < n:
+            raise ConfigError(f"trace.layers has {layer!r}: valid is -{n}..{n - 1} (the model has {n} layers)")
+    return tuple(sites), tuple(sorted({layer % n for layer in layers}))
 
 
 def cluster_settings(c):

@@ -3,6 +3,8 @@ store that looks complete."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from driver import run_driver, run_here
@@ -66,7 +68,25 @@ def _under_a_file(tmp_path, _model) -> list[str]:
     return [f"storage.root={tmp_path / 'a-file' / 'runs'}"]
 
 
+def _pairs(tmp_path, corrupt: str, target: str) -> list[str]:
+    path = tmp_path / "pairs.jsonl"
+    pair = {"clean": "The cat sat on the", "corrupt": corrupt, "target": target}
+    path.write_text(json.dumps(pair) + "\n")
+    return [f"pairs={path}"]
+
+
+def _patch_rows(tmp_path, edit: dict, values=None) -> list[str]:
+    if values is not None:
+        np.save(tmp_path / "v.npy", values)
+        edit = {**edit, "values": str(tmp_path / "v.npy")}
+    path = tmp_path / "rows.jsonl"
+    rows = [{"prompt": "The cat sat on the"}, {"prompt": "The dog sat on the", "edits": [edit]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return [f"rows={path}", "targets=[' mat']"]
+
+
 LENS, STEER, SERVE = "pipelines.lens", "pipelines.steer", "pipelines.serve"
+TRACE, PATCH = "pipelines.trace", "pipelines.patch"
 # name: (driver, overrides or a function of (tmp_path, model dir) giving them, message); all exit with 2
 CASES = {
     # storage that cannot be written: refused before Hydra opens its log there and before Ray starts
@@ -200,6 +220,28 @@ CASES = {
         lambda tmp, _: [f"serve.vectors=['{tmp}']"],
         "holds no steering study",
     ),
+    # causal traces and interventions: the pairs and rows, refused before the stages load
+    "trace_pair_of_two_lengths": (
+        TRACE,
+        lambda tmp, _: _pairs(tmp, "The Colosseum sat on the", " mat"),
+        "clean has 5 tokens, corrupt 7: a trace restores each position from the clean run into the corrupted "
+        "one and needs prompts of equal token length",
+    ),
+    "trace_target_of_several_tokens": (
+        TRACE,
+        lambda tmp, _: _pairs(tmp, "The dog sat on the", " Colosseum"),
+        "field 'target'=' Colosseum' is 3 tokens, not one",
+    ),
+    "patch_source_out_of_range": (
+        PATCH,
+        lambda tmp, _: _patch_rows(tmp, {"op": "patch", "layer": 1, "site": "resid_post", "source": 5}),
+        "edits[0]: patch source=5 is out of range: rows are 0..1",
+    ),
+    "patch_stored_values_of_the_wrong_shape": (
+        PATCH,
+        lambda tmp, _: _patch_rows(tmp, {"op": "patch", "layer": 1, "site": "resid_post"}, np.zeros((5, 31))),
+        "values have shape [5, 31]; patch needs [positions, d_model] with d_model=32",
+    ),
     # an output path holding another run's store
     "output_path_holds_another_run": (
         LENS,
@@ -224,7 +266,7 @@ def test_bad_input_is_refused_before_compute(case, tiny_with_tokenizer, tmp_path
     if callable(overrides):
         overrides = overrides(tmp_path, tiny_with_tokenizer)
     base = [f"model.name={tiny_with_tokenizer}", "cluster=inprocess"]
-    base += [f"storage.root={tmp_path}", "storage.run=r"] if driver != SERVE else []
+    base += [f"storage.root={tmp_path}", "storage.run=r"] if driver not in (SERVE, TRACE, PATCH) else []
     if driver == STEER:
         base += STEER_BASE
     before = {p for p in tmp_path.rglob("*.zarr")}
