@@ -1,9 +1,12 @@
 """Causal interventions as row edits, next to steering's `h += c * v` (actors/steering.py): a row
 carries `Intervention`s (patch, ablate, scale), each applied at a (layer, site, positions) hook
 by the stage that owns the layer; a row carrying `PatchSource(key)` lends its activations to the
-rows that patch from `key`.
+rows that patch from `key`. A row carrying `KLReference(key)` keeps its next-token distributions on
+the last stage, and a row carrying `KLTo(key)` reports KL(reference || itself) at each position
+(`sequence_scores`: with each position's log-prob of the row's next token, for perplexity).
 
 - `scale`: h <- c * h.
+- `add`: h <- h + c * `values` [d_model] (steering, at any site and any set of positions).
 - `ablate`: h <- 0, or h <- `values` [d_model] (e.g. the mean over a reference set of rows).
 - `patch` from stored values: h[p] <- `values`[p] [positions, d_model], the row's own positions
   (an activation array of an earlier run); from a row: h[p] <- the source row's activation at
@@ -27,7 +30,7 @@ import torch
 from actors.lens_window import capture_mask
 from actors.vocabulary import SITES, STEERING_POSITIONS
 
-OPS = ("patch", "ablate", "scale")
+OPS = ("patch", "ablate", "scale", "add")
 ALIGNS = ("start", "end")
 
 
@@ -44,8 +47,8 @@ class Intervention:
     layer: int
     site: str
     positions: object = "all"  # all, prompt, generated, last, an int i (>= i) or a tuple of positions
-    coefficient: float = 1.0  # scale's factor
-    values: np.ndarray | None = None  # ablate: [d_model] or None (zero); patch: [positions, d_model]
+    coefficient: float = 1.0  # scale's factor; add's multiplier
+    values: np.ndarray | None = None  # ablate, add: [d_model] (ablate: None = zero); patch: [positions, d_model]
     source: int | None = None  # patch: the key of the PatchSource row it copies
     align: str = "start"  # patch from a row: positions counted from the prompt's start or end
 
@@ -72,13 +75,32 @@ class Intervention:
             raise ValueError(f"source={self.source} belongs to a patch; op={self.op!r} takes none")
         if self.source is not None and self.positions == "generated":
             raise ValueError("a patch from a row touches prompt positions only: positions='generated' has none")
+        if self.op == "add" and self.values is None:
+            raise ValueError("an add needs `values`: a [d_model] vector")
         if self.values is not None:
             values = np.asarray(self.values, np.float32)
-            want = 1 if self.op == "ablate" else 2
+            want = 2 if self.op == "patch" else 1
             if values.ndim != want:
                 shape = "[d_model]" if want == 1 else "[positions, d_model]"
                 raise ValueError(f"{self.op} values have shape {list(values.shape)}; expected {shape}")
             object.__setattr__(self, "values", values)
+
+
+@dataclass(frozen=True)
+class KLReference:
+    """This row's next-token distributions are reference `key` (kept on the last stage)."""
+
+    key: int
+
+
+@dataclass(frozen=True)
+class KLTo:
+    """Report KL(reference `key` || this row) at each position (aligned from the start)."""
+
+    key: int
+
+
+MARKS = (PatchSource, KLReference, KLTo)
 
 
 def check_width(interventions, d_model: int, where: str = "intervention") -> None:
@@ -90,24 +112,58 @@ def check_width(interventions, d_model: int, where: str = "intervention") -> Non
             )
 
 
-def plan(row_edits, keys) -> tuple[dict, dict]:
+def plan(row_edits, keys) -> tuple[dict, dict, dict]:
     """A micro-batch's interventions at the hooks `keys` ((layer, site) pairs):
-    `({(layer, site): [(row, Intervention), ...]}, {row: source key})`."""
-    wanted, at, sources = set(keys), {}, {}
+    `({(layer, site): [(row, Intervention), ...]}, {row: source key}, {row: KLReference or KLTo})`."""
+    wanted, at, sources, compare = set(keys), {}, {}, {}
     for r, edits in enumerate(row_edits or ()):
         for e in edits:
             if isinstance(e, PatchSource):
                 sources[r] = e.key
+            elif isinstance(e, KLReference | KLTo):
+                compare[r] = e
             elif isinstance(e, Intervention) and (e.layer, e.site) in wanted:
                 at.setdefault((e.layer, e.site), []).append((r, e))
-    return at, sources
+    return at, sources, compare
 
 
 def steering_only(row_edits):
-    """Each row's steering edits (its Interventions and PatchSource left out), or None."""
+    """Each row's steering edits (its Interventions and marks left out), or None."""
     if row_edits is None:
         return None
-    return [tuple(e for e in edits if not isinstance(e, (Intervention, PatchSource))) for edits in row_edits]
+    return [tuple(e for e in edits if not isinstance(e, (Intervention, *MARKS))) for edits in row_edits]
+
+
+def sequence_scores(logits: torch.Tensor, tokens: torch.Tensor, view, start: int, compare: dict, kept: dict) -> dict:
+    """The last stage's per-position readout of one step: `token_logprob` [batch, new], the
+    log-prob of each column's next token (this step's next column; NaN at the last and at left
+    pads), and `kl` [batch, new], KL(reference || row) for rows carrying `KLTo` (else NaN).
+    Reference rows' log-probs are kept in `kept[key]` ([positions, vocab], their own positions)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [batch, new, vocab]: stays on this stage
+    batch, new = logp.shape[:2]
+    pos = torch.arange(start, start + new)[None, :] - view.pad[:, None]  # each column's row position
+    token_lp = torch.full((batch, new), float("nan"))
+    if new > 1:
+        token_lp[:, :-1] = logp[:, :-1].gather(-1, tokens[:, 1:, None].to(logp.device))[..., 0].cpu()
+    token_lp[pos < 0] = float("nan")
+    kl = torch.full((batch, new), float("nan"))
+    for r, mark in compare.items():
+        real = pos[r] >= 0
+        if isinstance(mark, KLReference):
+            ref = kept.setdefault(mark.key, {})
+            for p, row in zip(pos[r][real].tolist(), logp[r, real.to(logp.device)].cpu()):
+                ref[p] = row
+    for r, mark in compare.items():
+        if isinstance(mark, KLTo):
+            ref = kept.get(mark.key)
+            if ref is None:
+                raise ValueError(f"KL reference {mark.key} has not run on the last stage: it must run before its rows")
+            for j in torch.nonzero(pos[r] >= 0)[:, 0].tolist():
+                p = int(pos[r, j])
+                if p in ref:
+                    q = logp[r, j].cpu()
+                    kl[r, j] = (ref[p].exp() * (ref[p] - q)).sum()
+    return {"token_logprob": token_lp.numpy(), "kl": kl.numpy()}
 
 
 def _mask(view, start: int, new: int, positions) -> torch.Tensor:
@@ -129,6 +185,8 @@ def own_edits(hidden: torch.Tensor, view, start: int, entries) -> torch.Tensor:
         h = hidden[r, cols].float()
         if iv.op == "scale":
             h = torch.tensor(iv.coefficient, dtype=torch.float32) * h
+        elif iv.op == "add":
+            h = h + torch.tensor(iv.coefficient, dtype=torch.float32) * torch.as_tensor(iv.values)
         elif iv.op == "ablate":
             h = torch.zeros_like(h) if iv.values is None else torch.as_tensor(iv.values).expand_as(h)
         else:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from actors import interventions
 from actors.jacobian_fit import JacobianStage
 from actors.lane import LaneStage
 from actors.lens import LogitLens
@@ -52,6 +53,7 @@ class StageSpec:
     vectors: np.ndarray | None = None  # [n_vectors, d_model] the run's steering table, sent once
     steered: tuple[tuple[int, str], ...] = ()  # every (layer, site) some row edits; a stage hooks its own
     score_ids: tuple[int, ...] = ()  # last stage: report these tokens' logits at every step
+    sequence_scores: bool = False  # last stage: each position's next-token log-prob and KL to a reference row
     reports: bool = True  # return lens chunks (StageGroup sets it: rank 0 of each stage reports)
     tune: object = None  # a tuned_lens.TuneSpec: train this stage's translators on the lens windows
     jacobian: object = None  # a jacobian_fit.FitSpec: fit this stage's layers' Jacobian-lens sums
@@ -77,6 +79,7 @@ class _BatchState:
     terms: dict = field(default_factory=dict)  # (layer, site) -> [(positions, [batch, d_model])], see edit_terms
     do: dict = field(default_factory=dict)  # (layer, site) -> [(row, Intervention)], see actors/interventions.py
     sources: dict = field(default_factory=dict)  # row -> the patch-source key it carries
+    compare: dict = field(default_factory=dict)  # row -> its KLReference or KLTo (last stage's readout)
     shared: bool = False  # a shared prefix: no lens flush and no sampling until `expand`
 
     def advance(self, new: int, device) -> torch.Tensor:
@@ -199,6 +202,7 @@ class StageWorker(HookedStage, LaneStage, JacobianStage):
             self._vectors = table.to(self.device)
         self._install_hooks()
         self._patch_sources: dict = {}  # (source key, layer, site) -> [prompt length, d], see interventions
+        self._kl_refs: dict = {}  # KL reference key -> {position: log-probs [vocab]} (last stage)
         self._states: dict[int, _BatchState] = {}
         self._lanes = {}
         self.window = LensWindow(spec, self.lens, self.config, self.device)  # the tuned lens and its training too
@@ -322,7 +326,8 @@ class StageWorker(HookedStage, LaneStage, JacobianStage):
         )
         if upstream_rows is not None:
             x = x[torch.as_tensor(np.asarray(upstream_rows), dtype=torch.long, device=x.device)]
-        hidden, captured = self._forward(mb, state, state.cols, x, state.attention_mask, position_ids, state.cache)
+        first = state.cols
+        hidden, captured = self._forward(mb, state, first, x, state.attention_mask, position_ids, state.cache)
         self.window.hold(state.buffer, captured, tokens)
         state.cols += new
         chunks = [] if state.shared else self._flush(mb, state, force=False)
@@ -333,6 +338,9 @@ class StageWorker(HookedStage, LaneStage, JacobianStage):
         final = {}
         if self.window.wants_finals:  # every stage's KL to the final layer: d_model floats per position
             final["final"] = self.lens.norm(hidden).cpu()
+        if self.spec.sequence_scores:  # a few floats per position (actors/interventions.py)
+            logits = self.lens.full_logits(hidden)
+            final.update(interventions.sequence_scores(logits, tokens, state, first, state.compare, self._kl_refs))
         if state.shared:  # a prefix's last column is not the prompt's: nothing to sample yet
             return final, chunks
         return _next_tokens(self.lens, hidden, state, self.spec, final), chunks

@@ -92,19 +92,20 @@ class HookedStage:
     def _take_edits(self, state, edits, rows: int) -> None:
         """A static micro-batch's rows' edits: steering terms, interventions and patch sources."""
         state.terms = self._terms(interventions.steering_only(edits), rows)
-        state.do, state.sources = interventions.plan(edits, self._steered)
+        state.do, state.sources, state.compare = interventions.plan(edits, self._steered)
 
     def _terms(self, edits, rows: int) -> dict:
         if edits is None or not self._steered:
             return {}
         if len(edits) != rows:
             raise ValueError(f"edits are given for {len(edits)} rows; the micro-batch has {rows}")
-        if any(isinstance(e, (interventions.Intervention, interventions.PatchSource)) for row in edits for e in row):
+        if any(isinstance(e, (interventions.Intervention, *interventions.MARKS)) for row in edits for e in row):
             raise ValueError("interventions run in static micro-batches (actors/tracing.py), not in a continuous lane")
         return edit_terms(edits, self._vectors, self._steered, self.device)
 
     def drop_patch_sources(self) -> int:
-        """Forget every patch source's kept activations; returns how many (key, layer, site) went."""
-        n = len(self._patch_sources)
-        self._patch_sources = {}
+        """Forget every patch source's kept activations and every KL reference's distributions;
+        returns how many went."""
+        n = len(self._patch_sources) + len(self._kl_refs)
+        self._patch_sources, self._kl_refs = {}, {}
         return n

@@ -15,11 +15,11 @@ waiting; on Ray a pair's micro-batches overlap across the stages.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from actors.interventions import Intervention, PatchSource, check_width
+from actors.interventions import Intervention, KLReference, KLTo, PatchSource, check_width
 from actors.run_state import left_pad
 from actors.sampling import SamplingSpec
 from actors.stage import StageSpec
@@ -39,21 +39,22 @@ class RowScores:
     scores: np.ndarray  # [rows, n score ids] logits at the last prompt position
     logz: np.ndarray  # [rows] logsumexp of that position's logits: log-prob = score - logz
     next_token: np.ndarray  # [rows] the greedy next token
+    token_logprob: list = field(default_factory=list)  # [rows] each [positions]: log p(next token) (sequence_scores)
+    kl: list = field(default_factory=list)  # [rows] each [positions]: KL(reference || row), NaN without one
 
 
 class InterventionRunner:
     """Stages of the checkpoint at `model_path` (HF config `hf_config`) on `executor`, hooked at
     `sites` (every (layer, site) pair an intervention may touch) and reporting the logits of
-    `score_ids`. `micro_batch`: rows per micro-batch."""
+    `score_ids`. `micro_batch`: rows per micro-batch. `sequence_scores`: the last stage also
+    reports each position's next-token log-prob and KL to a reference row (KLReference, KLTo)."""
 
     def __init__(
         self, model_path, hf_config, num_stages: int, executor, sites, score_ids, micro_batch: int = 16,
-        dtype: str = "float32", device: str = "cpu", pad_id: int = 0,
+        dtype: str = "float32", device: str = "cpu", pad_id: int = 0, sequence_scores: bool = False,
     ):  # fmt: skip
         from actors.slicing import plan_stages
 
-        if not score_ids:
-            raise ValueError("an intervention run reports the logits of some tokens: score_ids is empty")
         self.config, self.pad_id, self.micro_batch = hf_config, pad_id, micro_batch
         self.n_layers, self.d_model = hf_config.num_hidden_layers, hf_config.hidden_size
         self.score_ids = tuple(int(i) for i in score_ids)
@@ -63,7 +64,7 @@ class InterventionRunner:
         specs = [
             StageSpec(
                 s, n, a, b, str(model_path), dtype=dtype, device=device, steered=steered,
-                score_ids=self.score_ids, sampling=SamplingSpec(pad_token_id=pad_id),
+                score_ids=self.score_ids, sampling=SamplingSpec(pad_token_id=pad_id), sequence_scores=sequence_scores,
             )
             for s, (a, b) in enumerate(self.bounds)
         ]  # fmt: skip
@@ -91,9 +92,19 @@ class InterventionRunner:
         for call in calls:
             self.executor.get(call)
 
-    def _scores(self, handle) -> RowScores:
+    def _scores(self, handle, mask=None) -> RowScores:
+        """The last stage's output; with `mask` [rows, cols] (left-padded), the per-position
+        readout cut to each row's own positions."""
         out = self.executor.get(handle)
-        return RowScores(np.asarray(out["scores"]), np.asarray(out["score_logz"]), np.asarray(out["tokens"]))
+        n = len(out["tokens"])
+        got = RowScores(
+            np.asarray(out.get("scores", np.zeros((n, 0)))), np.asarray(out.get("score_logz", np.zeros(n))),
+            np.asarray(out["tokens"]),
+        )  # fmt: skip
+        if mask is not None and "kl" in out:
+            got.token_logprob = [np.asarray(v)[m.astype(bool)] for v, m in zip(out["token_logprob"], mask)]
+            got.kl = [np.asarray(v)[m.astype(bool)] for v, m in zip(out["kl"], mask)]
+        return got
 
     # -- rows with any edits --------------------------------------------------------------------
     def run_rows(self, prompts: list, edits: list) -> RowScores:
@@ -102,28 +113,39 @@ class InterventionRunner:
         if len(edits) != len(prompts):
             raise ValueError(f"edits are given for {len(edits)} rows; there are {len(prompts)} prompts")
         self._check_rows(edits)
-        order = sorted(range(len(prompts)), key=lambda r: not any(isinstance(e, PatchSource) for e in edits[r]))
+        order = sorted(
+            range(len(prompts)), key=lambda r: not any(isinstance(e, PatchSource | KLReference) for e in edits[r])
+        )
         handles, calls = [], []
         for lo in range(0, len(order), self.micro_batch):
             rows = order[lo : lo + self.micro_batch]
             ids, mask = left_pad([prompts[r] for r in rows], self.pad_id)
             outs, more = self._submit(ids, mask, [tuple(edits[r]) for r in rows])
-            handles.append((rows, outs[-1]))
+            handles.append((rows, outs[-1], mask))
             calls += more
         try:
             self._wait(calls)
+            n = len(prompts)
             result = RowScores(
-                np.zeros((len(prompts), len(self.score_ids)), np.float32), np.zeros(len(prompts), np.float32),
-                np.zeros(len(prompts), np.int64),
+                np.zeros((n, len(self.score_ids)), np.float32), np.zeros(n, np.float32), np.zeros(n, np.int64),
+                [None] * n, [None] * n,
             )  # fmt: skip
-            for rows, handle in handles:
-                got = self._scores(handle)
+            for rows, handle, mask in handles:
+                got = self._scores(handle, mask)
                 result.scores[rows], result.logz[rows], result.next_token[rows] = got.scores, got.logz, got.next_token
+                for i, r in enumerate(rows):
+                    if got.kl:
+                        result.token_logprob[r], result.kl[r] = got.token_logprob[i], got.kl[i]
             return result
         finally:
             self._wait(self.stages.drop_patch_sources())
 
     def _check_rows(self, edits) -> None:
+        refs = {e.key for row in edits for e in row if isinstance(e, KLReference)}
+        for r, row in enumerate(edits):
+            for e in row:
+                if isinstance(e, KLTo) and e.key not in refs:
+                    raise ValueError(f"rows[{r}]: KL reference {e.key} is out of range: no row carries it")
         keys = [e.key for row in edits for e in row if isinstance(e, PatchSource)]
         for r, row in enumerate(edits):
             ivs = [e for e in row if isinstance(e, Intervention)]
@@ -142,10 +164,12 @@ class InterventionRunner:
             raise ValueError(f"patch source keys are carried by more than one row: {sorted(keys)}")
 
     # -- causal tracing -------------------------------------------------------------------------
-    def trace_pair(self, pair: TracePair, key: int, sites, layers) -> dict:
+    def trace_pair(self, pair: TracePair, key: int, sites, layers, one_at_a_time: bool = False) -> dict:
         """Every cell (site, layer, position) of one pair: the corrupted prompt with the clean
         activation restored there. Returns {"target" [S, L, P] log-probs, "foil" (or None),
-        "clean", "corrupt" (log-probs of target and foil at the unpatched runs), "cells" run}."""
+        "clean", "corrupt" (log-probs of target and foil at the unpatched runs), "cells" run}.
+        `one_at_a_time`: each cell its own pass of one row through every stage, waited for
+        before the next (the benchmark's baseline: a run per cell, the clean source kept)."""
         n_pos = len(pair.corrupt)
         ids = np.asarray([pair.clean, pair.corrupt], np.int64)
         outs, calls = self._submit(ids, np.ones_like(ids), [(PatchSource(key),), ()])
@@ -157,15 +181,18 @@ class InterventionRunner:
         handles = []
         for first in sorted(by_stage):
             group = by_stage[first]
-            for lo in range(0, len(group), self.micro_batch):
-                chunk = group[lo : lo + self.micro_batch]
+            size = 1 if one_at_a_time else self.micro_batch
+            for lo in range(0, len(group), size):
+                chunk = group[lo : lo + size]
                 edits = [(Intervention("patch", layers[la], sites[s], (p,), source=key),) for s, la, p in chunk]
                 cell_ids = np.repeat(ids[1:], len(chunk), axis=0)
-                upstream = outs[first - 1] if first else None
-                rows = [1] * len(chunk) if first else None
-                cell_outs, more = self._submit(cell_ids, np.ones_like(cell_ids), edits, first, upstream, rows)
+                start = 0 if one_at_a_time else first  # one at a time: every stage, from the tokens
+                upstream, rows = (outs[start - 1], [1] * len(chunk)) if start else (None, None)
+                cell_outs, more = self._submit(cell_ids, np.ones_like(cell_ids), edits, start, upstream, rows)
                 handles.append((chunk, cell_outs[-1]))
                 calls += more
+                if one_at_a_time:
+                    self._wait(more)
         try:
             self._wait(calls)
             t, f = self.score_ids.index(pair.target), None if pair.foil is None else self.score_ids.index(pair.foil)

@@ -146,6 +146,9 @@ class SteeringConf:
     select_coefficients: list[float] = field(default_factory=lambda: [-1.0, 0.0, 1.0])
     select_items: int = 12  # train items swept per candidate layer
     transfer: bool = False  # also every dataset's vector on every other dataset's test items
+    cost_prompts: int = 8  # neutral prompts steering's side effects are measured on (0: not measured)
+    cost_tokens: int = 16  # the unsteered model's greedy tokens after each, scored under steering
+    cost_corpus: str | None = None  # text/JSONL of neutral prompts; None: the shared datasets' questions
 
 
 @dataclass
@@ -702,6 +705,8 @@ def validate_steer(cfg) -> None:
     at_least("data.max_train", d.max_train, 2)
     at_least("data.max_test", d.max_test, 2)
     at_least("steering.select_items", s.select_items, 2)
+    at_least("steering.cost_prompts", s.cost_prompts, 0)
+    at_least("steering.cost_tokens", s.cost_tokens, 1)
     at_least("bootstrap", cfg.bootstrap, 1)
 
 

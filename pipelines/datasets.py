@@ -349,3 +349,31 @@ def split_items(items: list[Item], train_fraction: float, seed: int) -> tuple[li
     if not train or not test:
         raise DatasetError(f"a split is empty: {len(items)} items with train_fraction={train_fraction}")
     return train, test
+
+
+def documents(paths: list[str], field: str = "data.paths") -> list[str]:
+    """Text as documents: each given file's paragraphs (text) or records (JSONL: the first of
+    `text`, `question`, `statement`), the tuned lens's corpus and steering's neutral prompts;
+    `field`: the setting named when a file is refused."""
+    docs = []
+    for path in (Path(p).expanduser() for p in paths):
+        if not path.is_file():
+            raise DatasetError(f"{field} contains {str(path)!r}, which does not exist")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".jsonl":
+            for number, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DatasetError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+                body = next(
+                    (record[k] for k in ("text", "question", "statement") if isinstance(record.get(k), str)), None
+                )
+                if body is None:
+                    raise DatasetError(f"{path}:{number}: no 'text', 'question' or 'statement' field")
+                docs.append(body)
+        else:
+            docs += [p.strip() for p in text.split("\n\n") if p.strip()]
+    return docs

@@ -34,11 +34,17 @@ def plot_propensity(result: dict, path: Path) -> Path:
         f"{result['dataset']}: layer {result['best_layer']} {result['site']}, {result['items']} test items", fontsize=9
     )
     ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, save at 110 dpi and close `fig` (tokens in scripts the default font lacks draw as
+    boxes: matplotlib's warning about them is left out)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
     return Path(path)
 
 

@@ -20,7 +20,7 @@ from pipelines.config import ConfigError, run_spec
 RUN_OUTPUTS = (
     "*.zarr", "*.zarr.writes.jsonl", "*.zarr.replaced", "vector_layer*.safetensors", "sweep.csv", "summary.json",
     "propensity_vs_coefficient.png", "steerability_by_layer.png", "summary.md", "results.json", "transfer.csv",
-    "transfer.json", "transfer.png",
+    "transfer.json", "transfer.png", "steering_cost.json", "steering_cost.png",
 )  # fmt: skip
 
 
@@ -60,6 +60,7 @@ class Study:
         from actors.run_spec import CaptureSettings, GenerationSettings
 
         self.cfg, self.tokenizer, self.executor, self.out_dir = cfg, tokenizer, executor, out_dir
+        self.checkpoint, self.hf_config = checkpoint, hf_config
         self.store_dir = out_dir if store_dir is None else store_dir
         self.several = several
         self.model_name = cfg.model.name
@@ -128,6 +129,26 @@ class Study:
                 vec.save(folder / f"vector_layer{layer}.safetensors")
                 vectors[t.name][layer] = vec
         return vectors
+
+    def costs(self, vectors: dict, coefficients) -> dict:
+        """Each vector's steering cost at `coefficients` on neutral prompts (pipelines/steering_cost.py),
+        on this study's stages; the prompts and continuations recorded in steering_cost.json."""
+        from actors.tracing import InterventionRunner
+        from pipelines.prompts import special_ids
+        from pipelines.steering_cost import greedy, neutral_prompts, record, steering_costs
+
+        cfg = self.cfg
+        eos, pad = special_ids(self.tokenizer, self.hf_config)
+        sites = sorted({(v.layer, v.site) for v in vectors.values()})
+        runner = InterventionRunner(
+            self.checkpoint.path, self.hf_config, cfg.cluster.num_stages, self.executor, sites, (),
+            cfg.cluster.micro_batch_size, cfg.model.dtype, cfg.cluster.device, pad, sequence_scores=True,
+        )  # fmt: skip
+        prompts = neutral_prompts(cfg, self.tokenizer)
+        print(f"[distlens] steering cost: {len(prompts)} neutral prompts x {len(vectors)} vectors", file=sys.stderr)
+        continuations = greedy(runner, prompts, cfg.steering.cost_tokens, eos)
+        record(self.out_dir, prompts, continuations)
+        return steering_costs(runner, prompts, continuations, vectors, coefficients, cfg.steering.positions)
 
     def folder(self, dataset: str) -> Path:
         """Where a dataset's own outputs go: its folder when the study has several."""
@@ -208,6 +229,7 @@ def run_study(study: Study, tasks: list[Task], cfg, cluster: dict | None = None)
     from pipelines.plots import plot_layers, plot_propensity
     from pipelines.prompts import choice_prompt
     from pipelines.steerability import steerability
+    from pipelines.steering_cost import cost_table, plot_costs
 
     d, s = cfg.data, cfg.steering
     for t in tasks:
@@ -236,6 +258,8 @@ def run_study(study: Study, tasks: list[Task], cfg, cluster: dict | None = None)
         for src in (sources or [t])
     ]
     swept = study.sweep("test_sweep", cells)
+    chosen = {t.name: vectors[t.name][best[t.name]] for t in tasks}
+    costs = study.costs(chosen, coefficients) if s.cost_prompts else {}
     results = []
     for t in tasks:
         prop, prob = swept[(t.name, t.name)]
@@ -252,18 +276,24 @@ def run_study(study: Study, tasks: list[Task], cfg, cluster: dict | None = None)
             for i, item in enumerate(t.test):
                 for j, c in enumerate(coefficients):
                     f.write(f"{i},{item.where},{c},{prop[i, j]:.6f},{prob[i, j]:.6f}\n")
+        if t.name in costs:
+            result["cost"] = costs[t.name]
+            result["cost_table"] = cost_table(result)
         (out / "summary.json").write_text(json.dumps(result, indent=2))
         plot_propensity(result, out / "propensity_vs_coefficient.png")
         if by_layer[t.name]:
             plot_layers(by_layer[t.name], best[t.name], t.name, out / "steerability_by_layer.png")
         results.append(result)
+    if costs:
+        plot_costs(results, study.out_dir / "steering_cost.png")
     transfer = None
     if s.transfer:
         from pipelines.transfer import transfer_matrix
 
         transfer = transfer_matrix(
-            swept, [t.name for t in tasks], best, coefficients, study.out_dir, n_boot=cfg.bootstrap, seed=d.seed
-        )
+            swept, [t.name for t in tasks], best, coefficients, study.out_dir, n_boot=cfg.bootstrap, seed=d.seed,
+            costs=costs,
+        )  # fmt: skip
     return results, transfer
 
 

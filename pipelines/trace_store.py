@@ -141,7 +141,7 @@ def write_pictures(path: Path, out_dir: Path, tokenizer, texts: list[dict], max_
     """trace_mean.png, trace_pair<i>.png (the first `max_pairs` pairs) and trace.html."""
     import zarr
 
-    from pipelines.plots import pyplot
+    from pipelines.plots import pyplot, save_figure
 
     g = zarr.open_group(str(path), mode="r")
     plt = pyplot()
@@ -162,12 +162,7 @@ def write_pictures(path: Path, out_dir: Path, tokenizer, texts: list[dict], max_
             ax.set_title(f"{sites[s]}", fontsize=9)
             fig.colorbar(image, ax=ax, label="recovery of the target's log-prob")
         fig.suptitle(title, fontsize=9)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            fig.tight_layout()
-            fig.savefig(out_dir / name, dpi=110)
-        plt.close(fig)
-        written.append(out_dir / name)
+        written.append(save_figure(fig, out_dir / name))
 
     width = recovery.shape[-1]
     figure(

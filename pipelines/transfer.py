@@ -1,7 +1,8 @@
 """The transfer matrix of a steering study: every dataset's vector (at its own chosen layer) on
 every dataset's test items. Per (source vector, target behaviour) cell, both steerability
 definitions with bootstrap CIs, written as transfer.csv / transfer.json and drawn as a heatmap;
-the diagonal is each dataset's own result."""
+the diagonal is each dataset's own result. transfer.json also holds each source vector's steering
+cost (KL and perplexity per coefficient on neutral prompts)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,12 @@ FIELDS = (
 )  # fmt: skip
 
 
-def transfer_matrix(swept: dict, names: list[str], best: dict, coefficients, out_dir: Path, n_boot: int, seed: int):
-    """`swept`: {(source, target): (propensity [items, coefficients], matching prob)}. Writes
-    transfer.csv, transfer.json and transfer.png into `out_dir`; returns the json's content."""
+def transfer_matrix(
+    swept: dict, names: list[str], best: dict, coefficients, out_dir: Path, n_boot: int, seed: int, costs=None
+):
+    """`swept`: {(source, target): (propensity [items, coefficients], matching prob)}; `costs`:
+    each source vector's steering cost (pipelines/steering_cost.py), the same whatever the target.
+    Writes transfer.csv, transfer.json and transfer.png into `out_dir`; returns the json's content."""
     cells = []
     for source in names:
         for target in names:
@@ -42,6 +46,8 @@ def transfer_matrix(swept: dict, names: list[str], best: dict, coefficients, out
         writer.writeheader()
         writer.writerows(cells)
     result = {"datasets": names, "coefficients": list(map(float, coefficients)), "cells": cells}
+    if costs:
+        result["source_cost"] = {source: costs[source] for source in names}
     (out_dir / "transfer.json").write_text(json.dumps(result, indent=2))
     plot_transfer(result, out_dir / "transfer.png")
     return result

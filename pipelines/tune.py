@@ -29,34 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipelines import session
 from pipelines.config import ConfigError, at_least, choice, cluster_settings, model_checks, register, run_spec
+from pipelines.datasets import documents
 
 register()
-
-
-def documents(paths: list[str]) -> list[str]:
-    """The training text as documents: each given file's paragraphs (text) or records (JSONL)."""
-    docs = []
-    for path in (Path(p).expanduser() for p in paths):
-        if not path.is_file():
-            raise ConfigError(f"data.paths contains {str(path)!r}, which does not exist")
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".jsonl":
-            for number, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ConfigError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-                body = next(
-                    (record[k] for k in ("text", "question", "statement") if isinstance(record.get(k), str)), None
-                )
-                if body is None:
-                    raise ConfigError(f"{path}:{number}: no 'text', 'question' or 'statement' field")
-                docs.append(body)
-        else:
-            docs += [p.strip() for p in text.split("\n\n") if p.strip()]
-    return docs
 
 
 def default_corpus(cfg, checkpoint, tokenizer, out_dir: Path) -> list[str]:

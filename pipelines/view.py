@@ -123,7 +123,7 @@ def study_data(run_dir: Path) -> dict:
             "coefficients": coefficients, "mean": result["mean_propensity"], "band": result["mean_propensity_ci95"],
             "mean_of_slopes": result["mean_of_slopes"], "mean_of_slopes_ci95": result["mean_of_slopes_ci95"],
             "slope_of_mean": result["slope_of_mean"], "anti_steerable_fraction": result["anti_steerable_fraction"],
-            "propensity": propensity.tolist(), "slopes": slopes.tolist(),
+            "propensity": propensity.tolist(), "slopes": slopes.tolist(), "cost": result.get("cost"),
         })  # fmt: skip
     return {"kind": "study", "path": str(run_dir), "datasets": datasets}
 

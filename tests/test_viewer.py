@@ -285,7 +285,7 @@ def study_run(tmp_path_factory, tiny_with_tokenizer):
         "pipelines.steer", f"model.name={tiny_with_tokenizer}", "cluster=inprocess", "dataset=all",
         f"data.root={data}", f"storage.root={root}", "storage.run=s", "data.max_train=4", "data.max_test=6",
         "steering.select_items=2", "steering.layers=[0,1]", "bootstrap=50", "steering.coefficients=[-4,0,4]",
-        cwd=root,
+        "steering.cost_prompts=2", "steering.cost_tokens=3", cwd=root,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "steer" / "s"
@@ -303,7 +303,8 @@ def test_study_page_draws_each_dataset_curve_band_and_slopes(study_run, browser,
                  Number(c.dataset.value), Number(c.dataset.lo), Number(c.dataset.hi)]),
           slopes: [...card.querySelectorAll('circle.slope')].map(c => Number(c.dataset.slope)),
           anti: card.querySelectorAll('circle.slope.anti').length,
-          items: card.querySelectorAll('polyline.item').length, band: card.querySelectorAll('polygon.band').length }))"""
+          items: card.querySelectorAll('polyline.item').length, band: card.querySelectorAll('polygon.band').length,
+          cost: [...card.querySelectorAll('circle.cost-point title')].map(t => t.textContent) }))"""
     )
     assert sorted(d["name"] for d in drawn) == sorted(results)
     for d in drawn:
@@ -319,6 +320,12 @@ def test_study_page_draws_each_dataset_curve_band_and_slopes(study_run, browser,
         np.testing.assert_allclose(d["slopes"], slopes, atol=1e-6)
         assert d["anti"] == sum(s < 0 for s in slopes) and d["items"] == 6 and d["band"] == 1
         np.testing.assert_allclose(np.mean(prop, axis=0), r["mean_propensity"], atol=1e-5)
+        # steerability against its cost: one point per coefficient, KL and perplexity as results.json has them
+        cost = r["cost"]
+        assert len(d["cost"]) == 3
+        for title, c, kl, ppl in zip(d["cost"], cost["coefficients"], cost["kl"], cost["perplexity"]):
+            assert title.startswith(f"coefficient {c:g}: KL {kl:.3e}".replace("e-0", "e-").replace("e+0", "e+"))
+            assert f"perplexity {ppl:.3f}" in title
     page.shot(tmp_path, "viewer_study.png")
 
 

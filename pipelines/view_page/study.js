@@ -1,6 +1,8 @@
 // distlens view, study page: per dataset, mean propensity against the steering coefficient with
-// its bootstrap 95% band and every test item's own line, and the per-item slopes (anti-steerable
-// items, slope < 0, in red). Plain SVG; window.distlensView exposes the data to tests.
+// its bootstrap 95% band and every test item's own line, the per-item slopes (anti-steerable
+// items, slope < 0, in red) and, when the study measured it, steerability against its side effect
+// (mean KL on neutral prompts; perplexity in each point's tooltip). Plain SVG; window.distlensView
+// exposes the data to tests.
 "use strict";
 (function () {
   const D = JSON.parse(document.getElementById("distlens-data").textContent);
@@ -71,6 +73,29 @@
     return s;
   }
 
+  function cost(d) {
+    const W = 380, H = 220, L = 48, R = 10, T = 10, B = 34, c = d.cost;
+    const base = d.mean[c.coefficients.indexOf(0)] ?? d.mean[0];
+    const ys = d.mean.map((m) => m - base), xs = c.kl;
+    const xhi = Math.max(...xs, 1e-9), ylo = Math.min(...ys, 0), yhi = Math.max(...ys, 0);
+    const X = (x) => L + (x / xhi) * (W - L - R);
+    const Y = (y) => T + (yhi === ylo ? 0.5 : 1 - (y - ylo) / (yhi - ylo)) * (H - T - B);
+    const s = svg("svg", { width: W, height: H, class: "cost", "data-dataset": d.dataset });
+    s.appendChild(svg("line", { x1: L, x2: W - R, y1: Y(0), y2: Y(0), stroke: "#999", "stroke-width": 0.8 }));
+    s.appendChild(svg("polyline", { points: xs.map((x, j) => `${X(x)},${Y(ys[j])}`).join(" "), fill: "none",
+      stroke: "#b05a00", "stroke-width": 1.5 }));
+    xs.forEach((x, j) => {
+      const p = svg("circle", { cx: X(x), cy: Y(ys[j]), r: 3.5, fill: "#b05a00", class: "cost-point" });
+      p.appendChild(svg("title", {}, `coefficient ${c.coefficients[j]}: KL ${x.toExponential(3)}, ` +
+        `perplexity ${c.perplexity[j].toFixed(3)}, effect ${f3(ys[j])}`));
+      s.appendChild(p);
+    });
+    s.appendChild(svg("text", { x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle" }, "mean KL(unsteered || steered), neutral prompts"));
+    s.appendChild(svg("text", { x: L - 4, y: Y(yhi) + 3, "text-anchor": "end" }, f3(yhi)));
+    s.appendChild(svg("text", { x: L - 4, y: Y(ylo) + 3, "text-anchor": "end" }, f3(ylo)));
+    return s;
+  }
+
   document.title = `distlens study: ${D.path.split("/").slice(-2).join("/")}`;
   const header = el("header");
   header.appendChild(el("h1", {}, "distlens steering study"));
@@ -85,6 +110,7 @@
       `${f3(d.mean_of_slopes_ci95[1])}] · slope of mean ${f3(d.slope_of_mean)} · anti-steerable ${anti} of ${d.slopes.length}`));
     card.appendChild(curve(d));
     card.appendChild(slopes(d));
+    if (d.cost) card.appendChild(cost(d));
     main.appendChild(card);
   }
   document.body.appendChild(main);
