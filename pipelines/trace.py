@@ -3,7 +3,8 @@ clean/corrupted pair, every (site, layer, position) of the prompt has the clean 
 restored into the corrupted run, and the target's log-prob (and its logit difference to the foil)
 is read at the last position. Every cell is a row of the same batched passes
 (actors/tracing.py). Writes trace.zarr (pipelines/trace_store.py), a heatmap per pair and their
-mean, trace.html and trace.json; resume=true continues an interrupted trace."""
+mean, trace.html (`distlens view <folder>` writes them again) and trace.json; resume=true
+continues an interrupted trace."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def run(cfg, out_dir: Path) -> dict:
     else:
         shutil.rmtree(path, ignore_errors=True)
         out_dir.mkdir(parents=True, exist_ok=True)
-        store = TraceStore.create(path, pairs, sites, layers, attrs)
+        store = TraceStore.create(path, pairs, texts, sites, layers, attrs)
     todo = [i for i, done in enumerate(store.done) if not done]
     cells = {i: len(sites) * len(layers) * len(pairs[i].corrupt) for i in range(len(pairs))}
     score_ids = sorted({p.target for p in pairs} | {p.foil for p in pairs if p.foil is not None})
@@ -80,7 +81,7 @@ def run(cfg, out_dir: Path) -> dict:
         "cells_per_s": round(run_cells / wall, 3) if run_cells else None,
     }  # fmt: skip
     store.complete(summary)
-    pictures = write_pictures(path, out_dir, tokenizer, texts)
+    pictures = write_pictures(path, out_dir, tokenizer)
     summary.update(store=str(path), pictures=[str(p) for p in pictures], page=str(out_dir / "trace.html"))
     (out_dir / "trace.json").write_text(json.dumps(summary, indent=2))
     print(

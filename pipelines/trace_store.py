@@ -7,6 +7,7 @@ Arrays (Zarr v3, one chunk per pair, shards of 64 pairs; NaN or -1 where a pair 
   `(patched - corrupt) / (clean - corrupt)` of that log-prob; target-minus-foil logit difference;
 - `clean_logprob`, `corrupt_logprob`, `clean_logit_diff`, `corrupt_logit_diff` (pair);
 - `clean_tokens`, `corrupt_tokens` (pair, position), `target_token`, `foil_token`, `prompt_length` (pair);
+- `clean_text`, `corrupt_text`, `target_text`, `foil_text` (pair): the pairs as given;
 - `done` (pair): written last for each pair, so a resumed trace skips exactly the pairs it holds;
 - `site`, `layer`: the coordinates.
 `attrs["complete"]` turns true only once every pair is in.
@@ -38,7 +39,7 @@ class TraceStore:
         self.group = group
 
     @classmethod
-    def create(cls, path: Path, pairs, sites, layers, attrs: dict) -> TraceStore:
+    def create(cls, path: Path, pairs, texts, sites, layers, attrs: dict) -> TraceStore:
         import zarr
 
         n, s, la = len(pairs), len(sites), len(layers)
@@ -68,6 +69,9 @@ class TraceStore:
         g.create_array("foil_token", data=np.asarray(foils, np.int32), dimension_names=["pair"])
         lengths = np.asarray([len(p.corrupt) for p in pairs], np.int32)
         g.create_array("prompt_length", data=lengths, dimension_names=["pair"])
+        for name in ("clean", "corrupt", "target", "foil"):  # the pairs as given (a trace's pairs are few)
+            values = np.asarray([t.get(name, "") for t in texts], dtype=str)
+            g.create_array(f"{name}_text", data=values, dimension_names=["pair"])
         g.create_array("site", data=np.asarray(sites, dtype=str), dimension_names=["site"])
         g.create_array("layer", data=np.asarray(layers, np.int32), dimension_names=["layer"])
         array("done", (n,), "bool", False, ["pair"])
@@ -137,8 +141,9 @@ def mean_from_end(grid: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         return np.nanmean(aligned, axis=0)
 
 
-def write_pictures(path: Path, out_dir: Path, tokenizer, texts: list[dict], max_pairs: int = 16) -> list[Path]:
-    """trace_mean.png, trace_pair<i>.png (the first `max_pairs` pairs) and trace.html."""
+def write_pictures(path: Path, out_dir: Path, tokenizer, max_pairs: int = 16) -> list[Path]:
+    """trace_mean.png, trace_pair<i>.png (the first `max_pairs` pairs) and trace.html (`distlens view`
+    on a trace folder writes them again)."""
     import zarr
 
     from pipelines.plots import pyplot, save_figure
@@ -178,13 +183,15 @@ def write_pictures(path: Path, out_dir: Path, tokenizer, texts: list[dict], max_
             labels.append(b if c == k else f"{a}→{b}")
         target = _label(tokenizer, g["target_token"][i])
         figure(recovery[i, :, :, :n], labels, f"pair {i}: target {target!r}", f"trace_pair{i}.png")
-    _page(g, out_dir, texts, [p.name for p in written])
+    _page(g, out_dir, [p.name for p in written])
     return written
 
 
-def _page(g, out_dir: Path, texts: list[dict], images: list[str]) -> None:
+def _page(g, out_dir: Path, images: list[str]) -> None:
     """trace.html: the pairs with their clean and corrupted log-probs, then the heatmaps."""
     clean, corrupt = g["clean_logprob"][:], g["corrupt_logprob"][:]
+    fields = ("clean", "corrupt", "target", "foil")
+    texts = [dict(zip(fields, row)) for row in zip(*(g[f"{f}_text"][:].tolist() for f in fields))]
     rows = "".join(
         f"<tr><td>{i}</td><td>{html.escape(t['clean'])}</td><td>{html.escape(t['corrupt'])}</td>"
         f"<td>{html.escape(t['target'])}</td><td>{html.escape(t.get('foil', ''))}</td>"

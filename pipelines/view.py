@@ -1,6 +1,6 @@
-"""`distlens view <store | steer run> [--out page.html] [--serve]`: one self-contained HTML page
-(script, style and data inline; nothing fetched at view time) to explore a lens store or a
-steering study in a browser.
+"""`distlens view <store | steer run | trace> [--out page.html] [--serve]`: one self-contained HTML
+page (script, style and data inline; nothing fetched at view time) to explore a lens store or a
+steering study in a browser; a causal trace's folder gets its trace.html and heatmaps written again.
 
 A lens page holds, per row, the token ids and, per (lens, component), the store's top-k ids and
 log-probs, entropy, target log-prob and rank and `kl_to_final` of every position, as base64
@@ -143,16 +143,20 @@ def page(data: dict) -> str:
 
 
 def resolve(target: Path) -> tuple[str, Path]:
-    """("lens", store path) or ("study", run directory) for what the user named."""
+    """("lens", store path), ("study", run directory) or ("trace", run directory) for what the user named."""
     if (target / "results.json").is_file():
         return "study", target
+    if target.name == "trace.zarr" and target.is_dir():
+        target = target.parent
+    if (target / "trace.zarr").is_dir():
+        return "trace", target
     if (target / "lens.zarr").is_dir():
         target = target / "lens.zarr"
     if (target / "zarr.json").is_file():
         return "lens", target
     raise ViewError(
-        f"{target} is neither a lens store (a lens.zarr, or a run folder holding one) nor a steering study "
-        "(a pipelines.steer run folder holding results.json)"
+        f"{target} is neither a lens store (a lens.zarr, or a run folder holding one), a steering study "
+        "(a pipelines.steer run folder holding results.json) nor a causal trace (a folder holding trace.zarr)"
     )
 
 
@@ -161,6 +165,15 @@ def write_page(target: str | Path, out: str | Path | None = None, rows: list[int
     from actors.store import LensStore, StoreError
 
     kind, path = resolve(Path(target))
+    if kind == "trace":  # its page shows the heatmaps beside it: written where they are
+        import zarr
+
+        from pipelines.trace_store import write_pictures
+
+        if out and Path(out).resolve() != (path / "trace.html").resolve():
+            raise ViewError(f"--out={out}: a trace's page is written beside its heatmaps, {path / 'trace.html'}")
+        write_pictures(path / "trace.zarr", path, load_tokenizer(dict(zarr.open_group(str(path / "trace.zarr")).attrs)))
+        return path / "trace.html"
     if kind == "study":
         data = study_data(path)
         default = path / "view.html"
@@ -189,7 +202,10 @@ def serve(path: Path, port: int = 0) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="distlens view", description=__doc__.splitlines()[0])
-    parser.add_argument("target", help="a lens.zarr, a run folder holding one, or a pipelines.steer run folder")
+    parser.add_argument(
+        "target",
+        help="a lens.zarr, a run folder holding one, a pipelines.steer run folder, or a pipelines.trace folder",
+    )
     parser.add_argument("--out", help="the page to write (default: view.html beside the store)")
     parser.add_argument("--rows", help="rows to include, e.g. 0,1,5 (default: all)")
     parser.add_argument("--serve", action="store_true", help="serve the page on 127.0.0.1 after writing it")

@@ -1,6 +1,6 @@
 """`python -m pipelines.patch`: rows from a JSONL file, their interventions given as a user writes
 them (a patch from another row, a patch from the activations an earlier lens run stored, a mean
-ablation from a .npy file, a scale), on Ray stage actors; patch.json's log-probs equal the
+ablation from a .npy file, a scale), in micro-batches of 2; patch.json's log-probs equal the
 unsliced HF model hooked here with the same interventions."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from actors.store import LensStore
 from tiny_models import decoder_layers, load_reference
 
 
-def test_patch_rows_equal_the_hooked_unsliced_model(tiny_with_tokenizer, tmp_path, joined_ray):
+def test_patch_rows_equal_the_hooked_unsliced_model(tiny_with_tokenizer, tmp_path):
     from transformers import AutoTokenizer
 
     path = tiny_with_tokenizer
@@ -45,7 +45,7 @@ def test_patch_rows_equal_the_hooked_unsliced_model(tiny_with_tokenizer, tmp_pat
     out = tmp_path / "patch"
     result = run_driver(
         "pipelines.patch", f"model.name={path}", f"rows={tmp_path / 'rows.jsonl'}", "targets=[' mat',' the']",
-        "cluster.micro_batch_size=2", f"hydra.run.dir={out}", cwd=tmp_path, env=joined_ray,
+        "cluster=inprocess", "cluster.micro_batch_size=2", f"hydra.run.dir={out}", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     got = json.loads((out / "patch.json").read_text())["rows"]

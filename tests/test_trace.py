@@ -1,7 +1,8 @@
 """`python -m pipelines.trace`: every cell of a causal trace equals a separate run of the unsliced
 HF model, its corrupted prompt patched at that one (site, layer, position) with the clean run's
 activation, both computed here with the test's own hooks. Three pairs of two lengths, three sites,
-micro-batches of 16 rows; a resumed trace (on Ray stage actors) recomputes only the pair it lacks."""
+3 stages, micro-batches of 16 rows; a resumed trace (on 2 Ray stage actors) recomputes only the
+pair it lacks."""
 
 from __future__ import annotations
 
@@ -91,7 +92,14 @@ def test_every_trace_cell_equals_a_separately_patched_hf_run(tiny4, tmp_path, jo
     pairs.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
     out = tmp_path / "trace"
     args = [f"model.name={tiny4}", f"pairs={pairs}", f"trace.sites=[{','.join(SITES)}]", f"hydra.run.dir={out}"]
-    first = run_driver("pipelines.trace", *args, "cluster=inprocess", "cluster.micro_batch_size=16", cwd=tmp_path)
+    first = run_driver(
+        "pipelines.trace",
+        *args,
+        "cluster=inprocess",
+        "cluster.num_stages=3",
+        "cluster.micro_batch_size=16",
+        cwd=tmp_path,
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     g = zarr.open_group(str(out / "trace.zarr"), mode="r")
     assert g.attrs["complete"] and g["done"][:].all()
@@ -126,6 +134,9 @@ def test_every_trace_cell_equals_a_separately_patched_hf_run(tiny4, tmp_path, jo
         check(i)
     assert (out / "trace.html").exists() and (out / "trace_mean.png").exists() and (out / "trace_pair1.png").exists()
     assert "Colosseum" in (out / "trace.html").read_text()
+    (out / "trace.html").unlink()
+    viewed = run_driver("pipelines", "view", str(out / "trace.zarr"), cwd=tmp_path)  # written again
+    assert viewed.returncode == 0 and "Colosseum" in (out / "trace.html").read_text(), viewed.stderr[-2000:]
 
     # an interrupted trace: pair 1 not in yet; resume recomputes it only, on Ray stage actors
     kept = g["target_logprob"][0]
@@ -135,7 +146,7 @@ def test_every_trace_cell_equals_a_separately_patched_hf_run(tiny4, tmp_path, jo
     w.attrs["complete"] = False
     refused = run_driver("pipelines.trace", *args, "cluster=inprocess", cwd=tmp_path)
     assert refused.returncode == 2 and "resume=true" in refused.stderr.splitlines()[-1]
-    resumed = run_driver("pipelines.trace", *args, "resume=true", "cluster.num_stages=3", cwd=tmp_path, env=joined_ray)
+    resumed = run_driver("pipelines.trace", *args, "resume=true", cwd=tmp_path, env=joined_ray)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     g = zarr.open_group(str(out / "trace.zarr"), mode="r")
     assert g.attrs["complete"] and g.attrs["summary"]["pairs_run"] == 1
