@@ -6,9 +6,10 @@ store as an xarray Dataset. The same runs as `python -m pipelines.lens|steer` an
     top1(ds, prompt)                        one row's top-1 lens tokens, [layer, position]
     steering_vector(positive, negative, layer, ...)   a vector from paired texts
     sweep(prompts, vector, coefficients, out, ...)    steered generation at each coefficient
+    trace(pairs, out, ...)                  a causal trace: every cell of each pair, restored
     view(ds_or_path, out=None)              the self-contained viewer page
 """
 
-from distlens.api import lens, open, steering_vector, sweep, top1, view
+from distlens.api import lens, open, steering_vector, sweep, top1, trace, view
 
-__all__ = ["lens", "open", "steering_vector", "sweep", "top1", "view"]
+__all__ = ["lens", "open", "steering_vector", "sweep", "top1", "trace", "view"]

@@ -205,6 +205,44 @@ def top1(ds, prompt: int = 0, component: str = "resid_post", lens: str = "logit"
     )  # fmt: skip
 
 
+def trace(
+    pairs,
+    out: str | Path = "distlens_runs/trace",
+    *,
+    sites: Sequence[str] = ("resid_post",),
+    layers: Sequence[int] | None = None,
+    model: str | None = None,
+    cluster: str | None = None,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+):
+    """A causal trace (`python -m pipelines.trace`): `pairs` a JSONL path or a list of
+    `{"clean", "corrupt", "target", "foil"?}`; every (site, layer, position) of each corrupted
+    prompt restored from its clean run. Writes `out/trace.zarr` (with heatmaps and trace.html)
+    and returns it opened as an xarray Dataset (`recovery`, `target_logprob`, ... by pair, site,
+    layer, position)."""
+    import xarray as xr
+
+    from pipelines.trace_run import run
+
+    settings = [
+        f"trace.sites=[{','.join(sites)}]",
+        f"resume={resume}",
+        f"overwrite={overwrite}",
+        f"progress={progress}",
+    ]
+    if layers is not None:
+        settings.append(f"trace.layers=[{','.join(str(int(x)) for x in layers)}]")
+    cfg = _compose("trace", [*_settings(model, cluster, overrides), *settings])
+    cfg.pairs = str(pairs) if isinstance(pairs, str | Path) else [dict(p) for p in pairs]
+    out = Path(out)
+    run(cfg, out)
+    _save_config(cfg, out)
+    return xr.open_zarr(out / "trace.zarr", consolidated=False)
+
+
 def view(target, out: str | Path | None = None) -> Path:
     """Write the viewer page (`distlens view`) for a Dataset from this API, a store path or a
     steering study folder; returns the page's path."""

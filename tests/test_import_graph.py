@@ -1,5 +1,5 @@
 """The drivers' import rule, read from the source with ast (every import, also those inside
-functions): the six drivers (pipelines.lens, steer, tune, demo, serve and distlens.api) import none
+functions): the drivers (pipelines.lens, steer, tune, demo, serve, trace, patch and distlens.api) import none
 of each other, each runs through pipelines.session, and the modules under pipelines/ (outside
 pipelines/bench) import each other without a cycle; and the size rules (classes, functions)."""
 
@@ -9,7 +9,10 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DRIVERS = ("pipelines.lens", "pipelines.steer", "pipelines.tune", "pipelines.demo", "pipelines.serve", "distlens.api")
+DRIVERS = (
+    "pipelines.lens", "pipelines.steer", "pipelines.tune", "pipelines.demo", "pipelines.serve", "pipelines.trace",
+    "pipelines.patch", "distlens.api",
+)  # fmt: skip
 
 
 def _modules() -> dict[str, Path]:

@@ -138,6 +138,13 @@ def test_every_trace_cell_equals_a_separately_patched_hf_run(tiny4, tmp_path, jo
     viewed = run_driver("pipelines", "view", str(out / "trace.zarr"), cwd=tmp_path)  # written again
     assert viewed.returncode == 0 and "Colosseum" in (out / "trace.html").read_text(), viewed.stderr[-2000:]
 
+    # from a notebook: the same trace of one pair as an xarray Dataset (the driver's numbers)
+    import distlens
+
+    ds = distlens.trace(PAIRS[:1], tmp_path / "nb", model=str(tiny4), cluster="inprocess", sites=SITES)
+    assert ds.recovery.dims == ("pair", "site", "layer", "position") and list(ds.site.values) == list(SITES)
+    np.testing.assert_allclose(ds.target_logprob.values[0], g["target_logprob"][0, :, :, :5], atol=1e-5)
+
     # an interrupted trace: pair 1 not in yet; resume recomputes it only, on Ray stage actors
     kept = g["target_logprob"][0]
     w = zarr.open_group(str(out / "trace.zarr"), mode="r+")
