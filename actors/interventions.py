@@ -186,9 +186,9 @@ def own_edits(hidden: torch.Tensor, view, start: int, entries) -> torch.Tensor:
         if iv.op == "scale":
             h = torch.tensor(iv.coefficient, dtype=torch.float32) * h
         elif iv.op == "add":
-            h = h + torch.tensor(iv.coefficient, dtype=torch.float32) * torch.as_tensor(iv.values)
+            h = h + torch.tensor(iv.coefficient, dtype=torch.float32) * torch.tensor(iv.values)
         elif iv.op == "ablate":
-            h = torch.zeros_like(h) if iv.values is None else torch.as_tensor(iv.values).expand_as(h)
+            h = torch.zeros_like(h) if iv.values is None else torch.tensor(iv.values).expand_as(h)
         else:
             pos = torch.arange(start, start + hidden.shape[1])[cols] - int(view.pad[r])
             if int(pos.max()) >= len(iv.values):
@@ -196,7 +196,7 @@ def own_edits(hidden: torch.Tensor, view, start: int, entries) -> torch.Tensor:
                     f"a stored patch holds {len(iv.values)} positions; layer {iv.layer} {iv.site} of this row "
                     f"reaches position {int(pos.max())}"
                 )
-            h = torch.as_tensor(iv.values)[pos]
+            h = torch.tensor(iv.values)[pos]
         hidden[r, cols] = h.to(hidden.device, hidden.dtype)
     return hidden
 

@@ -128,7 +128,7 @@ def record(out_dir: Path, prompts, continuations) -> None:
 
 def plot_costs(results: list[dict], path: Path) -> Path:
     """Steering effect (mean propensity minus the unsteered one) against KL, one line per
-    dataset, each point a coefficient; perplexity beside it."""
+    dataset, each point a coefficient (labelled with its sign); perplexity (log scale) beside it."""
     from pipelines.plots import pyplot, save_figure
 
     plt = pyplot()
@@ -139,7 +139,7 @@ def plot_costs(results: list[dict], path: Path) -> Path:
         x = [row["kl"] for row in table]
         ax.plot(x, [row["mean_propensity"] - base for row in table], marker="o", label=result["dataset"])
         for row, xi in zip(table, x):
-            ax.annotate(f"{row['coefficient']:g}", (xi, row["mean_propensity"] - base), fontsize=6)
+            ax.annotate(f"{row['coefficient']:+g}", (xi, row["mean_propensity"] - base), fontsize=7)
         bx.plot([row["coefficient"] for row in table], [row["perplexity"] for row in table], marker="o",
                 label=result["dataset"])  # fmt: skip
     ax.set_xlabel("mean KL(unsteered || steered), next token, neutral prompts")
@@ -147,6 +147,7 @@ def plot_costs(results: list[dict], path: Path) -> Path:
     ax.axhline(0, color="grey", lw=0.8)
     bx.set_xlabel("coefficient")
     bx.set_ylabel("perplexity of the unsteered greedy continuation")
+    bx.set_yscale("log")
     ax.legend(fontsize=7)
     ax.set_title("steerability vs side effect", fontsize=9)
     bx.set_title("what steering costs: perplexity", fontsize=9)
