@@ -134,12 +134,16 @@ def steering_only(row_edits):
     return [tuple(e for e in edits if not isinstance(e, (Intervention, *MARKS))) for edits in row_edits]
 
 
-def sequence_scores(logits: torch.Tensor, tokens: torch.Tensor, view, start: int, compare: dict, kept: dict) -> dict:
-    """The last stage's per-position readout of one step: `token_logprob` [batch, new], the
-    log-prob of each column's next token (this step's next column; NaN at the last and at left
-    pads), and `kl` [batch, new], KL(reference || row) for rows carrying `KLTo` (else NaN).
-    Reference rows' log-probs are kept in `kept[key]` ([positions, vocab], their own positions)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)  # [batch, new, vocab]: stays on this stage
+def sequence_scores(hidden_logits, tokens: torch.Tensor, view, start: int, compare: dict, kept: dict) -> dict:
+    """The last stage's per-position readout of one step, for a micro-batch with marked rows
+    (`compare`; none: nothing is computed): `token_logprob` [batch, new], the log-prob of each
+    column's next token (this step's next column; NaN at the last and at left pads), and `kl`
+    [batch, new], KL(reference || row) for rows carrying `KLTo` (else NaN). A reference row's
+    log-probs are kept in `kept[key]` ([positions so far, vocab], its own positions from 0).
+    `hidden_logits()` gives the step's logits [batch, new, vocab]."""
+    if not compare:
+        return {}
+    logp = torch.log_softmax(hidden_logits().float(), dim=-1)  # [batch, new, vocab]: stays on this stage
     batch, new = logp.shape[:2]
     pos = torch.arange(start, start + new)[None, :] - view.pad[:, None]  # each column's row position
     token_lp = torch.full((batch, new), float("nan"))
@@ -148,21 +152,19 @@ def sequence_scores(logits: torch.Tensor, tokens: torch.Tensor, view, start: int
     token_lp[pos < 0] = float("nan")
     kl = torch.full((batch, new), float("nan"))
     for r, mark in compare.items():
-        real = pos[r] >= 0
         if isinstance(mark, KLReference):
-            ref = kept.setdefault(mark.key, {})
-            for p, row in zip(pos[r][real].tolist(), logp[r, real.to(logp.device)].cpu()):
-                ref[p] = row
+            real = pos[r] >= 0
+            before = kept.get(mark.key)
+            rows = logp[r, real.to(logp.device)].cpu()
+            kept[mark.key] = rows if before is None else torch.cat([before, rows])
     for r, mark in compare.items():
         if isinstance(mark, KLTo):
             ref = kept.get(mark.key)
             if ref is None:
                 raise ValueError(f"KL reference {mark.key} has not run on the last stage: it must run before its rows")
-            for j in torch.nonzero(pos[r] >= 0)[:, 0].tolist():
-                p = int(pos[r, j])
-                if p in ref:
-                    q = logp[r, j].cpu()
-                    kl[r, j] = (ref[p].exp() * (ref[p] - q)).sum()
+            cols = torch.nonzero((pos[r] >= 0) & (pos[r] < len(ref)))[:, 0]
+            p, q = ref[pos[r, cols]], logp[r, cols.to(logp.device)].cpu()
+            kl[r, cols] = (p.exp() * (p - q)).sum(-1)
     return {"token_logprob": token_lp.numpy(), "kl": kl.numpy()}
 
 

@@ -339,7 +339,7 @@ class StageWorker(HookedStage, LaneStage, JacobianStage):
         if self.window.wants_finals:  # every stage's KL to the final layer: d_model floats per position
             final["final"] = self.lens.norm(hidden).cpu()
         if self.spec.sequence_scores:  # a few floats per position (actors/interventions.py)
-            logits = self.lens.full_logits(hidden)
+            logits = lambda: self.lens.full_logits(hidden)  # noqa: E731  (only for micro-batches that compare)
             final.update(interventions.sequence_scores(logits, tokens, state, first, state.compare, self._kl_refs))
         if state.shared:  # a prefix's last column is not the prompt's: nothing to sample yet
             return final, chunks

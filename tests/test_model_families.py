@@ -229,7 +229,8 @@ def test_every_family_runs_through_the_steer_driver(family_dirs, tmp_path):
         "pipelines.steer", "-m", f"model.name={','.join(str(p) for p in family_dirs.values())}", "model=hf",
         "model.dtype=float32", "cluster=inprocess", "dataset=survival-instinct", f"data.root={data}",
         "data.max_train=3", "data.max_test=3", "steering.select_items=2", "steering.layers=[0,1]", "bootstrap=20",
-        "progress=false", f"storage.root={tmp_path}", "hydra.sweep.dir=" + str(tmp_path / "sweep"), cwd=tmp_path,
+        "progress=false", "steering.cost_prompts=0", f"storage.root={tmp_path}", "hydra.sweep.dir=" + str(tmp_path / "sweep"),
+        cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     summaries = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/summary.json")]

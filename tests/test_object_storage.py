@@ -25,7 +25,8 @@ PROMPTS = '["The lighthouse keeper", "Once upon a time", "In the beginning", "A 
 LENS = ["cluster.micro_batch_size=2", "generation.max_new_tokens=4", "progress=false", f"prompts={PROMPTS}"]
 MWE = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "mwe"
 STEER = ["dataset=survival-instinct", f"data.root={MWE}", "data.max_train=4", "data.max_test=4", "steering.select_items=2",
-         "steering.layers=[0,1]", "bootstrap=50", "progress=false", "cluster=inprocess"]  # fmt: skip
+         "steering.layers=[0,1]", "bootstrap=50", "progress=false", "cluster=inprocess", "steering.cost_prompts=2",
+         "steering.cost_tokens=2"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ from driver import run_driver
 from actors.store import LensStore
 
 MWE = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "mwe"
-SMALL = ["data.max_train=4", "data.max_test=4", "steering.select_items=2", "steering.layers=[0,1]", "bootstrap=50"]
+BASE = ["data.max_train=4", "data.max_test=4", "steering.select_items=2", "steering.layers=[0,1]", "bootstrap=50"]
+SMALL = [*BASE, "steering.cost_prompts=0"]  # the cost on neutral prompts: tests/test_steering_cost.py and below
 
 
 @pytest.fixture
@@ -32,7 +33,8 @@ def test_dataset_all_runs_every_dataset_and_loads_the_model_once(
 ):
     result = run_driver(
         "pipelines.steer", f"model.name={tiny_with_tokenizer}", "dataset=all", f"data.root={two_datasets}",
-        f"storage.root={tmp_path}", "storage.run=all", *SMALL, cwd=tmp_path, env=joined_ray,
+        f"storage.root={tmp_path}", "storage.run=all", *BASE, "steering.cost_prompts=2", "steering.cost_tokens=3",
+        cwd=tmp_path, env=joined_ray,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "steer" / "all"
@@ -55,6 +57,9 @@ def test_dataset_all_runs_every_dataset_and_loads_the_model_once(
         assert set(summary) >= {"mean_of_slopes", "mean_of_slopes_ci95", "slope_of_mean", "slope_of_mean_ci95"}
         assert (out / name / "propensity_vs_coefficient.png").exists()
         assert (out / name / "steerability_by_layer.png").exists()
+        cost = summary["cost"]  # measured on the same pool of stage actors (its numbers: test_steering_cost.py)
+        assert cost["prompts"] == 2 and cost["coefficients"] == coefficients and cost["kl"][coefficients.index(0)] == 0
+    assert (out / "steering_cost.png").exists()
     infos = [info for store in out.glob("*.zarr") for info in LensStore.open(store).attrs["summary"]["stage_info"]]
     assert len(infos) == 3 * 2  # (vectors, layer selection, test sweep), every dataset packed in each x 2 stages
     assert len({info["pid"] for info in infos}) == 2  # the same two stage actors throughout

@@ -18,10 +18,18 @@ from actors.store import LensStore
 MWE = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "mwe"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SMALL = [
-    "data.max_train=4", "data.max_test=4", "steering.select_items=3", "steering.layers=[0,1]", "bootstrap=50",
-    "steering.coefficients=[-2.0,0.0,1.0,3.0]", "steering.select_coefficients=[-1.0,0.0,2.0]",
-    "cluster=inprocess", "cluster.micro_batch_size=5", "progress=false",
-]  # fmt: skip
+    "data.max_train=4",
+    "data.max_test=4",
+    "steering.select_items=3",
+    "steering.layers=[0,1]",
+    "bootstrap=50",
+    "steering.coefficients=[-2.0,0.0,1.0,3.0]",
+    "steering.select_coefficients=[-1.0,0.0,2.0]",
+    "cluster=inprocess",
+    "cluster.micro_batch_size=5",
+    "progress=false",
+    "steering.cost_prompts=0",
+]  # fmt: skip  (the cost on neutral prompts: tests/test_steering_cost.py)
 
 
 @pytest.fixture

@@ -22,7 +22,8 @@ def compose_steer(model: str, datasets, data_root: str | None, overrides: list[s
     register()  # the schemas conf/steer.yaml names
     repo = Path(__file__).resolve().parents[2]
     names = "all" if datasets == "all" else "[" + ",".join(datasets) + "]"
-    args = [f"model.name={model}", f"dataset={names}", "progress=false", *overrides]
+    # the cost on neutral prompts is left out: the workload times the three study runs, as it did before them
+    args = [f"model.name={model}", f"dataset={names}", "progress=false", "steering.cost_prompts=0", *overrides]
     if data_root:
         args.append(f"data.root={data_root}")
     with initialize_config_dir(str(repo / "conf"), version_base=None):
