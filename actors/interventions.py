@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from actors.lens_window import capture_mask
-from actors.vocabulary import SITES, STEERING_POSITIONS
+from actors.vocabulary import INTERVENTION_SITES, STEERING_POSITIONS
 
 OPS = ("patch", "ablate", "scale", "add")
 ALIGNS = ("start", "end")
@@ -55,8 +55,11 @@ class Intervention:
     def __post_init__(self):
         if self.op not in OPS:
             raise ValueError(f"intervention op={self.op!r}: choose one of {list(OPS)}")
-        if self.site not in SITES:
-            raise ValueError(f"intervention site={self.site!r}: choose one of {list(SITES)}")
+        if self.site not in INTERVENTION_SITES:
+            raise ValueError(
+                f"intervention site={self.site!r}: choose one of {list(INTERVENTION_SITES)} (resid_mid is read after "
+                "the layer keeps its residual: an edit there reaches the MLP's input only; use mlp_in)"
+            )
         if self.align not in ALIGNS:
             raise ValueError(f"intervention align={self.align!r}: choose one of {list(ALIGNS)}")
         p = self.positions
@@ -188,7 +191,7 @@ def own_edits(hidden: torch.Tensor, view, start: int, entries) -> torch.Tensor:
         if iv.op == "scale":
             h = torch.tensor(iv.coefficient, dtype=torch.float32) * h
         elif iv.op == "add":
-            h = h + torch.tensor(iv.coefficient, dtype=torch.float32) * torch.tensor(iv.values)
+            h = h + torch.tensor(iv.coefficient, dtype=torch.float32) * torch.tensor(iv.values, device=h.device)
         elif iv.op == "ablate":
             h = torch.zeros_like(h) if iv.values is None else torch.tensor(iv.values).expand_as(h)
         else:
@@ -199,6 +202,12 @@ def own_edits(hidden: torch.Tensor, view, start: int, entries) -> torch.Tensor:
                     f"reaches position {int(pos.max())}"
                 )
             h = torch.tensor(iv.values)[pos]
+            empty = pos[~h.any(-1)]
+            if len(empty):
+                raise ValueError(
+                    f"stored patch values are all zero at positions {empty.tolist()} (layer {iv.layer} {iv.site}): "
+                    "the earlier run did not capture them (capture.positions); to zero a site, ablate it"
+                )
         hidden[r, cols] = h.to(hidden.device, hidden.dtype)
     return hidden
 

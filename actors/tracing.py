@@ -58,6 +58,7 @@ class InterventionRunner:
         self.config, self.pad_id, self.micro_batch = hf_config, pad_id, micro_batch
         self.n_layers, self.d_model = hf_config.num_hidden_layers, hf_config.hidden_size
         self.score_ids = tuple(int(i) for i in score_ids)
+        check_sites(hf_config, sites)
         self.bounds = plan_stages(hf_config, num_stages)
         n = len(self.bounds)
         steered = tuple(sorted({(int(layer), site) for layer, site in sites}))
@@ -141,8 +142,12 @@ class InterventionRunner:
             self._wait(self.stages.drop_patch_sources())
 
     def _check_rows(self, edits) -> None:
-        refs = {e.key for row in edits for e in row if isinstance(e, KLReference)}
+        refs = [e.key for row in edits for e in row if isinstance(e, KLReference)]
+        if len(refs) != len(set(refs)):
+            raise ValueError(f"KL reference keys are carried by more than one row: {sorted(refs)}")
         for r, row in enumerate(edits):
+            if sum(isinstance(e, KLReference | KLTo) for e in row) > 1:
+                raise ValueError(f"rows[{r}] carries more than one KLReference/KLTo: a row is a reference or compared")
             for e in row:
                 if isinstance(e, KLTo) and e.key not in refs:
                     raise ValueError(f"rows[{r}]: KL reference {e.key} is out of range: no row carries it")
@@ -215,6 +220,20 @@ class InterventionRunner:
 
     def close(self) -> None:
         self.executor.shutdown()
+
+
+def check_sites(hf_config, sites) -> None:
+    """Every (layer, site) is a site this model family has (`adapters`), at a layer it has."""
+    from actors.adapters import adapter_for
+
+    have = adapter_for(hf_config.model_type).sites_for(hf_config)
+    for layer, site in sites:
+        if site not in have:
+            raise ValueError(
+                f"site {site!r} is not available for model family {hf_config.model_type!r}: it has {sorted(have)}"
+            )
+        if not 0 <= layer < hf_config.num_hidden_layers:
+            raise ValueError(f"layer {layer} is out of range: valid is 0..{hf_config.num_hidden_layers - 1}")
 
 
 def _logprobs(got: RowScores, row: int, target: int, foil: int | None) -> tuple:

@@ -9,6 +9,10 @@ from __future__ import annotations
 SITES = ("resid_pre", "attn_in", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
 COMPONENTS = SITES
 STEERING_SITES = ("resid_pre", "resid_post", "attn_in", "mlp_in")
+# Where an intervention (patch, ablate, scale, add) can act: every site but resid_mid, which the
+# families read where the MLP's input norm reads it, after the layer has kept the residual it adds back
+# (an edit there would reach the MLP's input only).
+INTERVENTION_SITES = tuple(s for s in SITES if s != "resid_mid")
 # Which positions an edit (or a capture) touches: every one, the prompt's, the generated ones,
 # the last prompt token; an int i means every position >= i.
 STEERING_POSITIONS = ("all", "prompt", "generated", "last")

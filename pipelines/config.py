@@ -9,7 +9,13 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from actors.vocabulary import ACTIVATION_DTYPES, MODEL_DTYPES, SITES, STEERING_POSITIONS, STEERING_SITES
+from actors.vocabulary import (
+    ACTIVATION_DTYPES,
+    INTERVENTION_SITES,
+    MODEL_DTYPES,
+    STEERING_POSITIONS,
+    STEERING_SITES,
+)
 from pipelines.errors import exit_with_error
 
 POSITION_WORDS = ("all", "prompt", "generated")
@@ -635,7 +641,7 @@ def check_trace(cfg, hf_config) -> tuple[tuple[str, ...], tuple[int, ...]]:
     if not _is_list(sites) or not sites:
         raise ConfigError(f"trace.sites={sites!r}: give a list of sites, e.g. [resid_post, attn_out, mlp_out]")
     for site in sites:
-        choice("trace.sites", site, SITES)
+        choice("trace.sites", site, INTERVENTION_SITES)
     n = hf_config.num_hidden_layers
     layers = range(n) if cfg.trace.layers is None else cfg.trace.layers
     if not _is_list(layers) and not isinstance(layers, range) or not len(layers):

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from actors.interventions import OPS, Intervention, PatchSource
-from actors.steering import VectorEdit
 from pipelines.config import ConfigError
 
 ROW_FIELDS = ("prompt", "edits", "targets")
@@ -52,8 +51,8 @@ def _plain(value):
 
 
 def row_edits(rows: list[tuple[str, dict]], n_layers: int, d_model: int) -> list[tuple]:
-    """Each row's edits as actors' edits (Interventions, VectorEdits, a PatchSource on every row
-    another row copies from)."""
+    """Each row's edits as actors' Interventions, with a PatchSource on every row another row copies
+    from."""
     edits, sources = [], set()
     for where, row in rows:
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
@@ -88,13 +87,14 @@ def _edit(where: str, spec, n_rows: int, n_layers: int, d_model: int):
     if source is not None and (not isinstance(source, int) or not 0 <= source < n_rows):
         raise ConfigError(f"{where}: patch source={source!r} is out of range: rows are 0..{n_rows - 1}")
     values = None if spec.get("values") is None else _values(where, spec["values"], op, layer, site, d_model)
-    kwargs = dict(positions=spec.get("positions", "all"), coefficient=float(spec.get("coefficient", 1.0)))
+    coefficient = spec.get("coefficient", 1.0)
+    if isinstance(coefficient, bool) or not isinstance(coefficient, int | float):
+        raise ConfigError(f"{where}: coefficient={coefficient!r}: give a number")
     try:
-        if op == "add":
-            if values is None or values.ndim != 1:
-                raise ValueError("an add needs `values`: a [d_model] vector")
-            return VectorEdit(values, layer, site, **kwargs)
-        return Intervention(op, layer, site, values=values, source=source, align=spec.get("align", "start"), **kwargs)
+        return Intervention(
+            op, layer, site, spec.get("positions", "all"), float(coefficient), values=values, source=source,
+            align=spec.get("align", "start"),
+        )  # fmt: skip
     except ValueError as err:
         raise ConfigError(f"{where}: {err}") from None
 

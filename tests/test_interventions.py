@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from actors.interventions import Intervention, PatchSource
+from actors.interventions import Intervention, KLReference, KLTo, PatchSource
 from actors.steering import VectorEdit
-from actors.tracing import InterventionRunner
+from actors.tracing import InterventionRunner, check_sites
 from tiny_models import decoder_layers, load_reference
 
 SCORE_IDS = (5, 9, 17, 200)
@@ -188,6 +188,18 @@ def test_bad_interventions_are_refused_before_running(tiny_checkpoints):
             continue
         with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
             runner.run_rows(prompts, edits)
+    with pytest.raises(ValueError, match=r"stored patch values are all zero at positions \[1\]"):
+        stored = np.ones((3, 64), np.float32)
+        stored[1] = 0  # a position the earlier run did not capture
+        runner.run_rows([[3, 4, 5]], [(Intervention("patch", 1, "resid_post", "all", values=stored),)])
+    with pytest.raises(ValueError, match="KL reference keys are carried by more than one row"):
+        runner.run_rows([[3, 4], [3, 5]], [(KLReference(0),), (KLReference(0),)])
+    with pytest.raises(ValueError, match="more than one KLReference/KLTo"):
+        runner.run_rows([[3, 4], [3, 5]], [(KLReference(0),), (KLReference(1), KLTo(0))])
+    with pytest.raises(ValueError, match="site 'resid_mid' is not available for model family 'gpt_neox'"):
+        from transformers import GPTNeoXConfig
+
+        check_sites(GPTNeoXConfig(num_hidden_layers=2, use_parallel_residual=True), [(0, "resid_mid")])
     with pytest.raises(ValueError, match="stored patch holds 2 positions"):
         runner.run_rows([[3, 4, 5]], [(Intervention("patch", 1, "resid_post", values=np.zeros((2, 64), np.float32)),)])
     for kwargs, message in [
@@ -196,6 +208,9 @@ def test_bad_interventions_are_refused_before_running(tiny_checkpoints):
         (dict(op="scale", source=1), "belongs to a patch"),
         (dict(op="ablate", values=np.zeros((2, 64))), r"expected \[d_model\]"),
         (dict(op="scale", positions=(1, -2)), "ints >= 0"),
+        (dict(op="add"), "an add needs `values`"),
     ]:
         with pytest.raises(ValueError, match=message):
             Intervention(layer=1, site="resid_post", **kwargs)
+    with pytest.raises(ValueError, match="reaches the MLP's input only"):
+        Intervention("scale", 1, "resid_mid")
