@@ -62,6 +62,7 @@ class InterventionRunner:
         self.bounds = plan_stages(hf_config, num_stages)
         n = len(self.bounds)
         steered = tuple(sorted({(int(layer), site) for layer, site in sites}))
+        self.sites = set(steered)
         specs = [
             StageSpec(
                 s, n, a, b, str(model_path), dtype=dtype, device=device, steered=steered,
@@ -159,6 +160,11 @@ class InterventionRunner:
                 if not 0 <= iv.layer < self.n_layers:
                     raise ValueError(
                         f"rows[{r}]: intervention layer {iv.layer} is out of range: 0..{self.n_layers - 1}"
+                    )
+                if (iv.layer, iv.site) not in self.sites:  # no hook there: the edit would do nothing
+                    raise ValueError(
+                        f"rows[{r}]: an intervention at layer {iv.layer} {iv.site}, where these stages have no hook "
+                        f"(they hook {sorted(self.sites)}): give that (layer, site) in `sites`"
                     )
                 if iv.source is not None and iv.source not in keys:
                     raise ValueError(

@@ -166,6 +166,7 @@ def test_bad_interventions_are_refused_before_running(tiny_checkpoints):
     bad = [
         ([[3, 4, 5]], [(Intervention("patch", 1, "resid_post", source=4),)], "patch source 4 is out of range"),
         ([[3, 4, 5]], [(Intervention("scale", 7, "resid_post"),)], "layer 7 is out of range: 0..3"),
+        ([[3, 4, 5]], [(Intervention("scale", 2, "resid_post"),)], "at layer 2 resid_post, where these stages have no"),
         (
             [[3, 4, 5]],
             [(Intervention("ablate", 1, "resid_post", values=np.zeros(8, np.float32)),)],
