@@ -48,7 +48,8 @@ SHARD_ROWS = 1024  # and at most this many rows (what a killed driver can lose i
 LENS_ARRAYS = ("topk_ids", "topk_logprobs", "entropy", "target_logprob", "target_rank", "kl_to_final")
 
 
-def _compressor():
+def compressor():
+    """The codec every distlens Zarr array is compressed with (lens stores, trace.zarr)."""
     return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 
 
@@ -143,7 +144,7 @@ class LensStore:
             shards = (chunks[0] * layout.shard_batches,) + tuple(
                 max(1, -(-n // c)) * c for n, c in zip(shape[1:], chunks[1:])
             )  # a dimension of size 0 (no layer captured) still has one chunk's room
-            fills = {} if fill is None else {"fill_value": fill, "compressors": _compressor()}
+            fills = {} if fill is None else {"fill_value": fill, "compressors": compressor()}
             g.create_array(name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, dimension_names=dims, **fills)
 
         array("tokens", (p, pos), (b, pos), "int32", -1, ["prompt", "position"])
@@ -187,7 +188,7 @@ class LensStore:
             g["activations"].attrs["dtype"] = layout.activations
         g.create_array(
             "batch_done", shape=(layout.n_batches,), chunks=(1,), shards=(layout.shard_batches,), dtype="bool",
-            fill_value=False, compressors=_compressor(), dimension_names=["batch"],
+            fill_value=False, compressors=compressor(), dimension_names=["batch"],
         )  # fmt: skip
         g.attrs.update({**attrs, "schema_version": SCHEMA_VERSION, "layout": layout_dict(layout), "complete": False})
         return cls(path, g)

@@ -377,3 +377,16 @@ def documents(paths: list[str], field: str = "data.paths") -> list[str]:
         else:
             docs += [p.strip() for p in text.split("\n\n") if p.strip()]
     return docs
+
+
+def jsonl_records(path: Path) -> list[tuple[str, object]]:
+    """Each non-blank line of a JSONL file parsed, with where it is (`file:line`); a line that
+    is not JSON is refused in one line naming it (the trace's pairs and the patch driver's rows)."""
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                out.append((f"{path}:{n}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DatasetError(f"{path}:{n}: not a JSON object ({err.msg})") from None
+    return out

@@ -19,24 +19,12 @@ register()
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-def _target_ids(tokenizer, texts, where: str) -> list[int]:
-    ids = []
-    for text in texts:
-        tokens = tokenizer(text, add_special_tokens=False).input_ids if isinstance(text, str) and text else []
-        if len(tokens) != 1:
-            raise ConfigError(
-                f"{where} has {text!r}, {len(tokens)} tokens, not one: give text that is one token of this "
-                "tokenizer (often with its leading space, e.g. ' Paris')"
-            )
-        ids.append(tokens[0])
-    return ids
-
-
 def run(cfg, out_dir: Path) -> dict:
     from actors.checkpoint import load_tokenizer, resolve_checkpoint
     from actors.tracing import InterventionRunner
     from pipelines.config import check_interventions_run
     from pipelines.patch_rows import read_rows, row_edits
+    from pipelines.prompts import one_token
 
     checkpoint = resolve_checkpoint(cfg.model.name, cfg.model.revision)
     hf_config = checkpoint.config()
@@ -44,8 +32,11 @@ def run(cfg, out_dir: Path) -> dict:
     tokenizer = load_tokenizer(str(checkpoint.path))
     rows = read_rows(cfg.rows)
     edits = row_edits(rows, hf_config.num_hidden_layers, hf_config.hidden_size)
-    shared = _target_ids(tokenizer, list(cfg.targets), "targets")
-    own = [_target_ids(tokenizer, row.get("targets", []), f"{where}: field 'targets'") for where, row in rows]
+    shared = [one_token(tokenizer, t, f"targets[{i}]") for i, t in enumerate(cfg.targets)]
+    own = [
+        [one_token(tokenizer, t, f"{where}: targets[{i}]") for i, t in enumerate(row.get("targets", []))]
+        for where, row in rows
+    ]
     score_ids = sorted(set(shared).union(*own))
     if not score_ids:
         raise ConfigError(

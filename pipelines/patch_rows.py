@@ -10,13 +10,13 @@ earlier lens run stored (`capture.activations`) at this edit's layer and site.""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from actors.interventions import OPS, Intervention, PatchSource
 from pipelines.config import ConfigError
+from pipelines.datasets import jsonl_records
 
 ROW_FIELDS = ("prompt", "edits", "targets")
 EDIT_FIELDS = ("op", "layer", "site", "positions", "coefficient", "source", "align", "values")
@@ -31,13 +31,7 @@ def read_rows(source) -> list[tuple[str, dict]]:
     path = Path(source).expanduser()
     if not path.is_file():
         raise ConfigError(f"rows={source!r}: no such file")
-    out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                out.append((f"{path}:{n}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{path}:{n}: not a JSON object ({err.msg})") from None
+    out = jsonl_records(path)
     if not out:
         raise ConfigError(f"rows={source!r} holds no row")
     return out

@@ -56,6 +56,18 @@ def _name(tokenizer) -> str:
     return repr(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
 
 
+def one_token(tokenizer, text, what: str) -> int:
+    """The one token `text` is (a trace's target or foil, a patch run's target); else refused
+    naming `what` (e.g. "pairs.jsonl:3: field 'target'")."""
+    tokens = tokenizer(text, add_special_tokens=False).input_ids if isinstance(text, str) and text else []
+    if len(tokens) != 1:
+        raise ValueError(
+            f"{what}={text!r} is {len(tokens)} tokens, not one: give text that is one token of this tokenizer "
+            "(often with its leading space, e.g. ' Paris')"
+        )
+    return tokens[0]
+
+
 def _letter_id(tokenizer, letter: str) -> int:
     ids = tokenizer.encode(letter, add_special_tokens=False)
     if len(ids) != 1:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from actors.tracing import TracePair
 from pipelines.config import ConfigError
+from pipelines.datasets import jsonl_records
+from pipelines.prompts import one_token
 
 FIELDS = ("clean", "corrupt", "target", "foil")
 
@@ -25,16 +27,8 @@ def read_pairs(source, tokenizer) -> tuple[list[TracePair], list[dict], dict]:
         path = Path(source).expanduser()
         if not path.is_file():
             raise ConfigError(f"pairs={source!r}: no such file")
-        raw = path.read_bytes()
-        rows = []
-        for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((f"{path}:{n}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{path}:{n}: not a JSON object ({err.msg})") from None
-        identity = {"path": str(path.resolve()), "sha256": hashlib.sha256(raw).hexdigest()}
+        rows = jsonl_records(path)
+        identity = {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     else:
         rows = [(f"pairs[{i}]", dict(p) if hasattr(p, "keys") else p) for i, p in enumerate(source)]
         text = json.dumps([r for _, r in rows], sort_keys=True, default=str)
@@ -70,16 +64,11 @@ def _pair(where: str, row, tokenizer) -> tuple[TracePair, dict]:
             f"{where}: clean has {len(clean)} tokens, corrupt {len(corrupt)}: a trace restores each position "
             "from the clean run into the corrupted one and needs prompts of equal token length"
         )
-    ids = {}
-    for name in ("target", "foil"):
-        if name in text:
-            tokens = tokenizer(text[name], add_special_tokens=False).input_ids
-            if len(tokens) != 1:
-                raise ConfigError(
-                    f"{where}: field {name!r}={text[name]!r} is {len(tokens)} tokens, not one: give text that "
-                    "is one token of this tokenizer (often with its leading space, e.g. ' Paris')"
-                )
-            ids[name] = tokens[0]
+    ids = {
+        name: one_token(tokenizer, text[name], f"{where}: field {name!r}")
+        for name in ("target", "foil")
+        if name in text
+    }
     if ids.get("foil") == ids["target"]:
         raise ConfigError(f"{where}: foil {text['foil']!r} is the target's token: give another")
     return TracePair(tuple(clean), tuple(corrupt), ids["target"], ids.get("foil")), text

@@ -21,17 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from actors.store import compressor
 from pipelines.config import ConfigError
 
 GRID = ("target_logprob", "recovery", "logit_diff")
 PER_PAIR = ("clean_logprob", "corrupt_logprob", "clean_logit_diff", "corrupt_logit_diff")
 SHARD = 64
-
-
-def _compressor():
-    from zarr.codecs import BloscCodec
-
-    return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 
 
 class TraceStore:
@@ -51,7 +46,7 @@ class TraceStore:
             chunks = (1, *shape[1:])
             g.create_array(
                 name, shape=shape, chunks=chunks, shards=(shard, *shape[1:]), dtype=dtype, fill_value=fill,
-                compressors=_compressor(), dimension_names=dims,
+                compressors=compressor(), dimension_names=dims,
             )  # fmt: skip
 
         for name in GRID:
