@@ -8,6 +8,9 @@ stage, sampled token ids (last stage), and compact lens chunks; never full-vocab
 
 from __future__ import annotations
 
+import actors.libraries  # noqa: F401  first: torch & co. imported with the collector paused, then frozen
+
+# isort: split
 import os
 import resource
 import sys
