@@ -49,16 +49,35 @@ def connect_ray(cluster) -> dict:
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].lower() not in ("0", "false")
-    repo = str(Path(__file__).resolve().parent.parent)
     ray.init(
         address="local",  # always a new cluster: never one some other `ray start` left running
         num_cpus=cluster.num_cpus,
         include_dashboard=False,
         dashboard_host="127.0.0.1",
-        # Workers import actors/ from this checkout, installed or not.
-        runtime_env={"env_vars": {"PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}},
+        # No idle task workers started with the first driver: stage actors get processes of their
+        # own, so those would only pay Ray's imports (~0.6 CPU-s each, one per CPU) and wait.
+        _system_config={"prestart_worker_first_driver": False},
+        runtime_env=worker_runtime_env(),
     )
     return _cluster_used("private local cluster (started by this driver, stopped with it)")
+
+
+def worker_runtime_env() -> dict:
+    """What a cluster this process starts gives its workers so that they import actors/ from
+    this checkout: nothing when the installed distlens is this checkout (the README's editable
+    install, or an installed copy imported from site-packages), else PYTHONPATH. A runtime_env
+    sends every worker through Ray's set-up process first, which imports Ray once more before it
+    becomes the worker (~0.5 CPU-s a stage actor, measured)."""
+    import importlib.metadata
+    import json
+
+    repo = Path(__file__).resolve().parent.parent
+    if repo.name in ("site-packages", "dist-packages"):
+        return {}
+    for dist in importlib.metadata.distributions(name="distlens"):  # a checkout's own egg-info may come first
+        if json.loads(dist.read_text("direct_url.json") or "{}").get("url") == repo.as_uri():
+            return {}
+    return {"env_vars": {"PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}}
 
 
 def _cluster_used(kind: str) -> dict:

@@ -18,6 +18,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
 
+import actors.libraries  # noqa: E402, F401  torch & co. imported as a stage process does (collector paused, then frozen)
 from tiny_models import FAMILIES, save_tiny  # noqa: E402
 
 
@@ -38,12 +39,15 @@ def ray_cluster():
     Each module's actors and placement groups are its own to release (its pools' fixtures)."""
     import ray
 
+    from pipelines.session import worker_runtime_env
+
     if not ray.is_initialized():
         ray.init(
             address="local",  # a cluster of its own, never one another test (or `ray start`) left up
             num_cpus=RAY_CPUS,
             include_dashboard=False,
-            runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+            _system_config={"prestart_worker_first_driver": False},  # as pipelines/session.py: no idle workers
+            runtime_env=worker_runtime_env(),  # as a driver's own cluster (PYTHONPATH unless installed from here)
             log_to_driver=False,
         )
     yield ray

@@ -202,7 +202,7 @@ def ray_head(num_cpus: int = 2):
     # a token of its own (as `ray get-auth-token --generate` makes one): a fresh machine has no
     # ~/.ray/auth_token until some earlier `ray.init` wrote one, and `ray start` creates none
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_TMPDIR=tmp,
-               RAY_AUTH_TOKEN=secrets.token_hex(32))  # fmt: skip
+               RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_prestart_worker_first_driver="0")  # fmt: skip
     env.pop("RAY_ADDRESS", None)
     port, dashboard = free_port(), free_port()
     head = [

@@ -19,6 +19,9 @@ import sys
 ANSWERS = os.fdopen(os.dup(1), "w", buffering=1)  # the protocol's; what the imports print goes to stderr
 os.dup2(2, 1)
 
+import gc  # noqa: E402
+
+gc.disable()  # the imports below with the collector paused, then frozen (as actors/libraries.py does)
 import deepspeed  # noqa: E402, F401
 import hydra  # noqa: E402, F401
 import matplotlib  # noqa: E402
@@ -81,6 +84,8 @@ def _warm() -> None:
 
 
 _warm()
+gc.freeze()  # what the children share stays out of their collections (and their pages unwritten)
+gc.enable()
 assert "ray" not in sys.modules, "the zygote must not import Ray (its auth is settled per process)"
 
 

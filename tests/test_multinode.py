@@ -21,6 +21,7 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24], [30, 31]
 COMMON = dict(num_stages=2, micro_batch_size=2, micro_batches_in_flight=2, max_new_tokens=6)
 # a dead raylet is noticed in ~3 s instead of Ray's default ~15 s
 FAST_HEALTH_CHECK = {
+    "prestart_worker_first_driver": False,  # no idle task workers (as pipelines/session.py)
     "health_check_period_ms": 1000,
     "health_check_timeout_ms": 1000,
     "health_check_failure_threshold": 3,
@@ -35,15 +36,16 @@ def cluster():
     `xdist_group` mark): strict spread on the two workers; a third worker is added and one
     removed (two left); one of those two removed (one left, no spare), then one added."""
     import ray
-    from conftest import REPO
     from ray.cluster_utils import Cluster
+
+    from pipelines.session import worker_runtime_env
 
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": FAST_HEALTH_CHECK})
     for _ in range(2):
         c.add_node(num_cpus=2)
     c.wait_for_nodes()
     ray.shutdown()  # this process's own cluster, if an earlier module left it up (conftest's ray_cluster)
-    ray.init(address=c.address, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}}, log_to_driver=False)
+    ray.init(address=c.address, runtime_env=worker_runtime_env(), log_to_driver=False)
     yield c
     ray.shutdown()
     c.shutdown()
