@@ -57,39 +57,14 @@ def head():
 
 
 @pytest.mark.xdist_group("job_submit_head")
-def test_ray_job_submit_runs_the_lens_driver_on_a_loopback_head(head, tiny_with_tokenizer, tmp_path):
-    gcs, dashboard, env = head
-    job = subprocess.run(
-        [
-            "ray",
-            "job",
-            "submit",
-            "--address",
-            f"http://127.0.0.1:{dashboard}",
-            "--working-dir",
-            ".",
-            "--runtime-env",
-            "cluster/runtime_env.yaml",
-            "--",
-            "python",
-            "-m",
-            "pipelines.lens",
-            f"model.name={tiny_with_tokenizer}",
-            f"storage.root={tmp_path}",
-            "storage.run=job",
-            "generation.max_new_tokens=3",
-        ],  # fmt: skip
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
-    assert "succeeded" in job.stdout + job.stderr
-    # which cluster a driver joins while that head is up: none unless told (a private local
-    # cluster, gone with the driver); `cluster.address=auto` joins the head
-    base = [f"model.name={tiny_with_tokenizer}", f"storage.root={tmp_path}", "generation.max_new_tokens=2"]
+def test_with_a_head_up_a_driver_starts_a_private_cluster_unless_told_auto(head, tiny_with_tokenizer, tmp_path):
+    """Which cluster a driver joins while a `ray start` head is up: none unless told (a private
+    local cluster, gone with the driver); `cluster.address=auto` joins the head. (The jobs
+    submitted to that head: the next test.)"""
+    gcs, _, env = head
+    # one stage each: which cluster a run joins is the point, not its pipeline
+    base = [f"model.name={tiny_with_tokenizer}", f"storage.root={tmp_path}", "generation.max_new_tokens=2",
+            "cluster.num_stages=1"]  # fmt: skip
     # `auto` reads this head's record; the token is the head's
     env = {name: env[name] for name in ("RAY_AUTH_MODE", "RAY_TMPDIR", "RAY_AUTH_TOKEN")}
     private = run_driver("pipelines.lens", *base, "storage.run=private", cwd=tmp_path, env=env)
@@ -105,23 +80,21 @@ def test_ray_job_submit_runs_the_lens_driver_on_a_loopback_head(head, tiny_with_
         log = (tmp_path / run / "run.log").read_text()
         assert f"ray cluster: {used[run]['kind']} at {used[run]['address']}" in log
     assert f"[distlens] ray cluster: {used['private']['kind']}" in private.stderr
-    store = LensStore.open(tmp_path / "job" / "lens.zarr")
-    assert store.is_complete and store.verify() == []
-    summary = store.attrs["summary"]
-    assert len(summary["stages"]) == 2 and len({info["pid"] for info in summary["stage_info"]}) == 2
 
 
 @pytest.mark.xdist_group("job_submit_head")
 def test_two_jobs_submitted_at_once_to_a_head_with_room_for_one_both_complete_and_verify(
     head, tiny_with_tokenizer, tmp_path
 ):
-    """`ray job submit --no-wait` twice to a head with 2 CPUs whose CPUs the test holds (a
+    """`ray job submit --working-dir .` twice to a head with 2 CPUs whose CPUs the test holds (a
     placement group of its own) until both jobs say they wait for placement
     (cluster.placement_timeout_s, raised here to 600 s) instead of failing; each run's two
-    stages then take both CPUs, so the second keeps waiting until the first ends. Every store
-    completes and verifies (`distlens verify`), and both hold the same numbers, which match the
-    unsliced model. (Held, not raced: two jobs submitted back to back could run one after the
-    other without either ever waiting.)"""
+    stages then take both CPUs, so the second keeps waiting until the first ends. The first is
+    submitted as a user does, waiting (the command follows the job's log and says it succeeded),
+    the second with `--no-wait`. Every store completes and verifies (`distlens verify`), its two
+    stages ran in two processes, and both hold the same numbers, which match the unsliced model.
+    (Held, not raced: two jobs submitted back to back could run one after the other without
+    either ever waiting.)"""
     from reference import assert_kl_to_final_matches_hf, assert_stores_equal
     from tiny_models import load_reference
 
@@ -131,17 +104,35 @@ def test_two_jobs_submitted_at_once_to_a_head_with_room_for_one_both_complete_an
     holder = subprocess.Popen([sys.executable, "-c", HOLD_CPUS, gcs, f"http://127.0.0.1:{dashboard}"], env=env,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     assert holder.stdout.readline().strip() == "held", holder.stderr.read()[-2000:]
-    ids = []
-    for run in runs:
-        submitted = subprocess.run(
-            ["ray", "job", "submit", *address, "--no-wait", "--working-dir", ".", "--runtime-env",
-             "cluster/runtime_env.yaml", "--", "python", "-m", "pipelines.lens", f"model.name={tiny_with_tokenizer}",
-             f"storage.root={tmp_path}", f"storage.run={run}", "generation.max_new_tokens=3", "progress=false",
-             "cluster.placement_timeout_s=600"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+
+    def submit(run: str, *wait: str) -> list[str]:
+        return ["ray", "job", "submit", *address, *wait, "--working-dir", ".", "--runtime-env",
+                "cluster/runtime_env.yaml", "--", "python", "-m", "pipelines.lens", f"model.name={tiny_with_tokenizer}",
+                f"storage.root={tmp_path}", f"storage.run={run}", "generation.max_new_tokens=3", "progress=false",
+                "cluster.placement_timeout_s=600"]  # fmt: skip
+
+    def job_id(text: str) -> str | None:
+        return next((w.strip("'") for w in text.split() if w.strip("'").startswith("raysubmit_")), None)
+
+    # the first as a user submits it: the command waits for the job, following its log
+    waiting = subprocess.Popen(submit(runs[0]), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)  # fmt: skip
+    ids, head_lines = [], []
+    try:
+        while not ids:
+            line = waiting.stdout.readline()
+            assert line, "".join(head_lines)[-2000:]
+            head_lines.append(line)
+            if job_id(line):
+                ids.append(job_id(line))
+        submitted = subprocess.run(submit(runs[1], "--no-wait"), cwd=REPO, env=env, capture_output=True, text=True,
+                                   timeout=300)  # fmt: skip
         assert submitted.returncode == 0, submitted.stderr[-2000:]
-        ids.append(next(w.strip("'") for w in submitted.stdout.split() if w.strip("'").startswith("raysubmit_")))
+        ids.append(job_id(submitted.stdout))
+    except BaseException:
+        waiting.kill()
+        holder.kill()
+        raise
 
     holder.stdin.write(" ".join(ids) + "\n")
     holder.stdin.close()
@@ -158,6 +149,8 @@ def test_two_jobs_submitted_at_once_to_a_head_with_room_for_one_both_complete_an
         {job: got["logs"] for job, got in jobs.items()},
     )
     assert set(states.values()) == {"SUCCEEDED"}, (states, {j: log[-2000:] for j, log in logs.items()})
+    followed = "".join(head_lines) + waiting.communicate(timeout=300)[0]
+    assert waiting.returncode == 0 and "succeeded" in followed, followed[-3000:]
     waited = [job for job, log in logs.items() if "[distlens] waiting up to 600s (cluster.placement_timeout_s)" in log]
     assert sorted(waited) == sorted(ids), "a job did not wait for placement while the head's CPUs were held"
     stores = [LensStore.open(tmp_path / run / "lens.zarr") for run in runs]
@@ -167,6 +160,8 @@ def test_two_jobs_submitted_at_once_to_a_head_with_room_for_one_both_complete_an
     for store in stores:
         assert store.is_complete
         assert_stores_equal(store, stores[0])
+        summary = store.attrs["summary"]
+        assert len(summary["stages"]) == 2 and len({info["pid"] for info in summary["stage_info"]}) == 2
     assert assert_kl_to_final_matches_hf(load_reference(tiny_with_tokenizer), stores[0]) > 0
 
 
