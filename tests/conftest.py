@@ -28,38 +28,84 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {family: save_tiny(family, root / family) for family in FAMILIES}
 
 
-RAY_CPUS = 8  # the test process's cluster's logical CPUs: 4 stages plus a coordinator on this 2-core machine
+RAY_CPUS = 32  # the run's cluster's logical CPUs: 4 stages plus a coordinator for each of four test processes
+
+
+def suite_ray(tmp_path_factory) -> str:
+    """The GCS address of this test run's one Ray cluster, shared by its test processes: a
+    `ray start` head on loopback (a session of its own), started by the first process that asks
+    and stopped by the run's controlling process when the run ends (`pytest_unconfigure`). One
+    cluster for the run, not one per test process: each costs seconds of CPU to start and its
+    daemons (GCS, raylet, agents, log monitor) about 2 CPU-seconds a minute while it lives."""
+    import json
+    import subprocess
+    import tempfile
+
+    from filelock import FileLock
+
+    from actors.distributed import free_port
+
+    shared = _run_folder(tmp_path_factory)
+    record = shared / "suite_ray.json"
+    with FileLock(str(shared / "suite_ray.lock")):
+        if not record.exists():
+            tmp = tempfile.mkdtemp(prefix="dlsuite-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+            # no token: its clients are this run's own processes (`ray start` would otherwise ask for one)
+            env = dict(os.environ, RAY_TMPDIR=tmp, RAY_prestart_worker_first_driver="0", RAY_AUTH_MODE="disabled")
+            env.pop("RAY_ADDRESS", None)
+            port = free_port()
+            head = ["ray", "start", "--head", "--port", str(port), "--num-cpus", str(RAY_CPUS),
+                    "--node-ip-address", "127.0.0.1", "--include-dashboard", "false",
+                    "--ray-client-server-port", str(free_port())]  # fmt: skip
+            started = subprocess.Popen(head, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                       start_new_session=True)  # fmt: skip
+            _, err = started.communicate(timeout=180)
+            assert started.returncode == 0, err[-2000:]
+            record.write_text(json.dumps({"address": f"127.0.0.1:{port}", "session": started.pid, "tmp": tmp}))
+    return json.loads(record.read_text())["address"]
+
+
+def pytest_unconfigure(config):
+    """The run's controlling process (or the only one) stops the shared cluster, if one started."""
+    import json
+    import shutil
+
+    if os.environ.get("PYTEST_XDIST_WORKER") or not hasattr(config, "_tmp_path_factory"):
+        return
+    record = config._tmp_path_factory.getbasetemp() / "suite_ray.json"
+    if record.exists():
+        from driver import stop_session
+
+        started = json.loads(record.read_text())
+        stop_session(started["session"])
+        shutil.rmtree(started["tmp"], ignore_errors=True)
+        record.unlink()
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """This test process's own Ray cluster, started by the first module that asks and kept for the
-    next (a start is ~11 CPU-seconds of Ray's processes); a module that connects this process to
-    another cluster (test_multinode.py) shuts it down first, and the next module starts a new one.
-    Each module's actors and placement groups are its own to release (its pools' fixtures)."""
+def ray_cluster(tmp_path_factory):
+    """This test process joined to the run's shared cluster (`suite_ray`); a module that
+    connects this process to another cluster (test_multinode.py) disconnects it first, and the
+    next module joins again. Each module's placement groups (its stage actors') are its own to
+    release (its pools' fixtures): checked when the module ends."""
     import ray
 
     from pipelines.session import worker_runtime_env
 
     if not ray.is_initialized():
-        ray.init(
-            address="local",  # a cluster of its own, never one another test (or `ray start`) left up
-            num_cpus=RAY_CPUS,
-            include_dashboard=False,
-            _system_config={"prestart_worker_first_driver": False},  # as pipelines/session.py: no idle workers
-            runtime_env=worker_runtime_env(),  # as a driver's own cluster (PYTHONPATH unless installed from here)
-            log_to_driver=False,
-        )
+        # its workers import this checkout as a driver's own cluster's do (PYTHONPATH unless installed from here)
+        ray.init(address=suite_ray(tmp_path_factory), runtime_env=worker_runtime_env(), log_to_driver=False)
     yield ray
     import time
 
-    for _ in range(100):  # released actors free their CPUs within moments
-        if ray.available_resources().get("CPU") == RAY_CPUS:
+    job = ray.get_runtime_context().get_job_id()  # a placement group's id ends with its job's
+    for _ in range(100):  # removed groups go within moments
+        held = [g for g in ray.util.placement_group_table().values()
+                if g["placement_group_id"].endswith(job) and g["state"] != "REMOVED"]  # fmt: skip
+        if not held:
             return
         time.sleep(0.2)
-    raise AssertionError(
-        f"a module left Ray resources held (the next module shares this cluster): {ray.available_resources()}"
-    )
+    raise AssertionError(f"a module left placement groups held (the next module shares this cluster): {held}")
 
 
 @pytest.fixture
@@ -96,13 +142,18 @@ def tiny_with_tokenizer(tmp_path_factory, smollm2) -> Path:
     return made_once(tmp_path_factory, "tiny_tok", make) / "llama"
 
 
+def _run_folder(tmp_path_factory) -> Path:
+    """The folder every test process of this run shares (the controlling process's base)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 def made_once(tmp_path_factory, name: str, make) -> Path:
     """A folder every test process of this run shares, filled by `make(folder)` in whichever
     process asks first; the others wait for it (a file lock) and read what it wrote."""
     from filelock import FileLock
 
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # every worker of this run shares it
+    shared = _run_folder(tmp_path_factory)
     folder, made = shared / name, shared / f"{name}.made"
     with FileLock(str(shared / f"{name}.lock")):
         if not made.exists():
