@@ -1,10 +1,11 @@
-"""Shared fixtures: tiny checkpoints of real architectures, one Ray cluster per module, and
+"""Shared fixtures: tiny checkpoints of real architectures, one Ray cluster for the test run, and
 the real SmolLM2 checkpoint (fetched and converted once, then cached)."""
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,6 @@ def suite_ray(tmp_path_factory) -> str:
     daemons (GCS, raylet, agents, log monitor) about 2 CPU-seconds a minute while it lives."""
     import json
     import subprocess
-    import tempfile
 
     from filelock import FileLock
 
@@ -82,6 +82,17 @@ def pytest_unconfigure(config):
         record.unlink()
 
 
+def _started_a_cluster() -> bool:
+    """Whether this process has started a local Ray cluster of its own (an in-process bench
+    workload does, as its fresh process would). Ray 2.60 then cannot create actors on a cluster
+    the process joins later: they are cancelled before they start (reproduced with Ray alone:
+    `ray.init(address="local")`, shutdown, `ray.init(address=<a running head>)`, any actor). Such
+    a process starts a cluster of its own again instead. A session's folder ends with the pid of
+    the process that started it."""
+    ray_tmp = Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray"
+    return any(ray_tmp.glob(f"session_*_{os.getpid()}"))
+
+
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     """This test process joined to the run's shared cluster (`suite_ray`); a module that
@@ -94,7 +105,11 @@ def ray_cluster(tmp_path_factory):
 
     if not ray.is_initialized():
         # its workers import this checkout as a driver's own cluster's do (PYTHONPATH unless installed from here)
-        ray.init(address=suite_ray(tmp_path_factory), runtime_env=worker_runtime_env(), log_to_driver=False)
+        if _started_a_cluster():
+            ray.init(address="local", num_cpus=8, include_dashboard=False, runtime_env=worker_runtime_env(),
+                     _system_config={"prestart_worker_first_driver": False}, log_to_driver=False)  # fmt: skip
+        else:
+            ray.init(address=suite_ray(tmp_path_factory), runtime_env=worker_runtime_env(), log_to_driver=False)
     yield ray
     import time
 
