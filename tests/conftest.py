@@ -213,7 +213,7 @@ LONGEST_FIRST = ("test_fault_tolerance.py", "test_multinode.py", "test_tensor_pa
 # reference runs, a browser and its stores, a pool of stage actors) stay in one test process
 # (pyproject's `--dist loadgroup`). Every other test goes to whichever process is free, so a
 # file of many independent tests spreads over all of them (each process that runs one of its
-# Ray tests then starts its own kept cluster, if it has none yet: seconds, against minutes of tests).
+# Ray tests joins the run's one cluster, `suite_ray`).
 KEPT_TOGETHER = {"test_continuous_batching.py", "test_dataset_formats.py", "test_model_families.py", "test_object_storage.py",
                  "test_ray_executor.py", "test_staged_equals_unsliced.py", "test_tensor_parallel.py", "test_viewer.py"}  # fmt: skip
 
