@@ -76,9 +76,13 @@ class JacobianCoordinator:
         bar = progress_bar(len(todo), "jacobian fit (micro-batches)", progress)
         pending: list[tuple[int, list, list]] = []  # (micro-batch, its rows, its last handles)
         started, seen = time.perf_counter(), 0
+        if todo:
+            self._forward_rows(first, todo[0])
         for offset, rows in enumerate(todo):
             mb = first + offset
-            pending.append((mb, rows, self._submit(mb, rows)))
+            if offset + 1 < len(todo):  # ahead of this one's blocks: the last stage goes on to it without waiting
+                self._forward_rows(mb + 1, todo[offset + 1])
+            pending.append((mb, rows, self._submit_blocks(mb)))
             last = offset == len(todo) - 1
             checkpoint = save is not None and save_every and (mb + 1) % save_every == 0
             while pending and (len(pending) > IN_FLIGHT or last or checkpoint):
@@ -98,16 +102,25 @@ class JacobianCoordinator:
         bar.close()
         return fit
 
-    def _submit(self, key: int, rows: list[list[int]]) -> list:
-        """Micro-batch `key` through every stage and every block; returns the handles to wait on."""
+    def _forward_rows(self, key: int, rows: list[list[int]]) -> None:
+        """Micro-batch `key`'s rows forward through every stage (each keeps its input)."""
         group, lengths = self.stages, [len(r) for r in rows]
         x = padded(rows)
         for s in range(group.num_stages):
             x = group.jacobian_rows(s, key, x, lengths)
+
+    def _submit_blocks(self, key: int) -> list:
+        """Every block of micro-batch `key`, last stage to first; returns the handles to wait on.
+        A stage runs its calls in submission order, so the next micro-batch's rows were sent
+        before these blocks (`fit`): otherwise the first stage would forward them only after its
+        last block of this one, and the last stage would wait a block's time per micro-batch."""
+        group, last = self.stages, self.stages.num_stages - 1
         ends = []
         for lo in range(0, self.d_model, self.spec.block):
             cotangent = None
             for s in reversed(range(group.num_stages)):
+                if s != last:  # its forward first: it runs while the stage waits for this block's cotangent
+                    group.jacobian_prepare(s, key)
                 cotangent = group.jacobian_block(s, key, lo, cotangent)
             ends.append(cotangent)  # the first stage's: None once its backward is done
         return ends + group.jacobian_drop(key)

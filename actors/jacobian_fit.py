@@ -35,7 +35,7 @@ class StageJacobian:
     """Layers `[start, end)` of `model` (an actors.slicing.StageModel), their Jacobian-lens sums
     `sums` {layer: float64 [d_model, d_model]}, row i being output dimension i."""
 
-    CALLS = ("rows", "block", "take", "drop")  # what StageWorker.jacobian dispatches
+    CALLS = ("rows", "prepare", "block", "take", "drop")  # what StageWorker.jacobian dispatches
 
     def __init__(self, model, spec: FitSpec, start: int, end: int, first: bool, last: bool, device):
         self.model, self.spec = model, spec
@@ -46,6 +46,7 @@ class StageJacobian:
             p.requires_grad_(False)
         self.sums = {la: self._zeros() for la in range(start, end)}
         self._rows: dict = {}
+        self._graphs: dict = {}  # micro-batch -> (input, output, layer outputs): the next block's forward, made ahead
         self.busy_s, self.blocks = 0.0, 0
 
     def _zeros(self) -> torch.Tensor:
@@ -96,18 +97,34 @@ class StageJacobian:
         seed[torch.arange(block), :, :, lo + torch.arange(block)] = real
         return seed.reshape(like.shape)
 
-    def block(self, key, lo: int, cotangent=None) -> torch.Tensor | None:
-        """Output dimensions `[lo, lo + block)` for micro-batch `key`: `cotangent` the gradient at
-        this stage's output [block * n, T, d] (copy-major; the last stage seeds its own). Adds
-        each layer's rows `lo..` and returns the gradient at this stage's input (none on the first)."""
-        started = time.perf_counter()
-        rows, block = self._rows[key], self.spec.block
+    def _graph(self, rows: _Rows) -> tuple:
+        """The forward of `block` copies of the rows, in the graph: (input, output, layer outputs)."""
+        block = self.spec.block
         with torch.enable_grad():
             if self.first:  # ids: the copies are made inside, no gradient at the input
                 x, copies = rows.x, block
             else:
                 x, copies = rows.x.repeat(block, 1, 1).requires_grad_(True), 1
             out, outs = self._forward(x, copies)
+        return x, out, outs
+
+    def prepare(self, key) -> None:
+        """The forward of micro-batch `key`'s next block, made now: a stage before the last runs it
+        while it waits for that block's cotangent (the coordinator sends it ahead of the block)."""
+        started = time.perf_counter()
+        self._graphs[key] = self._graph(self._rows[key])
+        self.busy_s += time.perf_counter() - started
+
+    def block(self, key, lo: int, cotangent=None) -> torch.Tensor | None:
+        """Output dimensions `[lo, lo + block)` for micro-batch `key`: `cotangent` the gradient at
+        this stage's output [block * n, T, d] (copy-major; the last stage seeds its own). Adds
+        each layer's rows `lo..` and returns the gradient at this stage's input (none on the first).
+        Its forward is the one `prepare` made, if it was sent (every block's is alike: copies of
+        the same rows; only the cotangent differs)."""
+        started = time.perf_counter()
+        rows = self._rows[key]
+        x, out, outs = self._graphs.pop(key, None) or self._graph(rows)
+        with torch.enable_grad():
             grad_out = self._seed(rows, lo, out) if self.last else torch.as_tensor(cotangent).to(out)
             inputs = outs[:-1] + ([] if self.first else [x])  # the last layer's output is `out` itself
             grads = list(torch.autograd.grad(out, inputs, grad_out)) if inputs else []
@@ -129,6 +146,7 @@ class StageJacobian:
     def drop(self, key) -> None:
         """Forget micro-batch `key` (its blocks are done)."""
         self._rows.pop(key, None)
+        self._graphs.pop(key, None)
 
     def take(self) -> dict[int, torch.Tensor]:
         """The sums so far, handed over and reset to zero (the coordinator adds them up)."""
