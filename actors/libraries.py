@@ -14,16 +14,11 @@ from __future__ import annotations
 
 import gc
 
-_loaded = False
-
 
 def load() -> None:
-    """Import the heavy libraries (once a process) with the collector paused, then freeze what
-    they made; the collector is left as it was found (on, normally)."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
+    """Import the heavy libraries with the collector paused, then freeze what they made; the
+    collector is left as it was found (on, normally). Called once, below: a module's body runs
+    once a process."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
