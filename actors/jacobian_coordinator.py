@@ -1,7 +1,7 @@
 """The Jacobian-lens fit across pipeline stages, driven from the driver's process: each
-micro-batch's rows go forward stage to stage once, then for every block of output dimensions
-the backward runs last stage to first, each stage through its own layers only
-(actors/jacobian_fit.py), the cotangent at a stage's input handed to the previous one. On Ray
+micro-batch's rows go forward stage to stage once (each stage keeps its graph), then for every
+block of output dimensions the backward runs last stage to first, each stage through its own
+layers only (actors/jacobian_fit.py), the cotangents at a stage's input handed to the previous one. On Ray
 the calls are chained without waiting, so the last stage works on the next block (or micro-batch)
 while the earlier ones finish this one. Sums come back to this process only at a checkpoint and
 at the end, as a `jacobian_lens.JacobianFit` (sums and counts, so partial fits add up)."""
@@ -114,13 +114,10 @@ class JacobianCoordinator:
         A stage runs its calls in submission order, so the next micro-batch's rows were sent
         before these blocks (`fit`): otherwise the first stage would forward them only after its
         last block of this one, and the last stage would wait a block's time per micro-batch."""
-        group, last = self.stages, self.stages.num_stages - 1
-        ends = []
+        group, ends = self.stages, []
         for lo in range(0, self.d_model, self.spec.block):
             cotangent = None
             for s in reversed(range(group.num_stages)):
-                if s != last:  # its forward first: it runs while the stage waits for this block's cotangent
-                    group.jacobian_prepare(s, key)
                 cotangent = group.jacobian_block(s, key, lo, cotangent)
             ends.append(cotangent)  # the first stage's: None once its backward is done
         return ends + group.jacobian_drop(key)

@@ -18,8 +18,8 @@ import torch
 
 @dataclass(frozen=True)
 class FitSpec:
-    """How a stage fits: `block` output dimensions per backward (the graph holds `block` copies
-    of the micro-batch: memory grows with it), source positions from `skip` on."""
+    """How a stage fits: `block` output dimensions per backward (the backward carries `block`
+    cotangents at once, so its memory grows with it), source positions from `skip` on."""
 
     block: int
     skip: int = 16
@@ -27,15 +27,22 @@ class FitSpec:
 
 @dataclass
 class _Rows:
-    x: torch.Tensor  # this stage's input: ids [n, T] (first stage) or hidden [n, T, d]
+    x: torch.Tensor  # this stage's input: ids [n, T] (first stage) or hidden [n, T, d] (a leaf needing its gradient)
     lengths: torch.Tensor  # [n] real tokens per row (each row's first `length` columns)
+    out: torch.Tensor  # this stage's output [n, T, d], in the graph
+    outs: list[torch.Tensor]  # each layer's resid_post [n, T, d], in the graph (the last is `out`)
 
 
 class StageJacobian:
     """Layers `[start, end)` of `model` (an actors.slicing.StageModel), their Jacobian-lens sums
-    `sums` {layer: float64 [d_model, d_model]}, row i being output dimension i."""
+    `sums` {layer: float64 [d_model, d_model]}, row i being output dimension i.
 
-    CALLS = ("rows", "prepare", "block", "take", "drop")  # what StageWorker.jacobian dispatches
+    A micro-batch's forward runs once, in the graph, when its rows come; every block of output
+    dimensions is then one backward through that graph carrying the block's cotangents as a batch
+    (`is_grads_batched`: the forward is not repeated per block or per output dimension). The
+    graph is kept until the micro-batch is dropped."""
+
+    CALLS = ("rows", "block", "take", "drop")  # what StageWorker.jacobian dispatches
 
     def __init__(self, model, spec: FitSpec, start: int, end: int, first: bool, last: bool, device):
         self.model, self.spec = model, spec
@@ -46,18 +53,16 @@ class StageJacobian:
             p.requires_grad_(False)
         self.sums = {la: self._zeros() for la in range(start, end)}
         self._rows: dict = {}
-        self._graphs: dict = {}  # micro-batch -> (input, output, layer outputs): the next block's forward, made ahead
         self.busy_s, self.blocks = 0.0, 0
 
     def _zeros(self) -> torch.Tensor:
         return torch.zeros(self.d_model, self.d_model, dtype=torch.float64, device=self.device)
 
-    def _forward(self, x: torch.Tensor, copies: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """This stage's layers on `copies` copies of the rows (copy-major): (output, each layer's
-        resid_post), in the graph."""
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """This stage's layers on the rows: (output, each layer's resid_post), in the graph."""
         n, cols = x.shape[:2]
-        position_ids = torch.arange(cols, device=self.device).expand(n * copies, cols)
-        mask = torch.ones(n * copies, cols, dtype=torch.long, device=self.device)  # causal alone: pads sit after
+        position_ids = torch.arange(cols, device=self.device).expand(n, cols)
+        mask = torch.ones(n, cols, dtype=torch.long, device=self.device)  # causal alone: pads sit after
         outs: list[torch.Tensor] = []
 
         def record(module, args, out):
@@ -67,8 +72,8 @@ class StageJacobian:
         if self.first:  # the graph starts at the embedding's output (the weights need no gradient)
             hooks.append(self.model.embed_tokens.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
         try:
-            reps = (copies,) + (1,) * (x.dim() - 1)
-            out = self.model(x.repeat(*reps), attention_mask=mask, position_ids=position_ids, cache=None)
+            with torch.enable_grad():
+                out = self.model(x, attention_mask=mask, position_ids=position_ids, cache=None)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -76,62 +81,47 @@ class StageJacobian:
 
     def rows(self, key, x, lengths) -> torch.Tensor | None:
         """Take micro-batch `key`: `x` ids [n, T] (first stage) or the previous stage's output
-        [n, T, d]; `lengths` [n]. Returns this stage's output (the next stage's input), none on
-        the last stage."""
+        [n, T, d]; `lengths` [n]. Runs its forward in the graph; returns this stage's output (the
+        next stage's input), none on the last stage."""
+        started = time.perf_counter()
         x = torch.as_tensor(x).to(self.device)
         if not self.first:
-            x = x.to(next(self.model.parameters()).dtype)
-        self._rows[key] = _Rows(x, torch.as_tensor(lengths, dtype=torch.long))
-        if self.last:
-            return None
-        with torch.no_grad():
-            out, _ = self._forward(x, 1)
-        return out.cpu()
-
-    def _seed(self, rows: _Rows, lo: int, like: torch.Tensor) -> torch.Tensor:
-        """The cotangent at h_L: copy b is one-hot at dimension lo + b at every real position."""
-        n, cols = rows.x.shape[:2]
-        block = like.shape[0] // n
-        real = (torch.arange(cols)[None, :] < rows.lengths[:, None]).to(like.dtype).to(like.device)  # [n, T]
-        seed = torch.zeros(block, n, cols, self.d_model, dtype=like.dtype, device=like.device)
-        seed[torch.arange(block), :, :, lo + torch.arange(block)] = real
-        return seed.reshape(like.shape)
-
-    def _graph(self, rows: _Rows) -> tuple:
-        """The forward of `block` copies of the rows, in the graph: (input, output, layer outputs)."""
-        block = self.spec.block
-        with torch.enable_grad():
-            if self.first:  # ids: the copies are made inside, no gradient at the input
-                x, copies = rows.x, block
-            else:
-                x, copies = rows.x.repeat(block, 1, 1).requires_grad_(True), 1
-            out, outs = self._forward(x, copies)
-        return x, out, outs
-
-    def prepare(self, key) -> None:
-        """The forward of micro-batch `key`'s next block, made now: a stage before the last runs it
-        while it waits for that block's cotangent (the coordinator sends it ahead of the block)."""
-        started = time.perf_counter()
-        self._graphs[key] = self._graph(self._rows[key])
+            x = x.to(next(self.model.parameters()).dtype).detach().requires_grad_(True)
+        out, outs = self._forward(x)
+        self._rows[key] = _Rows(x, torch.as_tensor(lengths, dtype=torch.long), out, outs)
         self.busy_s += time.perf_counter() - started
+        return None if self.last else out.detach().cpu()
+
+    def _seed(self, rows: _Rows, lo: int) -> torch.Tensor:
+        """The cotangents at h_L [block, n, T, d]: number b is one-hot at dimension lo + b at every
+        real position."""
+        n, cols = rows.x.shape[:2]
+        out, block = rows.out, self.spec.block
+        real = (torch.arange(cols)[None, :] < rows.lengths[:, None]).to(out.dtype).to(out.device)  # [n, T]
+        seed = torch.zeros(block, n, cols, self.d_model, dtype=out.dtype, device=out.device)
+        seed[torch.arange(block), :, :, lo + torch.arange(block)] = real
+        return seed
 
     def block(self, key, lo: int, cotangent=None) -> torch.Tensor | None:
-        """Output dimensions `[lo, lo + block)` for micro-batch `key`: `cotangent` the gradient at
-        this stage's output [block * n, T, d] (copy-major; the last stage seeds its own). Adds
-        each layer's rows `lo..` and returns the gradient at this stage's input (none on the first).
-        Its forward is the one `prepare` made, if it was sent (every block's is alike: copies of
-        the same rows; only the cotangent differs)."""
+        """Output dimensions `[lo, lo + block)` for micro-batch `key`: `cotangent` the gradients at
+        this stage's output [block * n, T, d] (block-major; the last stage seeds its own). Adds
+        each layer's rows `lo..` and returns the gradients at this stage's input, in the same
+        layout (none on the first stage)."""
         started = time.perf_counter()
         rows = self._rows[key]
-        x, out, outs = self._graphs.pop(key, None) or self._graph(rows)
-        with torch.enable_grad():
-            grad_out = self._seed(rows, lo, out) if self.last else torch.as_tensor(cotangent).to(out)
-            inputs = outs[:-1] + ([] if self.first else [x])  # the last layer's output is `out` itself
-            grads = list(torch.autograd.grad(out, inputs, grad_out)) if inputs else []
-        self._add(rows, lo, grads[: len(outs) - 1] + [grad_out])
+        out, block = rows.out, self.spec.block
+        if self.last:
+            grad_out = self._seed(rows, lo)
+        else:
+            grad_out = torch.as_tensor(cotangent).to(out).reshape(block, *out.shape)
+        inputs = rows.outs[:-1] + ([] if self.first else [rows.x])  # the last layer's output is `out` itself
+        grads = []
+        if inputs:
+            grads = list(torch.autograd.grad(out, inputs, grad_out, retain_graph=True, is_grads_batched=True))
+        self._add(rows, lo, grads[: len(rows.outs) - 1] + [grad_out])
         self.busy_s += time.perf_counter() - started
         self.blocks += 1
-        return None if self.first else grads[-1].detach().cpu()
+        return None if self.first else grads[-1].detach().reshape(block * out.shape[0], *out.shape[1:]).cpu()
 
     def _add(self, rows: _Rows, lo: int, grads: list[torch.Tensor]) -> None:
         """sums[l][lo + b] += sum over rows and real positions p >= skip of grad[b] at h_l[p]."""
@@ -139,14 +129,13 @@ class StageJacobian:
         pos = torch.arange(cols)[None, :]
         keep = ((pos >= self.spec.skip) & (pos < rows.lengths[:, None])).float().to(self.device)  # [n, T]
         for layer, grad in zip(range(self.start, self.end), grads):
-            g = grad.detach().reshape(-1, n, cols, self.d_model).float()  # [block, n, T, d]
+            g = grad.detach().float()  # [block, n, T, d]
             # one micro-batch's sum in float32 (a matmul's accumulation), the running sum in float64
             self.sums[layer][lo : lo + g.shape[0]] += torch.einsum("bntd,nt->bd", g, keep).double()
 
     def drop(self, key) -> None:
         """Forget micro-batch `key` (its blocks are done)."""
-        self._rows.pop(key, None)
-        self._graphs.pop(key, None)
+        self._rows.pop(key, None)  # and with it the graph
 
     def take(self) -> dict[int, torch.Tensor]:
         """The sums so far, handed over and reset to zero (the coordinator adds them up)."""

@@ -107,12 +107,9 @@ class StageGroup:
 
     # -- the Jacobian-lens fit (actors/jacobian_fit.py, driven by actors/jacobian_coordinator.py) --
     def jacobian_rows(self, stage: int, key, x, lengths):
-        """`stage` takes micro-batch `key` (ids or the previous stage's output): its output's handle."""
+        """`stage` takes micro-batch `key` (ids or the previous stage's output) and runs its forward,
+        keeping the graph: its output's handle."""
         return self._every_rank([stage], StageWorker.jacobian, "rows", key, x, lengths)[0]
-
-    def jacobian_prepare(self, stage: int, key):
-        """`stage` makes the forward of micro-batch `key`'s next block now (its block call uses it)."""
-        return self._every_rank([stage], StageWorker.jacobian, "prepare", key)[0]
 
     def jacobian_block(self, stage: int, key, lo: int, cotangent=None):
         """`stage`'s backward of output dimensions `lo..`: the handle of the cotangent at its input."""

@@ -24,34 +24,36 @@ def jacobian_sequences(job: dict) -> list[list[int]]:
 
 def plain_jacobian_sums(model, seqs: list[list[int]], block: int, skip: int) -> dict[int, torch.Tensor]:
     """Per layer l, float64 [d_model, d_model] (row i: output dimension i): the sum over sequences
-    and source positions p >= skip of sum over p' >= p of d h_L[p'] / d h_l[p]. Per sequence and
-    block of output dimensions, one forward of `block` copies of the sequence and one backward from
-    one-hot cotangents at every position of h_L (copy b: output dimension lo + b), reading the
-    gradient at every layer's output. `model`: a HF causal LM whose decoder is `model.model`."""
+    and source positions p >= skip of sum over p' >= p of d h_L[p'] / d h_l[p]. Per sequence, one
+    forward in the graph; per block of output dimensions, one backward carrying the block's
+    one-hot cotangents at every position of h_L as a batch (number b: output dimension lo + b),
+    reading the gradient at every layer's output: the algorithm distlens's stages run, in one
+    process. `model`: a HF causal LM whose decoder is `model.model`."""
     decoder = model.model
     layers, d = decoder.layers, model.config.hidden_size
     sums = {la: torch.zeros(d, d, dtype=torch.float64) for la in range(len(layers))}
     for seq in seqs:
-        ids = torch.tensor([seq]).expand(block, -1)  # [block, T]: one copy per output dimension
+        outs: list[torch.Tensor] = []  # each layer's resid_post: [1, T, d]
+
+        def record(module, args, out, outs=outs):
+            outs.append(out[0] if isinstance(out, tuple) else out)
+
+        hooks = [layer.register_forward_hook(record) for layer in layers]
+        try:
+            with torch.enable_grad():
+                embeds = decoder.embed_tokens(torch.tensor([seq])).requires_grad_(True)
+                decoder(inputs_embeds=embeds, use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
         for lo in range(0, d, block):
-            outs: list[torch.Tensor] = []  # each layer's resid_post: [block, T, d]
-
-            def record(module, args, out, outs=outs):
-                outs.append(out[0] if isinstance(out, tuple) else out)
-
-            hooks = [layer.register_forward_hook(record) for layer in layers]
-            try:
-                with torch.enable_grad():
-                    embeds = decoder.embed_tokens(ids).requires_grad_(True)
-                    decoder(inputs_embeds=embeds, use_cache=False)
-                    seed = torch.zeros_like(outs[-1])
-                    seed[torch.arange(block), :, lo + torch.arange(block)] = 1.0
-                    grads = torch.autograd.grad(outs[-1], outs[:-1], seed) if len(outs) > 1 else ()
-            finally:
-                for hook in hooks:
-                    hook.remove()
+            seed = torch.zeros(block, *outs[-1].shape)
+            seed[torch.arange(block), 0, :, lo + torch.arange(block)] = 1.0
+            grads = ()
+            if len(outs) > 1:
+                grads = torch.autograd.grad(outs[-1], outs[:-1], seed, retain_graph=True, is_grads_batched=True)
             for la, grad in enumerate([*grads, seed]):  # the last layer's: the seed itself (J = I)
-                sums[la][lo : lo + block] += grad[:, skip:].double().sum(1)
+                sums[la][lo : lo + block] += grad[:, 0, skip:].double().sum(1)
     return sums
 
 
