@@ -203,8 +203,10 @@ def plan_run(spec: RunSpec, prompts: list[list[int]], prompt_texts: list[str] | 
         raise SettingError("steering.rows" if s.rows is not None else "steering.edits", f": {err}") from None
     n_given = len(prompts)
     prompt_ends = row_ends(spec.generation, stops, n_given)
-    prompts = prompts if np.array_equal(rows.sources, np.arange(n_given)) else RowPrompts(prompts, rows.sources)
-    ends = [prompt_ends[p] for p in rows.sources]
+    if np.array_equal(rows.sources, np.arange(n_given)):  # a row per prompt: no second list per row
+        ends = prompt_ends
+    else:
+        prompts, ends = RowPrompts(prompts, rows.sources), [prompt_ends[p] for p in rows.sources]
     check_run(spec, config, prompts, [end.budget for end in ends], rows.sources)
     n_layers = config.num_hidden_layers
     cap = spec.capture

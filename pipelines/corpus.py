@@ -16,6 +16,8 @@ import csv
 import hashlib
 import io
 import json
+import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -42,30 +44,53 @@ class Row:
 
 class PackedRows:
     """Rows of token ids (`kind="ids"`: each read back as an int32 array) or of texts
-    (`kind="text"`) in one flat buffer with each row's offset: about 4 bytes a token or 1 a UTF-8
-    byte, and 8 a row, where Python lists of ints cost about 40 bytes a token. A corpus's
-    selected rows stay this small however many there are."""
+    (`kind="text"`) kept in an unnamed temporary file, each row read back by offset (`os.pread`)
+    when its micro-batch needs it: the process holds none of the rows and none of their offsets
+    (those go to a second file), however many rows there are, bar the last `FLUSH` bytes
+    appended. The files are gone with the object (or the process)."""
+
+    FLUSH = 1 << 20  # bytes appended before they go to the file
 
     def __init__(self, kind: str):
         self.kind = kind
-        self.flat = array.array("i") if kind == "ids" else bytearray()
-        self.ends = array.array("q")
+        self._data, self._ends = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+        self._pending, self._pending_ends = bytearray(), array.array("q")
+        self._size = self._rows = 0
 
     def append(self, row) -> None:
-        self.flat.extend(row if self.kind == "ids" else row.encode("utf-8"))
-        self.ends.append(len(self.flat))
+        raw = np.asarray(row, np.int32).tobytes() if self.kind == "ids" else row.encode("utf-8")
+        self._pending += raw
+        self._size += len(raw)
+        self._pending_ends.append(self._size)
+        self._rows += 1
+        if len(self._pending) >= self.FLUSH:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._data.write(self._pending)
+        self._ends.write(self._pending_ends.tobytes())
+        self._data.flush()
+        self._ends.flush()
+        self._pending, self._pending_ends = bytearray(), array.array("q")
 
     def __len__(self) -> int:
-        return len(self.ends)
+        return self._rows
 
     def __getitem__(self, i: int):
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         i %= len(self)
-        start, end = (self.ends[i - 1] if i else 0), self.ends[i]
+        if self._pending_ends:
+            self._flush()
+        ends = self._ends.fileno()
+        if i:
+            start, end = np.frombuffer(os.pread(ends, 16, (i - 1) * 8), np.int64)
+        else:
+            start, end = 0, np.frombuffer(os.pread(ends, 8, 0), np.int64)[0]
+        raw = os.pread(self._data.fileno(), int(end - start), int(start))
         if self.kind == "ids":
-            return np.frombuffer(self.flat, np.int32, end - start, start * 4)
-        return self.flat[start:end].decode("utf-8")
+            return np.frombuffer(raw, np.int32)
+        return raw.decode("utf-8")
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))

@@ -205,6 +205,33 @@ def test_each_row_carries_its_own_limits(fmt, tmp_path):
     assert read.rows.stop == {p: stop for p, (_, stop) in enumerate(want) if stop}
 
 
+def test_packed_rows_read_back_what_was_appended():
+    """The selected rows go to temporary files and come back by offset: ids and texts (empty rows,
+    non-ASCII text) equal the plain lists they were appended from, across several flushes to the
+    file and with rows still pending; negative indices count from the end, others are refused."""
+    import random
+
+    from pipelines.corpus import PackedRows
+
+    rng = random.Random(0)
+    ids = [[rng.randrange(50_000) for _ in range(rng.randrange(0, 40))] for _ in range(3_000)]
+    texts = ["".join(rng.choice("ab é語\n") for _ in range(len(row))) for row in ids]
+    packed_ids, packed_texts = PackedRows("ids"), PackedRows("text")
+    packed_ids.FLUSH = packed_texts.FLUSH = 4_096  # flushed every few dozen rows: many flushes
+    for i, (row, text) in enumerate(zip(ids, texts)):
+        packed_ids.append(row)
+        packed_texts.append(text)
+        if i == 1_000:  # a read while rows are pending, then more appended
+            assert packed_ids[1_000].tolist() == ids[1_000] and packed_texts[0] == texts[0]
+    assert len(packed_ids) == len(packed_texts) == len(ids)
+    assert [row.tolist() for row in packed_ids] == ids
+    assert list(packed_texts) == texts
+    assert packed_ids[-1].tolist() == ids[-1] and packed_texts[-len(texts)] == texts[0]
+    for bad in (len(ids), -len(ids) - 1):
+        with pytest.raises(IndexError):
+            packed_ids[bad]
+
+
 def test_the_notebook_api_runs_a_corpus(hf_model, tiny_with_tokenizer, tmp_path):
     import distlens
     from pipelines.config import ConfigError
