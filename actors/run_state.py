@@ -90,8 +90,12 @@ class MicroBatch:
         return self._padded
 
     def release(self) -> None:
-        """Written: let go of what only generating it needed (its padded ids, steps and handles)."""
-        self._padded, self.generated, self.scores, self.calls, self.last = None, [], [], [], None
+        """Written: let go of what only generating it needed (its padded ids, steps, lengths and
+        handles), allocating nothing in their place (a rerun makes them anew): small objects made
+        per batch and kept to the run's end would pin the allocator's pages between the batches'
+        large transient arrays, and the driver would grow with the rows."""
+        self._padded = self.last = self.gen_len = None
+        self.generated = self.scores = self.calls = ()
 
 
 @dataclass
