@@ -10,7 +10,6 @@ sees a pad, and the cotangents are zero at pads, so pads add nothing anywhere.""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +52,6 @@ class StageJacobian:
             p.requires_grad_(False)
         self.sums = {la: self._zeros() for la in range(start, end)}
         self._rows: dict = {}
-        self.busy_s, self.blocks = 0.0, 0
 
     def _zeros(self) -> torch.Tensor:
         return torch.zeros(self.d_model, self.d_model, dtype=torch.float64, device=self.device)
@@ -83,13 +81,11 @@ class StageJacobian:
         """Take micro-batch `key`: `x` ids [n, T] (first stage) or the previous stage's output
         [n, T, d]; `lengths` [n]. Runs its forward in the graph; returns this stage's output (the
         next stage's input), none on the last stage."""
-        started = time.perf_counter()
         x = torch.as_tensor(x).to(self.device)
         if not self.first:
             x = x.to(next(self.model.parameters()).dtype).detach().requires_grad_(True)
         out, outs = self._forward(x)
         self._rows[key] = _Rows(x, torch.as_tensor(lengths, dtype=torch.long), out, outs)
-        self.busy_s += time.perf_counter() - started
         return None if self.last else out.detach().cpu()
 
     def _seed(self, rows: _Rows, lo: int) -> torch.Tensor:
@@ -107,7 +103,6 @@ class StageJacobian:
         this stage's output [block * n, T, d] (block-major; the last stage seeds its own). Adds
         each layer's rows `lo..` and returns the gradients at this stage's input, in the same
         layout (none on the first stage)."""
-        started = time.perf_counter()
         rows = self._rows[key]
         out, block = rows.out, self.spec.block
         if self.last:
@@ -119,8 +114,6 @@ class StageJacobian:
         if inputs:
             grads = list(torch.autograd.grad(out, inputs, grad_out, retain_graph=True, is_grads_batched=True))
         self._add(rows, lo, grads[: len(rows.outs) - 1] + [grad_out])
-        self.busy_s += time.perf_counter() - started
-        self.blocks += 1
         return None if self.first else grads[-1].detach().reshape(block * out.shape[0], *out.shape[1:]).cpu()
 
     def _add(self, rows: _Rows, lo: int, grads: list[torch.Tensor]) -> None:
