@@ -54,7 +54,7 @@ class PackedRows:
     def __init__(self, kind: str):
         self.kind = kind
         self._data, self._ends = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-        self._pending, self._pending_ends = bytearray(), array.array("q")
+        self._pending, self._pending_ends = bytearray(), array.array("q", [0])  # row i: offsets i, i + 1
         self._size = self._rows = 0
 
     def append(self, row) -> None:
@@ -82,11 +82,7 @@ class PackedRows:
         i %= len(self)
         if self._pending_ends:
             self._flush()
-        ends = self._ends.fileno()
-        if i:
-            start, end = np.frombuffer(os.pread(ends, 16, (i - 1) * 8), np.int64)
-        else:
-            start, end = 0, np.frombuffer(os.pread(ends, 8, 0), np.int64)[0]
+        start, end = np.frombuffer(os.pread(self._ends.fileno(), 16, i * 8), np.int64)
         raw = os.pread(self._data.fileno(), int(end - start), int(start))
         if self.kind == "ids":
             return np.frombuffer(raw, np.int32)
