@@ -1,8 +1,8 @@
 """The Jacobian-lens fit across pipeline stages, driven from the driver's process: each
 micro-batch's rows go forward stage to stage once (each stage keeps its graph), then for every
 block of output dimensions the backward runs last stage to first, each stage through its own
-layers only (actors/jacobian_fit.py), the cotangents at a stage's input handed to the previous one. On Ray
-the calls are chained without waiting, so the last stage works on the next block (or micro-batch)
+layers only (actors/jacobian_fit.py), the cotangents at a stage's input handed to the previous
+one. On Ray the calls are chained without waiting, so the last stage works on the next block (or micro-batch)
 while the earlier ones finish this one. Sums come back to this process only at a checkpoint and
 at the end, as a `jacobian_lens.JacobianFit` (sums and counts, so partial fits add up)."""
 

@@ -37,10 +37,11 @@ def test_a_runs_memory_does_not_grow_with_its_rows(small, tmp_path):
     """The peak of what Python allocated (tracemalloc, numpy's arrays included) during a whole
     run of 2,048 rows against one of 300, after a first run paid the one-time costs; shards of two
     micro-batches, so the finished rows waiting for their shard are few either way. Each row now
-    costs a few numbers (its prompt's ids and text wait in temporary files; measured: 160-460 bytes
-    a row with them packed in memory, 340 since, the peak moving with which rows wait together); before, 8 KB a row, most of it the lens of rows
-    held to the end while one continuous-batching lane starved the other in-process, and lists of
-    ints and padded ids for every row."""
+    costs a few numbers (its prompt's ids and text wait in temporary files; measured: 160-460
+    bytes a row with them packed in memory, 340 since, the peak moving with which rows wait
+    together); before, 8 KB a row, most of it the lens of rows held to the end while one
+    continuous-batching lane starved the other in-process, and lists of ints and padded ids for
+    every row."""
     import distlens
 
     model, corpus = small
