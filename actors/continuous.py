@@ -39,16 +39,18 @@ class _Lane:
 class ContinuousBatches:
     """Runs every row of `run.todo`'s micro-batches through lanes; `coordinator` gives the stage
     group and its `stepped` hook. It holds only the rows in flight or waiting for their batch to
-    be written (and a count per unwritten batch), however many rows the run has."""
+    be written (and a count per batch begun and not written), however many rows the run has."""
 
     def __init__(self, coordinator, run):
         self.coordinator, self.run = coordinator, run
         self.spec = coordinator.spec
         self.size = self.spec.cluster.micro_batch_size
-        self.fresh = (r for mb in run.todo for r in range(mb.rows.start, mb.rows.stop))  # rows never admitted
+        self.fresh = (r for i in run.todo for r in run.batch_rows(i))  # rows never admitted
         self.queue: deque = deque()  # rows to admit next: run again after a failure, or read ahead from `fresh`
-        self.unwritten = deque(run.todo)  # store batches are written in order, as the static path does
-        self.left = {mb.index: mb.rows.stop - mb.rows.start for mb in run.todo}  # rows not complete, by batch
+        # Store batches are written in order, as the static path does: those with a row admitted,
+        # in order, and how many of each one's rows are not complete.
+        self.unwritten: deque = deque()
+        self.left: dict[int, int] = {}
         self.rows: dict[int, _Row] = {}
         self.lanes: dict[int, _Lane] = {}
         self.row_steps = self.lane_steps = 0  # rows computed (one per row and call), lane calls that computed
@@ -86,7 +88,7 @@ class ContinuousBatches:
             run.bar.update(1)
             if run.ended(row, rec.generated):
                 ended.append(row)
-                run.bar.update(run.ends[row].budget - len(rec.generated))
+                run.bar.update(run.end(row).budget - len(rec.generated))
                 run.stats.rows_done += 1
         run.stats.tick()
         self.coordinator.stepped(lane.index, lane.steps)
@@ -129,7 +131,7 @@ class ContinuousBatches:
 
     def _batch(self, row: int):
         """The store batch (MicroBatch) that holds `row`."""
-        return self.run.micro_batches[row // self.size]
+        return self.run.batch(row // self.size)
 
     def _take(self, n: int) -> dict | None:
         """Up to `n` waiting rows as one left-padded group to prefill, or None."""
@@ -141,6 +143,9 @@ class ContinuousBatches:
         for r in rows:
             self.rows[r] = _Row()
             mb = self._batch(r)
+            if mb.index not in self.left:  # its first row admitted
+                self.left[mb.index] = mb.rows.stop - mb.rows.start
+                self.unwritten.append(mb)
             edits.append(mb.edits[r - mb.rows.start] if mb.edits else ())
         return {"rows": rows, "input_ids": ids, "attention_mask": mask, "edits": edits}
 

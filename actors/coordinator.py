@@ -122,7 +122,7 @@ class Coordinator:
             run.stages = StageGroup(executor, run.specs)
             log.info(
                 "run: %d prompts in %d micro-batches (%d to do), stages %s, executor %s",
-                len(run.prompts), len(run.micro_batches), len(run.todo), [list(b) for b in run.bounds], executor.name,
+                len(run.prompts), run.n_batches, len(run.todo), [list(b) for b in run.bounds], executor.name,
             )  # fmt: skip
             if spec.attrs.get("ray_cluster"):  # which cluster the driver joined or started
                 ray_cluster = spec.attrs["ray_cluster"]
@@ -130,7 +130,7 @@ class Coordinator:
             self.loading()
             self.recovery.setup(self.stages)
             run.tokenizer = _load_tokenizer(spec.model.path)  # before the clock starts: decoding is part of writing
-            if run.tokenizer is None and any(end.stop for end in run.ends):
+            if run.tokenizer is None and run.any_stop:
                 raise SettingError("generation.stop", f": stop strings need a tokenizer; {spec.model.path} has none")
         except BaseException:
             run.run_store.abandon()
@@ -168,7 +168,7 @@ class Coordinator:
         # stage, and the rest of the prompt on the stages before the first steered layer.
         # Rows are prompt-major, so the sorted distinct prompts are also in order of appearance:
         # `base` holds each one's first row and `index` maps every row to its prompt's position.
-        _, base, index = np.unique(self._current.sources[mb.rows], return_index=True, return_inverse=True)
+        _, base, index = np.unique(mb.sources, return_index=True, return_inverse=True)
         earlier, later = range(early), range(early, stages.num_stages)
         shared = every if split else earlier
         mb.calls += stages.start(shared, mb.index, mb.attention_mask[base], spec.capture.positions, None, True)
@@ -192,9 +192,8 @@ class Coordinator:
     def _generate(self) -> None:
         """Run every micro-batch still to do, each written once its rows have ended."""
         spec, run = self.spec, self._current
-        budget = sum(run.ends[r].budget for mb in run.todo for r in range(mb.rows.start, mb.rows.stop))
-        run.bar = progress_bar(budget, self.DESC, spec.progress)
-        rows = sum(mb.rows.stop - mb.rows.start for mb in run.todo)
+        run.bar = progress_bar(run.budget(run.todo), self.DESC, spec.progress)
+        rows = sum(len(run.batch_rows(i)) for i in run.todo)
         run.stats = StageStats(run.stages, run.bar, self.DESC, rows_total=rows)
         if spec.generation.batching == "continuous":
             batches = ContinuousBatches(self, run)
@@ -233,7 +232,7 @@ class Coordinator:
         """Fill the pipeline, then take one step's result from whichever micro-batch is ready."""
         spec, ex, bar, stats = self.spec, self.stages.executor, self._current.bar, self._current.stats
         while queue and len(inflight) < spec.cluster.micro_batches_in_flight:
-            mb = queue.popleft()
+            mb = self._current.batch(queue.popleft())
             self._start(mb)
             inflight[mb.index] = mb
         keys = list(inflight)
@@ -273,7 +272,7 @@ class Coordinator:
         for i, row in enumerate(rows):
             if not mb.gen_len[i] and run.ended(row, gen[i].tolist()):
                 mb.gen_len[i] = mb.steps
-        return max(run.ends[r].budget for r in rows)
+        return max(end.budget for end in mb.ends)
 
     # -- stage failures (the rules: actors/recovery.py) ------------------------------------------
     def _recover(self, err: Exception, queue: deque, inflight: dict) -> None:
@@ -285,7 +284,7 @@ class Coordinator:
             self._current.bar.update(-mb.counted)
             mb.steps, mb.counted, mb.generated, mb.scores, mb.calls, mb.last = 0, 0, [], [], [], None
             mb.gen_len = None
-            queue.appendleft(mb)
+            queue.appendleft(mb.index)
         inflight.clear()
 
     def _recover_lanes(self, err: Exception, batches: ContinuousBatches) -> None:

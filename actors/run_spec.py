@@ -6,12 +6,14 @@ the drivers print it with the setting's config key.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from actors.adapters import adapter_for
+from actors.packed_rows import PackedRows, PackedValues
 from actors.sampling import SamplingSpec
 from actors.vocabulary import COMPONENTS, LENSES, PLACEMENTS, STEERING_SITES
 
@@ -130,22 +132,39 @@ class SteeringSettings:
 class CorpusRows:
     """The prompts' rows of a corpus (pipelines/corpus.py), by prompt (as given, before a sweep
     repeats them): which corpus row each is, and the limits a row carries itself (generation
-    reads them as `stops()`; `check_run` bounds each row by its own)."""
+    reads them as `stops()`; `check_run` bounds each row by its own). Packed in temporary files
+    (actors/packed_rows.py), read a prompt at a time: the driver holds none of them."""
 
     path: str  # the corpus, for messages ("<path> row <index>")
     field: str  # the prompt's field
-    index: np.ndarray  # [prompts] int64: each prompt's corpus index (stored as `corpus_index`)
-    max_new_tokens: np.ndarray  # [prompts] int32: the row's own, 0 = generation.max_new_tokens
-    stop: dict = field(default_factory=dict)  # {prompt: (str, ...)}: the rows with stop strings of their own
+    index: PackedValues  # [prompts] int64: each prompt's corpus index (stored as `corpus_index`)
+    max_new_tokens: PackedValues  # [prompts] int32: the row's own, 0 = generation.max_new_tokens
+    stop: PackedRows  # [prompts] texts: the row's own stop strings as a JSON list, "" = none of its own
 
-    def stops(self) -> list[RowStop]:
+    def stops(self) -> CorpusStops:
         """Each prompt's own stop conditions; None where a row carries none (the run's apply)."""
-        return [
-            RowStop(int(budget) or None, tuple(self.stop[i]) if i in self.stop else None)
-            if budget or i in self.stop
-            else None  # most rows: nothing of their own (no object per row)
-            for i, budget in enumerate(self.max_new_tokens)
-        ]
+        return CorpusStops(self)
+
+    def budgets(self, default: int):
+        """Each prompt's max_new_tokens, in order: its own, or `default` (the run's)."""
+        for _, block in self.max_new_tokens.blocks():
+            yield from (b or default for b in block.tolist())
+
+
+class CorpusStops:
+    """[prompt] a corpus row's own `RowStop`, or None: read from `CorpusRows` when asked."""
+
+    def __init__(self, rows: CorpusRows):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows.max_new_tokens)
+
+    def __getitem__(self, prompt: int) -> RowStop | None:
+        budget, stop = self.rows.max_new_tokens[prompt], self.rows.stop[prompt]
+        if not budget and not stop:
+            return None
+        return RowStop(budget or None, tuple(json.loads(stop)) if stop else None)
 
 
 @dataclass(frozen=True)
@@ -214,7 +233,7 @@ def check_steering_site(config, site: str, field: str = "steering.site") -> None
 def check_run(spec: RunSpec, config, prompts: list[list[int]], budgets=None, sources=None) -> None:
     """Every check of a run against the model's `config` (a Hugging Face config) and its
     prompts (token ids, one row each); `budgets`: each row's max_new_tokens (default: the run's);
-    `sources`: the prompt each row runs, when a sweep repeats them (a corpus row is named by it).
+    `sources(row)`: the prompt a row runs, when a sweep repeats them (a corpus row is named by it).
     Raises `SettingError` naming the first bad setting."""
     check_cluster(spec.cluster, config)
     check_batching(spec)
@@ -272,12 +291,7 @@ def check_run(spec: RunSpec, config, prompts: list[list[int]], budgets=None, sou
         raise SettingError("prompts", "=[] is empty: give at least one prompt")
     if any(len(p) == 0 for p in prompts):
         raise SettingError("prompts", " holds a prompt with no tokens: every prompt needs at least one")
-    budgets = [spec.generation.max_new_tokens] * len(prompts) if budgets is None else list(budgets)
-    bad = next((i for i, b in enumerate(budgets) if not (isinstance(b, int) and b >= 1)), None)
-    if bad is not None:
-        raise SettingError("prompts", f"[{bad}] max_new_tokens={budgets[bad]!r} is out of range: must be >= 1")
-    _check_context(spec, config, prompts, budgets, sources)
-    longest = max(len(p) + b for p, b in zip(prompts, budgets))  # the store's positions per row
+    longest = _check_rows(spec, config, prompts, budgets, sources)  # the store's positions per row
     if not isinstance(spec.capture.positions, str):
         beyond = [p for p in spec.capture.positions if p >= longest - 1]
         if beyond:
@@ -287,16 +301,21 @@ def check_run(spec: RunSpec, config, prompts: list[list[int]], budgets=None, sou
             )
 
 
-def _check_context(spec: RunSpec, config, prompts, budgets, sources) -> None:
-    """Each row's prompt and the tokens it may generate (`budgets`: its own max_new_tokens, or
-    the run's) fit the model's context; a corpus row is named by its corpus index and field."""
+def _check_rows(spec: RunSpec, config, prompts, budgets, sources) -> int:
+    """Each row's max_new_tokens (`budgets`: its own, or None: the run's) is >= 1 and its prompt
+    and the tokens it may generate fit the model's context; a corpus row is named by its corpus
+    index and field. `sources(row)`: the prompt a row runs (None: row i runs prompt i). One pass
+    over the rows, holding none of them; returns the longest row's positions."""
     context = getattr(config, "max_position_embeddings", None)
-    if not context:
-        return
+    budgets = itertools.repeat(spec.generation.max_new_tokens) if budgets is None else budgets
+    longest = 0
     for row, (ids, budget) in enumerate(zip(prompts, budgets)):
-        if len(ids) + budget <= context:
+        if not (isinstance(budget, int) and budget >= 1):
+            raise SettingError("prompts", f"[{row}] max_new_tokens={budget!r} is out of range: must be >= 1")
+        longest = max(longest, len(ids) + budget)
+        if not context or len(ids) + budget <= context:
             continue
-        prompt = row if sources is None else int(sources[row])
+        prompt = row if sources is None else sources(row)
         if spec.corpus is None:
             where, what = "prompts", f"[{prompt}] is {len(ids)} tokens; with max_new_tokens={budget}"
         else:
@@ -305,6 +324,7 @@ def _check_context(spec: RunSpec, config, prompts, budgets, sources) -> None:
             where = "corpus"
             what = f" {c.path} row {c.index[prompt]} field {c.field!r} is {len(ids)} tokens; with max_new_tokens={budget}{own}"
         raise SettingError(where, f"{what} that exceeds the model's context of {context} positions")
+    return longest
 
 
 def check_batching(spec: RunSpec) -> None:

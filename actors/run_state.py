@@ -37,33 +37,36 @@ def left_pad(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class RowPrompts:
-    """Each row's prompt token ids where rows repeat prompts (a sweep): `prompts[sources[row]]`,
-    without a copy per row."""
+    """Each row's prompt token ids where rows repeat prompts (a sweep): the prompt of
+    `rows.source(row)`, without a copy per row."""
 
-    def __init__(self, prompts, sources: np.ndarray):
-        self.prompts, self.sources = prompts, sources
+    def __init__(self, prompts, rows):
+        self.prompts, self.rows = prompts, rows
 
     def __len__(self) -> int:
-        return len(self.sources)
+        return len(self.rows)
 
     def __getitem__(self, row: int):
-        return self.prompts[int(self.sources[row])]
+        return self.prompts[self.rows.source(row)]
 
     def __iter__(self):
-        return (self.prompts[int(p)] for p in self.sources)
+        return (self[r] for r in range(len(self)))
 
 
 @dataclass(slots=True)  # a corpus run has a MicroBatch per micro_batch_size rows: kept small
 class MicroBatch:
-    """Rows `rows` of the run, one store batch. Its left-padded prompt ids are made from the
-    run's prompts when first needed and dropped, with its steps, once it is written (`release`):
-    a run holds only its unfinished batches' arrays, whatever its rows."""
+    """Rows `rows` of the run, one store batch, made when it is first needed (`RunState.batch`)
+    and let go once it is written. Its left-padded prompt ids are made from the run's prompts
+    when first needed and dropped, with its steps, once it is written (`release`): a run holds
+    only its unfinished batches, whatever its rows."""
 
     index: int
     rows: slice
     prompts: object  # the run's prompt token ids by row (RunState.prompts)
     pad_id: int
+    sources: np.ndarray  # [batch] the prompt each row runs
     coefficients: np.ndarray  # [batch] the recorded steering coefficient of each row
+    ends: tuple  # [batch] each row's stop conditions (actors/stopping.RowEnd)
     edits: tuple = ()  # [batch] each row's RowEdits
     steps: int = 0
     generated: list = field(default_factory=list)  # [batch] arrays, one per step
@@ -100,18 +103,25 @@ class MicroBatch:
 
 @dataclass
 class RunState:
-    """One run's state: its plan (made by `plan_run`) and what the coordinator adds as the run goes."""
+    """One run's state: its plan (made by `plan_run`) and what the coordinator adds as the run
+    goes. Per row it holds nothing: a row's prompt, edits, stop conditions and stored values are
+    read from `rows`, `prompts` and `ends` when its micro-batch is made (`batch`)."""
 
-    prompts: list  # [rows] token ids, a prompt once per row that runs it
-    prompt_texts: list | None  # the prompts' texts (by prompt, not row), or None: decoded
-    sources: np.ndarray  # [rows] the prompt each row runs
-    row_arrays: dict  # what the store records of each row's steering (`_edit_arrays`)
+    prompts: object  # [rows] token ids, a prompt once per row that runs it
+    prompt_texts: object  # the prompts' texts (by prompt, not row), or None: decoded
+    rows: object  # actors/steering.RowLayout: each row's prompt, edits and coefficient
+    ends: object  # actors/stopping.RowEnds: each prompt's stop conditions
+    corpus_index: object  # [prompts] each prompt's corpus index (a corpus's packed values), or None: the prompt's
+    kinds: tuple  # the edits' distinct kinds (the store's `edit_kind` indexes them)
+    n_edits: int  # the most edits a row carries
+    n_steps: int  # the most tokens any row may generate (the store's `n_steps`)
+    any_stop: bool  # some row has stop strings (they need the tokenizer)
     bounds: list  # [(start, end)] each stage's layers
     specs: list  # the StageSpec of every stage and rank
     run_store: RunStore
-    micro_batches: list  # every MicroBatch of the run
-    todo: list  # the micro-batches not yet in the store
-    ends: list  # [rows] each row's stop conditions (actors/stopping.RowEnd)
+    size: int  # rows per micro-batch (the last may have fewer)
+    todo: list  # the indices of the micro-batches not yet in the store
+    live: dict = field(default_factory=dict)  # {index: MicroBatch} made and not yet written
     stages: StageGroup | None = None
     tokenizer: object = None  # None also when the checkpoint has none
     bar: object = None  # the progress bar
@@ -121,13 +131,55 @@ class RunState:
     positions_written: int = 0  # their stored positions (prompt and generated)
 
     @property
-    def n_steps(self) -> int:
-        """The most tokens any row may generate (the store's `n_steps`)."""
-        return max(end.budget for end in self.ends)
+    def n_batches(self) -> int:
+        return -(-len(self.rows) // self.size)
+
+    def batch_rows(self, index: int) -> range:
+        """The rows of micro-batch `index`."""
+        return range(index * self.size, min((index + 1) * self.size, len(self.rows)))
+
+    def batch(self, index: int) -> MicroBatch:
+        """Micro-batch `index`: the one in progress, or made now from the run's rows."""
+        mb = self.live.get(index)
+        if mb is None:
+            rows = self.batch_rows(index)
+            span = slice(rows.start, rows.stop)
+            sources = self.rows.sources(span)
+            mb = self.live[index] = MicroBatch(
+                index, span, self.prompts, self.pad_id, sources, np.asarray(self.rows.coefficients(span), np.float32),
+                tuple(self.ends[int(p)] for p in sources), self.rows.edits(span),
+            )  # fmt: skip
+        return mb
+
+    @property
+    def pad_id(self) -> int:
+        return self.specs[0].sampling.pad_token_id
+
+    def end(self, row: int):
+        """Row `row`'s stop conditions (its micro-batch is in progress)."""
+        mb = self.batch(row // self.size)
+        return mb.ends[row - mb.rows.start]
 
     def ended(self, row: int, generated: list[int]) -> bool:
         """Whether row `row`'s generation ends with `generated` (its ids so far)."""
-        return self.ends[row].ended(generated, self.tokenizer)
+        return self.end(row).ended(generated, self.tokenizer)
+
+    def budget(self, indices) -> int:
+        """The most tokens the rows of micro-batches `indices` may generate, summed (the progress
+        bar's total), read a micro-batch at a time."""
+        return sum(self.ends[int(p)].budget for i in indices for p in self.rows.sources(_span(self.batch_rows(i))))
+
+    def row_arrays(self, mb: MicroBatch) -> dict:
+        """What the store records of each row of `mb`: its prompt, its corpus row and its edits."""
+        out = {"source": mb.sources.astype(np.int32), "corpus_index": _corpus_index(self.corpus_index, mb.sources)}
+        if self.n_edits:
+            index = {k: i for i, k in enumerate(self.kinds)}
+            out["edit_kind"] = np.full((len(mb.sources), self.n_edits), -1, np.int32)
+            out["edit_coefficient"] = np.full((len(mb.sources), self.n_edits), np.nan, np.float32)
+            for r, edits in enumerate(mb.edits):
+                for j, e in enumerate(edits):
+                    out["edit_kind"][r, j], out["edit_coefficient"][r, j] = index[e.kind], e.coefficient
+        return out
 
     @property
     def store(self):
@@ -143,7 +195,7 @@ class RunState:
         return {
             "store": str(self.store.path),
             "stages": [list(b) for b in self.bounds],
-            "batches_run": [mb.index for mb in self.todo],
+            "batches_run": list(self.todo),
             "generated_tokens": n_new,
             "positions": n_pos,
             "load_s": round(t_loaded - t0, 3),
@@ -167,7 +219,7 @@ class RunState:
             scores = np.stack(mb.scores, axis=1) if mb.scores else None
         finished = FinishedBatch(
             input_ids=mb.input_ids, attention_mask=mb.attention_mask, generated=generated,
-            coefficients=mb.coefficients, rows={k: v[mb.rows] for k, v in self.row_arrays.items()}, scores=scores, chunks=chunks,
+            coefficients=mb.coefficients, rows=self.row_arrays(mb), scores=scores, chunks=chunks,
         )  # fmt: skip
         data, gen_len = lay_out_batch(
             finished, store.attrs["layout"], generation.sampling.eos_token_ids, self.n_steps, mb.gen_len
@@ -180,7 +232,7 @@ class RunState:
         if tok is not None:
             texts["generated_text"] = [tok.decode(gen[i, : gen_len[i]], skip_special_tokens=True) for i in range(rows)]
             texts["prompt_text"] = (
-                [prompt_texts[r] for r in self.sources[mb.rows]]
+                [prompt_texts[int(p)] for p in mb.sources]
                 if prompt_texts
                 else [tok.decode(mb.input_ids[i, pad[i] :]) for i in range(rows)]
             )
@@ -188,14 +240,30 @@ class RunState:
         self.generated_tokens += int(np.sum(gen_len))
         self.positions_written += int(data["lengths"].sum())
         mb.release()
+        self.live.pop(mb.index, None)
+
+
+def _span(rows: range) -> slice:
+    return slice(rows.start, rows.stop)
+
+
+def _corpus_index(index, sources: np.ndarray) -> np.ndarray:
+    """[rows] the corpus index of each of `sources` (a micro-batch's prompts): the range from the
+    least to the most read at once from a corpus's packed values; None (inline prompts): the
+    prompt's own index."""
+    if index is None:
+        return sources.astype(np.int64)
+    first = int(sources.min())
+    return np.asarray(index[first : int(sources.max()) + 1], np.int64)[sources - first]
 
 
 def plan_run(spec: RunSpec, prompts: list[list[int]], prompt_texts: list[str] | None, stops=None) -> RunState:
     """Check the run against the model, lay out its rows and micro-batches, open its store
-    and make its stages' specs. `stops`: [prompt] each prompt's own `RowStop` (or None)."""
+    and make its stages' specs. `stops`: [prompt] each prompt's own `RowStop` (or None). Every
+    row is read once here (the checks, the store's shape), none of them kept."""
     from transformers import AutoConfig
 
-    from actors.stopping import row_ends
+    from actors.stopping import RowEnds
 
     config = AutoConfig.from_pretrained(spec.model.path)
     # Rows are prompts with their own edits, all in the same forward passes: a coefficient
@@ -205,37 +273,39 @@ def plan_run(spec: RunSpec, prompts: list[list[int]], prompt_texts: list[str] | 
         rows = row_layout(len(prompts), s.edits, s.coefficients, s.vectors, s.rows, config.hidden_size)
     except ValueError as err:
         raise SettingError("steering.rows" if s.rows is not None else "steering.edits", f": {err}") from None
-    n_given = len(prompts)
-    prompt_ends = row_ends(spec.generation, stops, n_given)
-    if np.array_equal(rows.sources, np.arange(n_given)):  # a row per prompt: no second list per row
-        ends = prompt_ends
-    else:
-        prompts, ends = RowPrompts(prompts, rows.sources), [prompt_ends[p] for p in rows.sources]
-    check_run(spec, config, prompts, [end.budget for end in ends], rows.sources)
+    ends = RowEnds(spec.generation, stops, len(prompts))
+    if not rows.one_per_prompt:
+        prompts = RowPrompts(prompts, rows)
+    source = None if rows.one_per_prompt else rows.source
+    budgets = (ends[r if source is None else source(r)].budget for r in range(len(rows)))  # in row order
+    check_run(spec, config, prompts, budgets, source)
     n_layers = config.num_hidden_layers
-    cap = spec.capture
-    layers = captured_layers(cap, n_layers)
+    layers = captured_layers(spec.capture, n_layers)
     bounds = plan_stages(config, spec.cluster.num_stages)
-    layout = _layout(spec, config, prompts, rows, layers, [end.budget for end in ends])
-    row_arrays = _edit_arrays(rows, rows.kinds, layout.n_edits)
-    # each row's corpus row (inline prompts: the prompt's index among those given)
-    corpus_index = np.arange(n_given, dtype=np.int64) if spec.corpus is None else spec.corpus.index
-    row_arrays["corpus_index"] = np.asarray(corpus_index, np.int64)[rows.sources]
+    longest = n_steps = 0  # the store's positions and steps per row
+    any_stop = False
+    for r, ids in enumerate(prompts):
+        end = ends[r if source is None else source(r)]
+        longest, n_steps = max(longest, len(ids) + end.budget), max(n_steps, end.budget)
+        any_stop = any_stop or bool(end.stop)
+    layout = _layout(spec, config, len(prompts), rows, layers, longest, n_steps)
     run_store = _open_store(spec, config, layout, rows, bounds)
-    store = run_store.store
-    mbs = _micro_batches(spec, prompts, rows, spec.generation.sampling.pad_token_id)
-    todo = [mb for mb in mbs if mb.index not in store.done_batches()]
+    size = spec.cluster.micro_batch_size
+    done = run_store.store.done_batches()
     return RunState(
-        prompts=prompts, prompt_texts=prompt_texts, sources=rows.sources, row_arrays=row_arrays, bounds=bounds,
-        specs=stage_specs(spec, bounds, layers, rows.vectors, rows.steered), run_store=run_store, micro_batches=mbs, todo=todo, ends=ends,
+        prompts=prompts, prompt_texts=prompt_texts, rows=rows, ends=ends, corpus_index=None if spec.corpus is None else spec.corpus.index,
+        kinds=rows.kinds, n_edits=rows.n_edits, n_steps=n_steps, any_stop=any_stop, bounds=bounds,
+        specs=stage_specs(spec, bounds, layers, rows.vectors, rows.steered), run_store=run_store, size=size,
+        todo=[i for i in range(-(-len(rows) // size)) if i not in done],
     )  # fmt: skip
 
 
-def _layout(spec: RunSpec, config, prompts, rows, layers: tuple, budgets: list[int]) -> StoreLayout:
-    """The store's shape for these rows (each generating at most its `budgets`), layers and lenses."""
+def _layout(spec: RunSpec, config, n_rows: int, rows, layers: tuple, longest: int, n_steps: int) -> StoreLayout:
+    """The store's shape for `n_rows` rows (the longest `longest` positions with the tokens it
+    may generate, `n_steps` the most any row generates), layers and lenses."""
     return StoreLayout(
-        n_prompts=len(prompts),
-        n_positions=max(len(p) + b for p, b in zip(prompts, budgets)),
+        n_prompts=n_rows,
+        n_positions=longest,
         layers=layers,
         components=tuple(spec.capture.components),
         k=spec.capture.k,
@@ -243,8 +313,8 @@ def _layout(spec: RunSpec, config, prompts, rows, layers: tuple, budgets: list[i
         hidden=config.hidden_size,
         activations=spec.capture.activations,
         n_scores=len(spec.steering.score_ids),
-        n_steps=max(budgets),
-        n_edits=max((len(e) for e in rows.edits), default=0),
+        n_steps=n_steps,
+        n_edits=rows.n_edits,
         lenses=tuple(spec.capture.lenses),
         shard_batches=spec.storage.shard_batches,
     )
@@ -303,33 +373,9 @@ def stage_specs(spec: RunSpec, bounds, layers: tuple, vectors, steered) -> list[
     ]
 
 
-def _edit_arrays(rows, kinds, n_edits: int) -> dict:
-    """What the store records of every row's steering: its prompt and its edits."""
-    out = {"source": rows.sources.astype(np.int32)}
-    if n_edits:
-        index = {k: i for i, k in enumerate(kinds)}
-        out["edit_kind"] = np.full((len(rows.edits), n_edits), -1, np.int32)
-        out["edit_coefficient"] = np.full((len(rows.edits), n_edits), np.nan, np.float32)
-        for r, edits in enumerate(rows.edits):
-            for j, e in enumerate(edits):
-                out["edit_kind"][r, j], out["edit_coefficient"][r, j] = index[e.kind], e.coefficient
-    return out
-
-
-def _micro_batches(spec: RunSpec, prompts, rows, pad_id: int) -> list[MicroBatch]:
-    out = []
-    b = spec.cluster.micro_batch_size
-    for index, start in enumerate(range(0, len(prompts), b)):
-        stop = min(start + b, len(prompts))
-        coefs = np.asarray(rows.coefficients[start:stop], np.float32)
-        out.append(MicroBatch(index, slice(start, stop), prompts, pad_id, coefs, rows.edits[start:stop]))
-    return out
-
-
 def _repeats(run: RunState, mb: MicroBatch, share_prefix: bool) -> bool:
     """Whether prefix sharing applies: it is on and the micro-batch repeats a prompt."""
-    sources = run.sources[mb.rows]
-    return share_prefix and len(np.unique(sources)) < len(sources)
+    return share_prefix and len(np.unique(mb.sources)) < len(mb.sources)
 
 
 def shared_columns(run: RunState, mb: MicroBatch, share_prefix: bool) -> int:

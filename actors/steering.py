@@ -76,24 +76,86 @@ class VectorEdit:
         _check_where(self.site, self.positions)
 
 
-@dataclass(frozen=True)
 class RowLayout:
-    """A run's rows: which prompt each row runs and with which edits."""
+    """A run's rows: which prompt each row runs, with which edits, and the coefficient recorded
+    for it, read a range of rows at a time (`sources`, `edits`, `coefficients` of a slice of
+    rows). `SweepRows` computes them from the row number; `ListedRows` holds them as listed."""
 
     vectors: np.ndarray  # [n_vectors, d_model] float32, the table every stage holds
-    sources: np.ndarray  # [rows] the prompt each row runs
-    edits: tuple  # [rows] tuple of RowEdits each
-    coefficients: np.ndarray  # [rows] recorded per row: the sweep coefficient (1 outside a sweep)
+    n_rows: int
+    edit_sets: tuple  # every distinct row's edits (a sweep: one per coefficient)
+
+    def __len__(self) -> int:
+        return self.n_rows
 
     @property
     def steered(self) -> tuple[tuple[int, str], ...]:
         """Every (layer, site) some row edits: where the stages hook."""
-        return tuple(sorted({(e.layer, e.site) for row in self.edits for e in row}))
+        return tuple(sorted({(e.layer, e.site) for row in self.edit_sets for e in row}))
 
     @property
     def kinds(self) -> tuple[tuple, ...]:
         """The distinct (vector, layer, site, positions) of the run's edits, in first-use order."""
-        return tuple(dict.fromkeys(e.kind for row in self.edits for e in row))
+        return tuple(dict.fromkeys(e.kind for row in self.edit_sets for e in row))
+
+    @property
+    def n_edits(self) -> int:
+        """The most edits a row carries."""
+        return max((len(e) for e in self.edit_sets), default=0)
+
+
+class SweepRows(RowLayout):
+    """The sweep shorthand: prompt p runs as rows p*M .. p*M + M-1, one per coefficient of the
+    sweep (M of them), each carrying every edit scaled by it. Nothing is held per row."""
+
+    def __init__(self, vectors, n_prompts: int, sweep: np.ndarray, per_coefficient: tuple):
+        self.vectors, self.sweep, self.per_coefficient = vectors, sweep, per_coefficient
+        self.n_rows, self.edit_sets = n_prompts * len(sweep), per_coefficient
+
+    @property
+    def one_per_prompt(self) -> bool:
+        """Row i runs prompt i, for every row."""
+        return len(self.sweep) == 1
+
+    def sources(self, rows: slice) -> np.ndarray:
+        return np.arange(rows.start, rows.stop) // len(self.sweep)
+
+    def source(self, row: int) -> int:
+        return row // len(self.sweep)
+
+    def edits(self, rows: slice) -> tuple:
+        return tuple(self.per_coefficient[r % len(self.sweep)] for r in range(rows.start, rows.stop))
+
+    def coefficients(self, rows: slice) -> np.ndarray:
+        return self.sweep[np.arange(rows.start, rows.stop) % len(self.sweep)]
+
+
+class ListedRows(RowLayout):
+    """`steering.rows`: each row `(prompt index, (RowEdit, ...))`, held as given (the config holds
+    them too); a row's recorded coefficient is its first edit's (0 without edits)."""
+
+    def __init__(self, vectors, listed):
+        self.vectors = vectors
+        self._sources = np.asarray([p for p, _ in listed], np.int64)
+        self._edits = tuple(tuple(e) for _, e in listed)
+        self._first = np.asarray([e[0].coefficient if e else 0.0 for e in self._edits], np.float32)
+        self.n_rows, self.edit_sets = len(self._edits), self._edits
+
+    @property
+    def one_per_prompt(self) -> bool:
+        return bool(np.array_equal(self._sources, np.arange(self.n_rows)))
+
+    def sources(self, rows: slice) -> np.ndarray:
+        return self._sources[rows]
+
+    def source(self, row: int) -> int:
+        return int(self._sources[row])
+
+    def edits(self, rows: slice) -> tuple:
+        return self._edits[rows]
+
+    def coefficients(self, rows: slice) -> np.ndarray:
+        return self._first[rows]
 
 
 def row_layout(n_prompts: int, edits=(), coefficients=None, vectors=None, rows=None, hidden: int | None = None):
@@ -114,23 +176,16 @@ def row_layout(n_prompts: int, edits=(), coefficients=None, vectors=None, rows=N
                     raise ValueError(
                         f"steering.rows[{r}] uses vector {e.vector}; the table has {len(table)} (0..{len(table) - 1})"
                     )
-        first = [row_edits[0].coefficient if row_edits else 0.0 for _, row_edits in rows]
-        return RowLayout(
-            table, np.asarray([p for p, _ in rows], np.int64), tuple(tuple(e) for _, e in rows),
-            np.asarray(first, np.float32),
-        )  # fmt: skip
+        return ListedRows(table, rows)
     sweep = np.asarray(coefficients or (1.0,), np.float32)
     table = np.stack([np.asarray(e.vector, np.float32) for e in edits]) if edits else np.zeros((0, hidden or 0))
-    per_coefficient = [
+    per_coefficient = tuple(
         tuple(
             RowEdit(v, e.layer, e.site, e.positions, float(np.float32(e.coefficient) * c)) for v, e in enumerate(edits)
         )
         for c in sweep
-    ]
-    return RowLayout(
-        table.astype(np.float32), np.repeat(np.arange(n_prompts), len(sweep)),
-        tuple(per_coefficient) * n_prompts, np.tile(sweep, n_prompts),
-    )  # fmt: skip
+    )
+    return SweepRows(table.astype(np.float32), n_prompts, sweep, per_coefficient)
 
 
 def first_column(positions, prompt_cols: int, pad: int) -> int:

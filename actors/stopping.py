@@ -29,17 +29,31 @@ class RowEnd:
         return any(s in text for s in self.stop)
 
 
-def row_ends(generation: GenerationSettings, stops, n_prompts: int) -> list[RowEnd]:
-    """Each prompt's `RowEnd`: `stops` [prompt] a `RowStop` or None each (None: none given)."""
-    if stops is not None and len(stops) != n_prompts:
-        raise SettingError("prompts", f": {len(stops)} stop conditions are given for {n_prompts} prompts")
-    eos = frozenset(generation.sampling.eos_token_ids)
-    out, alike = [], {}  # rows with the same conditions share one RowEnd (a corpus has many rows)
-    for i in range(n_prompts):
-        own = (stops[i] if stops is not None else None) or RowStop()
-        stop = tuple(generation.stop if own.stop is None else own.stop)
+class RowEnds:
+    """Each prompt's `RowEnd`, made when asked from `stops` ([prompt] a `RowStop` or None each,
+    a list or a corpus's packed rows; None: none given) and the run's settings. Prompts with the
+    same conditions share one RowEnd; nothing is held per prompt."""
+
+    SHARED = 1024  # distinct conditions kept (a corpus whose rows all differ does not grow it)
+
+    def __init__(self, generation: GenerationSettings, stops, n_prompts: int):
+        if stops is not None and len(stops) != n_prompts:
+            raise SettingError("prompts", f": {len(stops)} stop conditions are given for {n_prompts} prompts")
+        self.generation, self.stops = generation, stops
+        self.eos = frozenset(generation.sampling.eos_token_ids)
+        self._alike: dict = {}
+
+    def __getitem__(self, prompt: int) -> RowEnd:
+        own = (self.stops[prompt] if self.stops is not None else None) or RowStop()
+        stop = tuple(self.generation.stop if own.stop is None else own.stop)
         if any(not isinstance(s, str) or not s for s in stop):
-            raise SettingError("prompts", f"[{i}] stop={list(stop)!r}: every stop string must be a non-empty string")
-        budget = generation.max_new_tokens if own.max_new_tokens is None else own.max_new_tokens
-        out.append(alike.setdefault((budget, stop), RowEnd(budget, stop, eos)))
-    return out
+            raise SettingError(
+                "prompts", f"[{prompt}] stop={list(stop)!r}: every stop string must be a non-empty string"
+            )
+        budget = self.generation.max_new_tokens if own.max_new_tokens is None else own.max_new_tokens
+        key = (budget, stop)
+        if key not in self._alike:
+            if len(self._alike) >= self.SHARED:
+                self._alike.clear()
+            self._alike[key] = RowEnd(budget, stop, self.eos)
+        return self._alike[key]

@@ -10,18 +10,15 @@ field.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import csv
 import hashlib
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
+from actors.packed_rows import PackedRows, PackedValues
 
 FORMATS = ("jsonl", "parquet", "csv", "text", "dataset", "hf_hub")
 EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
@@ -40,56 +37,6 @@ class Row:
     index: int  # the row's corpus index
     where: str  # "<path> row <index>" (and its line, in a line format)
     fields: dict  # the row's values by field name
-
-
-class PackedRows:
-    """Rows of token ids (`kind="ids"`: each read back as an int32 array) or of texts
-    (`kind="text"`) kept in an unnamed temporary file, each row read back by offset (`os.pread`)
-    when its micro-batch needs it: the process holds none of the rows and none of their offsets
-    (those go to a second file), however many rows there are, bar the last `FLUSH` bytes
-    appended. The files are gone with the object (or the process)."""
-
-    FLUSH = 1 << 20  # bytes appended before they go to the file
-
-    def __init__(self, kind: str):
-        self.kind = kind
-        self._data, self._ends = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-        self._pending, self._pending_ends = bytearray(), array.array("q", [0])  # row i: offsets i, i + 1
-        self._size = self._rows = 0
-
-    def append(self, row) -> None:
-        raw = np.asarray(row, np.int32).tobytes() if self.kind == "ids" else row.encode("utf-8")
-        self._pending += raw
-        self._size += len(raw)
-        self._pending_ends.append(self._size)
-        self._rows += 1
-        if len(self._pending) >= self.FLUSH:
-            self._flush()
-
-    def _flush(self) -> None:
-        self._data.write(self._pending)
-        self._ends.write(self._pending_ends.tobytes())
-        self._data.flush()
-        self._ends.flush()
-        self._pending, self._pending_ends = bytearray(), array.array("q")
-
-    def __len__(self) -> int:
-        return self._rows
-
-    def __getitem__(self, i: int):
-        if not -len(self) <= i < len(self):
-            raise IndexError(i)
-        i %= len(self)
-        if self._pending_ends:
-            self._flush()
-        start, end = np.frombuffer(os.pread(self._ends.fileno(), 16, i * 8), np.int64)
-        raw = os.pread(self._data.fileno(), int(end - start), int(start))
-        if self.kind == "ids":
-            return np.frombuffer(raw, np.int32)
-        return raw.decode("utf-8")
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
 
 
 @dataclass
@@ -136,8 +83,8 @@ def read_corpus(corpus, encode) -> CorpusPrompts:
 
     fmt = corpus_format(corpus.path, corpus.format)
     digest = hashlib.sha256()
-    texts, token_ids, stops = PackedRows("text"), PackedRows("ids"), {}
-    index, budgets = array.array("q"), array.array("i")
+    texts, token_ids, stops = PackedRows("text"), PackedRows("ids"), PackedRows("text")  # packed: none held
+    index, budgets = PackedValues("int64"), PackedValues("int32")
     name = None
     with contextlib.closing(_rows(corpus, fmt)) as rows:  # a file left early is closed
         for row in rows:
@@ -146,8 +93,7 @@ def read_corpus(corpus, encode) -> CorpusPrompts:
             text = _prompt(row, name)
             budget, stop = _max_new_tokens(row), _stop(row)
             digest.update(json.dumps([row.index, text, budget or None, list(stop)]).encode() + b"\n")
-            if stop:
-                stops[len(texts)] = stop
+            stops.append(json.dumps(list(stop)) if stop else "")
             texts.append(text)
             token_ids.append(encode(text))
             index.append(row.index)
@@ -166,7 +112,7 @@ def read_corpus(corpus, encode) -> CorpusPrompts:
     }  # fmt: skip
     return CorpusPrompts(
         texts, token_ids, identity=identity,
-        rows=CorpusRows(str(corpus.path), name, np.array(index, np.int64), np.array(budgets, np.int32), stops),
+        rows=CorpusRows(str(corpus.path), name, index, budgets, stops),
     )  # fmt: skip
 
 

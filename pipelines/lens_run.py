@@ -59,7 +59,8 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
         corpus=given.rows,
     )  # fmt: skip
     prompts = given.token_ids
-    model_checks(check_run, spec, hf_config, prompts)  # every check against the model, before any compute
+    budgets = None if given.rows is None else given.rows.budgets(g.max_new_tokens)  # a corpus row's own
+    model_checks(check_run, spec, hf_config, prompts, budgets)  # every check against the model, before any compute
     if c.executor == "ray":
         attrs["ray_cluster"] = session.connect(c)  # recorded in the store, its summary and the run log
     stops = None if given.rows is None else given.rows.stops()  # a corpus row's own max_new_tokens and stop
@@ -138,13 +139,14 @@ def print_summary(store, tokenizer, summary: dict, last: int = 4, rows: int | No
     """On stdout: each row's generation (the first `rows` rows; None: every row) and the lens's
     top-1 at its last `last` positions, at about ten evenly spaced layers and the last; then the
     run's throughput, memory, store and heatmaps."""
+    from actors.store import row_blocks
     from pipelines.heatmap import token_label
 
     out = sys.stdout
     n_prompts = store.group["tokens"].shape[0]
     steered = bool(store.attrs["config"]["steer"]["vector"])
-    coefficients = store["coefficient"]
     shown = n_prompts if rows is None else min(rows, n_prompts)
+    coefficients = store.group["coefficient"][:shown]
     for i in range(shown):
         label = f", steering coefficient {coefficients[i]:g}" if steered else ""
         print(f"\n=== row {i}{label}: {str(store.group['prompt_text'][i])!r}", file=out)
@@ -163,7 +165,8 @@ def print_summary(store, tokenizer, summary: dict, last: int = 4, rows: int | No
             print(f"{store.layers[li]:>5} | {cells}", file=out)
     if shown < n_prompts:
         print(f"\n... and {n_prompts - shown} more rows in the store", file=out)
-    captured = int(store.group["lens_mask"][:].sum())
+    mask = store.group["lens_mask"]
+    captured = sum(int(mask[block].sum()) for block in row_blocks(mask))  # a shard at a time: any corpus size
     print(
         f"\n{summary['generated_tokens']} tokens generated, {summary['positions']} positions run "
         f"({captured} with a lens) in "

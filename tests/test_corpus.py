@@ -18,6 +18,7 @@ import torch
 from driver import run_driver
 from test_object_storage import BUCKET, s3  # noqa: F401  (s3: the moto server, a fixture of this module too)
 
+from actors.run_spec import RowStop
 from actors.store import LensStore
 from reference import assert_kl_to_final_matches_hf
 
@@ -199,10 +200,16 @@ def test_each_row_carries_its_own_limits(fmt, tmp_path):
     read = read_corpus(corpus, lambda text: [len(text)])
     assert list(read.texts) == [r["text"] for r in ROWS[1:]]
     assert [ids.tolist() for ids in read.token_ids] == [[len(t)] for t in read.texts]
-    assert read.rows.index.tolist() == list(range(1, len(ROWS)))
+    assert read.rows.index[:].tolist() == list(range(1, len(ROWS)))
     want = [expected_limits(fmt, r) for r in ROWS[1:]]
-    assert read.rows.max_new_tokens.tolist() == [b for b, _ in want]
-    assert read.rows.stop == {p: stop for p, (_, stop) in enumerate(want) if stop}
+    assert read.rows.max_new_tokens[:].tolist() == [b for b, _ in want]
+    stops = read.rows.stops()
+    assert len(stops) == len(want)
+    for p, (budget, stop) in enumerate(want):
+        if budget or stop:
+            assert stops[p] == RowStop(budget or None, tuple(stop) if stop else None), p
+        else:
+            assert stops[p] is None, p
 
 
 def test_packed_rows_read_back_what_was_appended():
@@ -211,7 +218,7 @@ def test_packed_rows_read_back_what_was_appended():
     file and with rows still pending; negative indices count from the end, others are refused."""
     import random
 
-    from pipelines.corpus import PackedRows
+    from actors.packed_rows import PackedRows
 
     rng = random.Random(0)
     ids = [[rng.randrange(50_000) for _ in range(rng.randrange(0, 40))] for _ in range(3_000)]
@@ -230,6 +237,32 @@ def test_packed_rows_read_back_what_was_appended():
     for bad in (len(ids), -len(ids) - 1):
         with pytest.raises(IndexError):
             packed_ids[bad]
+
+
+def test_packed_values_read_back_what_was_appended():
+    """A corpus's per-row numbers (corpus index, own budget) in a temporary file: single values,
+    ranges (empty, across flushes, with values still pending) and every block equal the plain
+    list they were appended from."""
+    import random
+
+    from actors.packed_rows import PackedValues
+
+    rng = random.Random(1)
+    values = [rng.randrange(-(2**40), 2**40) for _ in range(5_000)]
+    packed = PackedValues("int64")
+    packed.FLUSH, packed.BLOCK = 800, 777  # a flush every 100 values, blocks not aligned to them
+    for i, v in enumerate(values):
+        packed.append(v)
+        if i == 2_500:  # a read while values are pending, then more appended
+            assert packed[2_500] == values[2_500] and packed[10:20].tolist() == values[10:20]
+    assert len(packed) == len(values) and packed[:].tolist() == values
+    assert packed[-1] == values[-1] and isinstance(packed[3], int)
+    assert packed[4_990:6_000].tolist() == values[4_990:] and packed[7:7].tolist() == []
+    blocks = list(packed.blocks())
+    assert [start for start, _ in blocks] == list(range(0, len(values), 777))
+    assert [v for _, block in blocks for v in block.tolist()] == values
+    with pytest.raises(IndexError):
+        packed[len(values)]
 
 
 def test_the_notebook_api_runs_a_corpus(hf_model, tiny_with_tokenizer, tmp_path):

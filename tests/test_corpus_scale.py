@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,48 @@ def test_a_runs_memory_does_not_grow_with_its_rows(small, tmp_path):
         assert ds.sizes["prompt"] == rows
     per_row = (peaks[ROWS] - peaks[300]) / (ROWS - 300)
     assert per_row < 1000, f"{per_row:.0f} bytes a row ({peaks})"
+
+
+@pytest.mark.parametrize("sweep", [None, (0.5, 2.0)], ids=["one_row_a_prompt", "two_coefficients"])
+def test_a_planned_run_holds_nothing_per_row(small, tmp_path, sweep):
+    """What a run's plan keeps for the whole run (`plan_run`'s RunState, before any stage starts:
+    Python's current allocations while it is alive, numpy's included) for 16,384 corpus rows, a
+    quarter of them with their own max_new_tokens or stop strings, against 512: a micro-batch
+    index per 64 rows, nothing per row (before 2026-12-07: 49.6 bytes a row here, each row's corpus
+    index, budget, source, coefficient, stop conditions and a MicroBatch per 64 rows)."""
+    import gc
+
+    from actors.run_state import plan_run
+    from actors.sampling import SamplingSpec
+    from pipelines.config import CorpusConf
+    from pipelines.corpus import read_corpus
+    from reference import run_spec
+
+    model, text = small
+    lines = text.read_text().splitlines()
+    corpus = tmp_path / "limits.jsonl"  # the prompts 8 times over, every fourth row with limits of its own
+    with open(corpus, "w") as out:
+        for i in range(8 * len(lines)):
+            own = {"max_new_tokens": 1 + i % 3, "stop": [f"w{i % 7}"]} if i % 4 == 0 else {}
+            out.write(json.dumps({"prompt": lines[i % len(lines)], **own}) + "\n")
+    held, sizes = {}, (512, 8 * len(lines))
+    for rows in sizes:
+        given = read_corpus(CorpusConf(path=str(corpus), limit=rows), lambda t: [4 + int(w[1:]) for w in t.split()])
+        spec = run_spec(model_path=str(model), store_path=str(tmp_path / f"s{rows}.zarr"), corpus=given.rows,
+                        max_new_tokens=2, micro_batch_size=64, coefficients=sweep, progress=False,
+                        sampling=SamplingSpec(eos_token_ids=(3,), pad_token_id=0))  # fmt: skip
+        first = replace(spec, storage=replace(spec.storage, path=str(tmp_path / f"first{rows}.zarr")))
+        plan_run(first, given.token_ids, given.texts, given.rows.stops())  # pays the one-time costs
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        run = plan_run(spec, given.token_ids, given.texts, given.rows.stops())
+        gc.collect()
+        held[rows] = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        assert run.n_steps == 3 and run.any_stop and run.n_batches == -(-rows * len(sweep or (1,)) // 64)
+    per_row = (held[sizes[1]] - held[sizes[0]]) / ((sizes[1] - sizes[0]) * len(sweep or (1,)))
+    assert per_row < 8, f"{per_row:.1f} bytes a row ({held})"
 
 
 def test_a_driver_killed_midway_through_thousands_of_rows_resumes_to_the_uninterrupted_store(small, tmp_path):
