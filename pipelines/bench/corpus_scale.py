@@ -1,6 +1,7 @@
 """The corpus-scale benchmark (issue 28, item 4): lens runs over a generated corpus of up to
 100,000 rows on a tiny random model with a small vocabulary, each driver a process of its own.
-It reports each run's driver peak RSS (1,000, 10,000 and 100,000 rows), the store's file count,
+It reports each run's driver peak RSS (1,000, 10,000 and 100,000 rows) and its RSS against the rows
+written (sampled every 2 s, plotted in `rss.png`), the store's file count,
 bytes and bytes per cell, the time for xarray to open it, and shows that a driver killed near row
 50,000 and resumed writes a store equal, array by array, to the uninterrupted run's.
 
@@ -13,6 +14,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +23,7 @@ from pathlib import Path
 WORDS = 500  # the vocabulary: this many words, plus the special tokens
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 BLOCK_ROWS = 4096  # rows compared at a time (bounded memory)
+SAMPLE_S = 2.0  # seconds between samples of a driver's RSS
 
 
 def build_model(root: Path, seed: int = 0) -> Path:
@@ -82,8 +85,11 @@ def run_driver(
 ) -> dict:
     """`python -m <module> args` as a process of its own (its output to `log`), the rows written
     so far printed every 10 s; with `kill_at`, SIGKILLed once that many rows are written.
-    Returns its exit code, wall seconds and peak RSS (MiB: the kernel's count for that process)."""
-    t0 = shown = time.monotonic()
+    Returns its exit code, wall seconds, peak RSS (MiB: the kernel's count for that process) and
+    its RSS every `SAMPLE_S` seconds against the rows written by then (`rss_series`: [seconds,
+    rows, MiB])."""
+    t0 = shown = sampled = time.monotonic()
+    series = []
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=out, stderr=subprocess.STDOUT)
         while True:
@@ -91,20 +97,56 @@ def run_driver(
             if pid:
                 break
             time.sleep(0.5)
-            due = time.monotonic() - shown >= 10
-            if kill_at is None and not due:
+            now = time.monotonic()
+            due, sample = now - shown >= 10, now - sampled >= SAMPLE_S
+            if kill_at is None and not due and not sample:
                 continue
             done = rows_written(store, batch)
+            if sample and (rss := rss_mib(proc.pid)) is not None:
+                sampled = now
+                series.append([round(now - t0, 1), done, rss])
             if kill_at is not None and done >= kill_at:
                 proc.kill()
                 print(f"  killed at {done:,} rows written", flush=True)
                 kill_at = None
             if due:
-                shown = time.monotonic()
+                shown = now
                 print(f"  {done:,}/{total:,} rows, {done / (shown - t0):.0f} rows/s", flush=True)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.monotonic() - t0
-    return {"returncode": proc.returncode, "wall_s": round(wall, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+    return {"returncode": proc.returncode, "wall_s": round(wall, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+            "rss_series": series}  # fmt: skip
+
+
+def rss_mib(pid: int) -> float | None:
+    """The process's resident set now (MiB, the kernel's VmRSS), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return None
+    return round(kib / 1024, 1)
+
+
+def plot_rss(runs: dict, path: Path) -> Path:
+    """The drivers' RSS against the rows written, one line per run, from its first shard written
+    (before it, the process is loading) to its end; the legend gives each run's peak."""
+    from pipelines.plots import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for n, got in runs.items():
+        series = [(rows, mib) for _, rows, mib in got["rss_series"] if rows]
+        if series:
+            ax.plot(*zip(*series), marker=".", label=f"{int(n):,} rows (peak {got['peak_rss_mib']:.0f} MiB)")
+    ax.set_xlabel("rows written (a shard at a time)")
+    ax.set_ylabel("driver RSS (MiB)")
+    ax.set_title("corpus-scale lens runs: the driver's memory as rows are written")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def open_time(store: Path) -> dict:
@@ -213,8 +255,10 @@ def main(argv: list[str] | None = None) -> int:
           f"equal to the uninterrupted run: {not problems} {problems[:3]}", flush=True)  # fmt: skip
     text = json.dumps(results, indent=1)
     (out / "results.json").write_text(text)
+    plot = plot_rss(results["runs"], out / "rss.png")
     if args.results:
         args.results.write_text(text)
+        shutil.copyfile(plot, args.results.with_name(f"{args.results.stem}_rss.png"))
     print(text)
     return 0 if not problems and resumed["returncode"] == 0 else 1
 
