@@ -31,6 +31,7 @@ from actors.stage_hooks import HookedStage
 from actors.vocabulary import MODEL_DTYPES
 
 DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
+TIMELINE_STEPS = 1024  # steps a stage logs: enough to see the pipeline fill; a corpus run does not grow it
 
 
 class LostStateError(RuntimeError):
@@ -140,7 +141,7 @@ class StageWorker(HookedStage, LaneStage, JacobianStage):
         self._loaded = same_slice
         self.spec = spec
         self.forward_calls = 0
-        self.timeline: list[tuple[int, float, float]] = []  # (micro-batch, start, end) per step
+        self.timeline: list[tuple[int, float, float]] = []  # (micro-batch, start, end): the first steps
         self._states: dict[int, _BatchState] = {}
         self._lanes: dict = {}  # continuous batching: lane -> actors.lane._Lane
         self.busy_s, self.tokens = 0.0, 0  # forward time and token columns x rows processed
@@ -361,7 +362,8 @@ class StageWorker(HookedStage, LaneStage, JacobianStage):
         if self.device.type == "cuda":  # the forward's kernels, not only their launch, in busy_s
             torch.cuda.synchronize(self.device)
         finished = time.time()
-        self.timeline.append((mb, started, finished))
+        if len(self.timeline) < TIMELINE_STEPS:
+            self.timeline.append((mb, started, finished))
         self.busy_s += finished - started
         self.tokens += int(x.shape[0] * x.shape[1])
         captured, self._capture = self._capture, None

@@ -158,7 +158,7 @@ def test_with_no_node_to_move_to_the_run_stops_in_one_line_and_resume_completes_
     added = cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     summary = Coordinator(_spec(path, store_path, cpus_per_stage=2, existing="resume")).run(PROMPTS)
-    assert added.node_id in _nodes(summary) and 0 not in summary["batches_run"]
+    assert added.node_id in _nodes(summary) and all(start > 0 for start, _ in summary["batches_run"])
     store = LensStore.open(store_path)
     assert store.is_complete and store.verify() == []
     assert_stores_equal(store, uninterrupted)

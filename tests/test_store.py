@@ -71,7 +71,7 @@ def test_resume_recomputes_only_unfinished_batches(finished, tiny_checkpoints, t
     with pytest.raises(StoreError, match="already holds a run"):
         run_lens(tiny_checkpoints["llama"], partial, prompts=FIVE, micro_batch_size=2)
     summary, resumed = run_lens(tiny_checkpoints["llama"], partial, prompts=FIVE, micro_batch_size=2, existing="resume")
-    assert summary["batches_run"] == [1, 2]
+    assert summary["batches_run"] == [[1, 3]]  # batches 1 and 2
     assert resumed.is_complete
     assert_stores_equal(resumed, finished)
     for name in wiped:  # and every other per-prompt array, texts included
