@@ -98,7 +98,19 @@ def test_a_planned_run_holds_nothing_per_row(small, tmp_path, sweep):
         gc.collect()
         held[rows] = tracemalloc.get_traced_memory()[0] - before
         tracemalloc.stop()
-        assert run.n_steps == 3 and run.any_stop and run.n_batches == -(-rows * len(sweep or (1,)) // 64)
+        m = len(sweep or (1,))
+        assert run.n_steps == 3 and run.any_stop and run.n_batches == -(-rows * m // 64)
+        for index in (0, 1, run.n_batches // 2, run.n_batches - 1):  # what each row's micro-batch reads back
+            mb = run.batch(index)
+            span = range(mb.rows.start, mb.rows.stop)
+            prompts = [r // m for r in span]  # corpus line i is prompt i (no blank lines, no skip)
+            stored = run.row_arrays(mb)
+            assert stored["corpus_index"].tolist() == prompts and stored["source"].tolist() == prompts
+            assert mb.coefficients.tolist() == [(sweep or (1.0,))[r % m] for r in span]
+            assert [e.budget for e in mb.ends] == [1 + p % 3 if p % 4 == 0 else 2 for p in prompts]
+            assert [e.stop for e in mb.ends] == [(f"w{p % 7}",) if p % 4 == 0 else () for p in prompts]
+            assert [mb.prompts[r].tolist() for r in span] == [given.token_ids[p].tolist() for p in prompts]
+        run.live.clear()
     per_row = (held[sizes[1]] - held[sizes[0]]) / ((sizes[1] - sizes[0]) * len(sweep or (1,)))
     assert per_row < 8, f"{per_row:.1f} bytes a row ({held})"
 
