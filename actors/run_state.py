@@ -285,6 +285,8 @@ def plan_run(spec: RunSpec, prompts: list[list[int]], prompt_texts: list[str] | 
     except ValueError as err:
         raise SettingError("steering.rows" if s.rows is not None else "steering.edits", f": {err}") from None
     ends = RowEnds(spec.generation, stops, len(prompts))
+    for prompt in range(len(prompts)):  # every prompt's stop strings, before the other checks
+        ends[prompt]
     if not rows.one_per_prompt:
         prompts = RowPrompts(prompts, rows)
     source = None if rows.one_per_prompt else rows.source

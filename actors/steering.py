@@ -134,8 +134,8 @@ class ListedRows(RowLayout):
     """`steering.rows`: each row `(prompt index, (RowEdit, ...))`, held as given (the config holds
     them too); a row's recorded coefficient is its first edit's (0 without edits)."""
 
-    def __init__(self, vectors, listed):
-        self.vectors = vectors
+    def __init__(self, vectors, listed, n_prompts: int):
+        self.vectors, self.n_prompts = vectors, n_prompts
         self._sources = np.asarray([p for p, _ in listed], np.int64)
         self._edits = tuple(tuple(e) for _, e in listed)
         self._first = np.asarray([e[0].coefficient if e else 0.0 for e in self._edits], np.float32)
@@ -143,7 +143,8 @@ class ListedRows(RowLayout):
 
     @property
     def one_per_prompt(self) -> bool:
-        return bool(np.array_equal(self._sources, np.arange(self.n_rows)))
+        """Row i runs prompt i, for every row and every prompt (rows of only some prompts: no)."""
+        return bool(np.array_equal(self._sources, np.arange(self.n_prompts)))
 
     def sources(self, rows: slice) -> np.ndarray:
         return self._sources[rows]
@@ -176,7 +177,7 @@ def row_layout(n_prompts: int, edits=(), coefficients=None, vectors=None, rows=N
                     raise ValueError(
                         f"steering.rows[{r}] uses vector {e.vector}; the table has {len(table)} (0..{len(table) - 1})"
                     )
-        return ListedRows(table, rows)
+        return ListedRows(table, rows, n_prompts)
     sweep = np.asarray(coefficients or (1.0,), np.float32)
     table = np.stack([np.asarray(e.vector, np.float32) for e in edits]) if edits else np.zeros((0, hidden or 0))
     per_coefficient = tuple(

@@ -291,6 +291,24 @@ def test_rows_with_their_own_edits_equal_hf_hooked_with_each_rows_edits(
         assert tokens[0] < tokens[1]  # the first stage ran prompt 0's shared columns once
 
 
+def test_rows_of_only_the_first_prompts_store_those_rows_and_no_more(tiny_checkpoints, tmp_path):
+    """`steering.rows` that run the first prompts in order but not every prompt (here prompts
+    0 and 1 of 3, in micro-batches of 1 so that there are two): the store holds those two rows,
+    complete, each HF's generation of its prompt alone; no rows at all are refused."""
+    from actors.run_spec import SettingError
+
+    path = tiny_checkpoints["llama"]
+    rows = ((0, ()), (1, ()))
+    summary, store = run_lens(path, tmp_path / "some.zarr", max_new_tokens=3, micro_batch_size=1, rows=rows)
+    assert store.is_complete and store.verify() == [] and store["source"].tolist() == [0, 1]
+    model = load_reference(path)
+    for row in range(2):
+        generated, _ = hf_generate(model, [PROMPTS[row]], 3)
+        assert store.tokens(row).tolist() == generated.sequences[0].tolist(), row
+    with pytest.raises(SettingError, match=r"prompts=\[\] is empty"):
+        run_lens(path, tmp_path / "none.zarr", max_new_tokens=3, rows=())
+
+
 def test_sweep_of_seven_coefficients_is_one_pass_equal_to_seven_passes(tiny_checkpoints, tmp_path):
     path = tiny_checkpoints["mistral"]
     v = np.random.default_rng(2).standard_normal(64).astype(np.float32)
