@@ -233,8 +233,8 @@ class Coordinator:
         spec, ex, bar, stats = self.spec, self.stages.executor, self._current.bar, self._current.stats
         while queue and len(inflight) < spec.cluster.micro_batches_in_flight:
             mb = self._current.batch(queue.popleft())
+            inflight[mb.index] = mb  # before its calls: a stage lost during them re-runs it (`_recover`)
             self._start(mb)
-            inflight[mb.index] = mb
         keys = list(inflight)
         mb = inflight[keys[ex.wait_first([inflight[k].last for k in keys])]]
         out = ex.get(mb.last)

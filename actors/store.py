@@ -312,8 +312,16 @@ class LensStore:
     @_storage_errors
     def mark_complete(self, summary: dict) -> None:
         """Write what still waits, then record the run complete with `summary`, to which the
-        store's size figures are added (`summary["storage"]`: `size()`)."""
+        store's size figures are added (`summary["storage"]`: `size()`). A store with a batch
+        not recorded done is refused (StoreError): it must never read complete."""
         self.flush()
+        n_batches = self.group["batch_done"].shape[0]
+        missing = sorted(set(range(n_batches)) - self.done_batches())
+        if missing:
+            raise StoreError(
+                f"{self.path}: micro-batches {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)} of "
+                f"{n_batches}) were not written, so the run is not marked complete: run it again with resume=true"
+            )
         summary["storage"] = self.size()
         self.group.attrs.update({"complete": True, "summary": summary})
         zarr.consolidate_metadata(storage_fs.zarr_store(self.path), zarr_format=3)

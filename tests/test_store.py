@@ -82,6 +82,22 @@ def test_resume_recomputes_only_unfinished_batches(finished, tiny_checkpoints, t
             np.testing.assert_array_equal(ours, theirs, err_msg=name)
 
 
+def test_a_store_with_a_batch_not_written_is_never_marked_complete(finished, tmp_path):
+    """The last guard of a run's end: were a micro-batch lost (never re-run), marking the store
+    complete is refused, naming the batch, and the store stays incomplete."""
+    import shutil
+
+    path = tmp_path / "gap.zarr"
+    shutil.copytree(finished.path, path)
+    g = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    g["batch_done"][1] = False
+    g.attrs["complete"] = False
+    store = LensStore.open(path)
+    with pytest.raises(StoreError, match=r"micro-batches \[1\] \(1 of 3\) were not written"):
+        store.mark_complete({})
+    assert not LensStore.open(path).is_complete
+
+
 def test_resume_with_other_rows_per_batch_is_refused(finished, tiny_checkpoints, tmp_path):
     """Batch records index rows through the micro-batch size: resuming with another size would
     skip rows never computed and mark the store complete."""
