@@ -76,13 +76,6 @@ class PackedValues:
         self._pending = bytearray()
         self._rows = 0
 
-    @classmethod
-    def of(cls, values, dtype) -> PackedValues:
-        out = cls(dtype)
-        for v in values:
-            out.append(v)
-        return out
-
     def append(self, value) -> None:
         self._pending += np.asarray(value, self.dtype).tobytes()
         self._rows += 1

@@ -145,11 +145,6 @@ class CorpusRows:
         """Each prompt's own stop conditions; None where a row carries none (the run's apply)."""
         return CorpusStops(self)
 
-    def budgets(self, default: int):
-        """Each prompt's max_new_tokens, in order: its own, or `default` (the run's)."""
-        for _, block in self.max_new_tokens.blocks():
-            yield from (b or default for b in block.tolist())
-
 
 class CorpusStops:
     """[prompt] a corpus row's own `RowStop`, or None: read from `CorpusRows` when asked."""

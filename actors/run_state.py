@@ -18,7 +18,7 @@ from actors.run_store import FinishedBatch, RunStore, lay_out_batch
 from actors.slicing import plan_stages
 from actors.stage import StageSpec
 from actors.steering import first_column, row_layout
-from actors.store import StoreLayout
+from actors.store import StoreLayout, consecutive
 
 if TYPE_CHECKING:
     from actors.progress import StageStats
@@ -195,7 +195,7 @@ class RunState:
         return {
             "store": str(self.store.path),
             "stages": [list(b) for b in self.bounds],
-            "batches_run": _ranges(self.todo),  # [[first, last + 1], ...]: a corpus run's is a few numbers
+            "batches_run": [[run[0], run[-1] + 1] for run in consecutive(self.todo)],  # ranges: a few numbers
             "generated_tokens": n_new,
             "positions": n_pos,
             "load_s": round(t_loaded - t0, 3),
@@ -241,17 +241,6 @@ class RunState:
         self.positions_written += int(data["lengths"].sum())
         mb.release()
         self.live.pop(mb.index, None)
-
-
-def _ranges(indices: list[int]) -> list[list[int]]:
-    """Ascending indices as [start, stop) ranges of consecutive ones."""
-    out: list[list[int]] = []
-    for i in indices:
-        if out and out[-1][1] == i:
-            out[-1][1] = i + 1
-        else:
-            out.append([i, i + 1])
-    return out
 
 
 def _span(rows: range) -> slice:

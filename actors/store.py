@@ -264,7 +264,7 @@ class LensStore:
         # Every chunk is written, even one equal to the fill value, so `verify` can tell a
         # missing shard from an empty one (a runtime setting, read when an array is opened).
         with zarr.config.set({"array.write_empty_chunks": True}):
-            for run in _consecutive(batches):
+            for run in consecutive(batches):
                 rows = slice(pending[run[0]].rows.start, pending[run[-1]].rows.stop)
                 for name in pending[run[0]].data:
                     self.group[name][rows] = np.concatenate([pending[b].data[name] for b in run])
@@ -272,7 +272,7 @@ class LensStore:
                     self.group[name][rows] = np.asarray([t for b in run for t in pending[b].texts[name]], dtype=object)
             if not all(pending[b].mark_done for b in batches):
                 return
-            for run in _consecutive(batches):
+            for run in consecutive(batches):
                 self.group["batch_done"][run[0] : run[-1] + 1] = True
         self._done = self.done_batches() | set(batches)
         del self._pending[shard]
@@ -524,7 +524,7 @@ class _Finished:
     mark_done: bool
 
 
-def _consecutive(batches: list[int]) -> list[list[int]]:
+def consecutive(batches: list[int]) -> list[list[int]]:
     """Sorted batch numbers as runs of consecutive ones (consecutive batches hold consecutive rows)."""
     runs: list[list[int]] = []
     for b in batches:

@@ -32,6 +32,7 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
     from actors.checkpoint import resolve_checkpoint
     from actors.run_spec import GenerationSettings, SteeringSettings, check_cluster, check_run
     from actors.sampling import SamplingSpec
+    from actors.stopping import RowEnds
     from actors.store import LensStore
     from pipelines.config import cluster_settings, model_checks, run_spec, validate
     from pipelines.prompts import special_ids
@@ -59,11 +60,12 @@ def run(cfg: DictConfig, out_dir: Path, score_ids: tuple[int, ...] = ()) -> dict
         corpus=given.rows,
     )  # fmt: skip
     prompts = given.token_ids
-    budgets = None if given.rows is None else given.rows.budgets(g.max_new_tokens)  # a corpus row's own
+    stops = None if given.rows is None else given.rows.stops()  # a corpus row's own max_new_tokens and stop
+    ends = RowEnds(spec.generation, stops, len(prompts))
+    budgets = (ends[p].budget for p in range(len(prompts)))
     model_checks(check_run, spec, hf_config, prompts, budgets)  # every check against the model, before any compute
     if c.executor == "ray":
         attrs["ray_cluster"] = session.connect(c)  # recorded in the store, its summary and the run log
-    stops = None if given.rows is None else given.rows.stops()  # a corpus row's own max_new_tokens and stop
     summary = session.run_coordinator(spec, prompts, given.texts, stops=stops)  # in this process: pipelines/session.py
     store = LensStore.open(storage_fs.join(where, "lens.zarr"))
     summary["plots"] = write_heatmaps(cfg, store, tokenizer, out_dir, where)  # a URL root's: once uploaded
